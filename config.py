@@ -1,0 +1,245 @@
+"""Configuration: defaults, YAML files with ``BASE`` inheritance, and command-line overrides.
+
+The layout follows PaddleViT: ``DATA``, ``MODEL``, ``TRAIN`` plus a few top-level keys.
+``get_config(path)`` returns a frozen yacs ``CfgNode``; ``update_config(config, args)``
+applies the command-line arguments of ``main_single_gpu.py`` / ``main_multi_gpu.py``.
+Every key a file or ``-opts`` sets must exist here, with a value of the same type;
+otherwise ``ConfigError`` names the key and where it came from.
+"""
+import ast
+import os
+
+import yaml
+from yacs.config import CfgNode as CN
+
+_C = CN()
+_C.BASE = ['']
+
+# data settings
+_C.DATA = CN()
+_C.DATA.BATCH_SIZE = 128  # per process, for training
+_C.DATA.BATCH_SIZE_EVAL = 128  # per process, for evaluation
+_C.DATA.DATA_PATH = ''
+_C.DATA.DATASET = 'imagenet2012'  # imagenet2012, imagefolder or digits
+_C.DATA.IMAGE_SIZE = 224  # input side in pixels, training and evaluation
+_C.DATA.IMAGE_CHANNELS = 3
+_C.DATA.CROP_PCT = 1.0  # eval: resize the shorter side to IMAGE_SIZE / CROP_PCT, then centre-crop
+_C.DATA.INTERPOLATION = 'bicubic'
+_C.DATA.NUM_WORKERS = 2
+_C.DATA.IMAGENET_MEAN = [0.485, 0.456, 0.406]
+_C.DATA.IMAGENET_STD = [0.229, 0.224, 0.225]
+
+# model settings
+_C.MODEL = CN()
+_C.MODEL.TYPE = 'XCiT'
+_C.MODEL.NAME = 'xcit_nano_12_p16_224'
+_C.MODEL.PRETRAINED = ''  # a converted .pdparams or a training checkpoint
+_C.MODEL.RESUME = ''  # a training checkpoint to continue from
+_C.MODEL.NUM_CLASSES = 1000
+_C.MODEL.PATCH_SIZE = 16
+_C.MODEL.EMBED_DIM = 128
+_C.MODEL.DEPTH = 12
+_C.MODEL.NUM_HEADS = 4
+_C.MODEL.MLP_RATIO = 4.0
+_C.MODEL.QKV_BIAS = True
+_C.MODEL.ETA = 1.0
+_C.MODEL.TOKENS_NORM = False
+_C.MODEL.CLS_ATTN_LAYERS = 2
+_C.MODEL.USE_POS = True
+_C.MODEL.DROPOUT = 0.0
+_C.MODEL.ATTENTION_DROPOUT = 0.0
+_C.MODEL.DROPPATH = 0.0
+
+# training settings: the official XCiT / DeiT recipe
+_C.TRAIN = CN()
+_C.TRAIN.LAST_EPOCH = 0
+_C.TRAIN.NUM_EPOCHS = 400
+_C.TRAIN.WARMUP_EPOCHS = 5
+_C.TRAIN.WEIGHT_DECAY = 0.05
+_C.TRAIN.BASE_LR = 5e-4  # for a global batch of LINEAR_SCALED_LR images
+_C.TRAIN.WARMUP_START_LR = 1e-6
+_C.TRAIN.END_LR = 1e-5
+_C.TRAIN.LINEAR_SCALED_LR = 512  # lr = BASE_LR * global batch / this; 0 disables scaling
+_C.TRAIN.GRAD_CLIP = 0.0  # max global gradient norm; 0 disables clipping
+_C.TRAIN.ACCUM_ITER = 1
+_C.TRAIN.OPTIMIZER = CN()
+_C.TRAIN.OPTIMIZER.NAME = 'AdamW'
+_C.TRAIN.OPTIMIZER.EPS = 1e-8
+_C.TRAIN.OPTIMIZER.BETAS = [0.9, 0.999]
+_C.TRAIN.MODEL_EMA = True
+_C.TRAIN.MODEL_EMA_DECAY = 0.99996
+_C.TRAIN.SMOOTHING = 0.1
+_C.TRAIN.COLOR_JITTER = 0.4  # used only when RAND_AUGMENT is off
+_C.TRAIN.RAND_AUGMENT = True
+_C.TRAIN.RAND_AUGMENT_CONFIG = 'rand-m9-mstd0.5-inc1'
+_C.TRAIN.TRAIN_INTERPOLATION = 'bicubic'
+_C.TRAIN.RANDOM_RESIZED_CROP_SCALE = [0.08, 1.0]
+_C.TRAIN.HFLIP = 0.5
+_C.TRAIN.REPEATED_AUG = True
+_C.TRAIN.REPEATED_AUG_COUNT = 3
+_C.TRAIN.MIXUP_ALPHA = 0.8
+_C.TRAIN.CUTMIX_ALPHA = 1.0
+_C.TRAIN.CUTMIX_MINMAX = []  # [min, max] box ratio; empty: use CUTMIX_ALPHA
+_C.TRAIN.MIXUP_PROB = 1.0
+_C.TRAIN.MIXUP_SWITCH_PROB = 0.5
+_C.TRAIN.MIXUP_MODE = 'batch'
+_C.TRAIN.RANDOM_ERASE_PROB = 0.25
+_C.TRAIN.RANDOM_ERASE_MODE = 'pixel'
+_C.TRAIN.RANDOM_ERASE_COUNT = 1
+_C.TRAIN.DISTILLATION_TYPE = 'none'  # none, soft or hard
+_C.TRAIN.DISTILLATION_ALPHA = 0.5
+_C.TRAIN.DISTILLATION_TAU = 1.0
+_C.TRAIN.TEACHER_MODEL = 'regnety_160'  # regnety_160 or the path of one of our XCiT YAML files
+_C.TRAIN.TEACHER_PRETRAINED = ''  # the teacher's converted .pdparams
+
+# misc
+_C.SAVE = './output'
+_C.TAG = 'default'
+_C.SAVE_FREQ = 1  # epochs between saved checkpoints
+_C.REPORT_FREQ = 50  # steps between log lines
+_C.VALIDATE_FREQ = 1  # epochs between evaluations
+_C.SEED = 0
+_C.EVAL = False
+_C.AMP = False
+_C.EMA_EVAL = False  # evaluate the EMA weights of a training checkpoint
+_C.NGPUS = -1  # processes for main_multi_gpu.py; -1: all visible GPUs, or 2 on CPU
+_C.LOCAL_RANK = 0
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the defaults."""
+
+
+def _coerce(key, value, default, source):
+    """Returns ``value`` converted to the type of ``default`` or raises ``ConfigError``."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ''
+    elif isinstance(default, (list, tuple)):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    raise ConfigError(f'{source}: {key} must be {type(default).__name__}, '
+                      f'got {value!r} ({type(value).__name__})')
+
+
+def _merge(node, updates, source, prefix=''):
+    """Merges a nested dict into ``node``, checking every key and type."""
+    for key, value in updates.items():
+        full = prefix + key
+        if key not in node:
+            raise ConfigError(f'{source}: unknown config key {full}')
+        if isinstance(node[key], CN):
+            if not isinstance(value, dict):
+                raise ConfigError(f'{source}: {full} must be a section (mapping), got {value!r}')
+            _merge(node[key], value, source, full + '.')
+        else:
+            node[key] = _coerce(full, value, node[key], source)
+
+
+def _load_yaml(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f'config file not found: {path}')
+    with open(path, encoding='utf-8') as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f'{path}: not valid YAML: {e}') from e
+    if not isinstance(data, dict):
+        raise ConfigError(f'{path}: expected a mapping at the top level')
+    return data
+
+
+def merge_from_file(config, path):
+    """Merges ``path`` into ``config``, after the files its ``BASE`` list names (relative to it)."""
+    data = _load_yaml(path)
+    for base in data.pop('BASE', None) or []:
+        if base:
+            merge_from_file(config, os.path.join(os.path.dirname(path), base))
+    _merge(config, data, path)
+
+
+def _parse_value(text):
+    """Parses an ``-opts`` value the way yacs does: a Python literal, else a plain string."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        lowered = text.lower()
+        if lowered in ('true', 'false'):
+            return lowered == 'true'
+        return text
+
+
+def merge_from_list(config, opts, source='-opts'):
+    """Applies ``[KEY, VALUE, KEY, VALUE, ...]`` with dotted keys, e.g. ``TRAIN.NUM_EPOCHS 2``."""
+    if len(opts) % 2:
+        raise ConfigError(f'{source}: expected KEY VALUE pairs, got an odd number of items: {opts}')
+    for key, text in zip(opts[0::2], opts[1::2]):
+        node, parts = config, key.split('.')
+        for i, part in enumerate(parts[:-1]):
+            if part not in node or not isinstance(node[part], CN):
+                raise ConfigError(f'{source}: unknown config key {key}')
+            node = node[part]
+        _merge(node, {parts[-1]: _parse_value(text)}, source, '.'.join(parts[:-1]) + '.' if len(parts) > 1 else '')
+
+
+def get_config(path=None):
+    """Returns a frozen copy of the defaults, merged with ``path`` (and its BASE files)."""
+    config = _C.clone()
+    if path:
+        merge_from_file(config, path)
+    config.freeze()
+    return config
+
+
+# command-line argument -> config key, for update_config
+_ARG_KEYS = {
+    'dataset': 'DATA.DATASET',
+    'data_path': 'DATA.DATA_PATH',
+    'batch_size': 'DATA.BATCH_SIZE',
+    'batch_size_eval': 'DATA.BATCH_SIZE_EVAL',
+    'image_size': 'DATA.IMAGE_SIZE',
+    'num_classes': 'MODEL.NUM_CLASSES',
+    'pretrained': 'MODEL.PRETRAINED',
+    'resume': 'MODEL.RESUME',
+    'last_epoch': 'TRAIN.LAST_EPOCH',
+    'output': 'SAVE',
+    'ngpus': 'NGPUS',
+    'eval': 'EVAL',
+    'amp': 'AMP',
+    'ema': 'EMA_EVAL',
+    'teacher_model': 'TRAIN.TEACHER_PRETRAINED',
+}
+
+
+def update_config(config, args):
+    """Returns ``config`` updated by the parsed command-line ``args``.
+
+    Arguments left at ``None`` (or ``False`` for flags) keep the config's value; ``args.opts``
+    is a ``KEY VALUE ...`` list applied last, so it wins over everything else.
+    """
+    config.defrost()
+    if getattr(args, 'cfg', None):
+        merge_from_file(config, args.cfg)
+    pairs = []
+    for arg, key in _ARG_KEYS.items():
+        value = getattr(args, arg, None)
+        if value is None or value is False:
+            continue
+        pairs += [key, value]
+    merge_from_list(config, pairs, source='command line')
+    merge_from_list(config, list(getattr(args, 'opts', None) or []))
+    config.freeze()
+    return config

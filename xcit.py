@@ -1,0 +1,342 @@
+"""XCiT: Cross-Covariance Image Transformers (El-Nouby et al., 2021) in PaddlePaddle.
+
+The layers mirror the official PyTorch release (facebookresearch/xcit) one to one,
+including parameter names, so an official checkpoint converted by
+``port_weights/convert.py`` loads with ``model.set_state_dict(paddle.load(path))``.
+
+Shapes use B = batch, C = channels (embed dim), N = tokens, H/W = token grid.
+"""
+import math
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+__all__ = ['XCiT', 'build_xcit']
+
+LN_EPS = 1e-6
+BN_MOMENTUM = 0.9  # Paddle's convention: running = m * running + (1 - m) * batch (torch 0.1)
+BN_EPS = 1e-5
+
+
+def trunc_normal_init(std=0.02):
+    """Truncated normal, cut at +-2 std, as ``timm.trunc_normal_(std=.02)`` effectively is."""
+    return nn.initializer.TruncatedNormal(mean=0.0, std=std)
+
+
+class DropPath(nn.Layer):
+    """Stochastic depth per sample: drops the residual branch with probability ``drop_prob``."""
+
+    def __init__(self, drop_prob=0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        shape = [x.shape[0]] + [1] * (x.ndim - 1)
+        mask = paddle.floor(keep + paddle.rand(shape, dtype=x.dtype))
+        return x / keep * mask
+
+
+class PositionalEncodingFourier(nn.Layer):
+    """Fourier positional encoding projected to ``dim`` channels by a 1x1 conv.
+
+    Coordinates run 1..H and 1..W, are normalised to (0, 2*pi] with eps 1e-6, and
+    are encoded with interleaved sin/cos of ``hidden_dim`` frequencies; y comes before x.
+    """
+
+    def __init__(self, hidden_dim=32, dim=768, temperature=10000):
+        super().__init__()
+        self.token_projection = nn.Conv2D(hidden_dim * 2, dim, kernel_size=1)
+        self.scale = 2 * math.pi
+        self.temperature = temperature
+        self.hidden_dim = hidden_dim
+
+    def forward(self, B, H, W):
+        """Returns the encoding, shape (B, dim, H, W)."""
+        eps = 1e-6
+        y_embed = paddle.arange(1, H + 1, dtype='float32')
+        x_embed = paddle.arange(1, W + 1, dtype='float32')
+        y_embed = y_embed / (H + eps) * self.scale
+        x_embed = x_embed / (W + eps) * self.scale
+        dim_t = paddle.arange(self.hidden_dim, dtype='float32')
+        dim_t = self.temperature ** (2 * paddle.floor(dim_t / 2) / self.hidden_dim)
+        pos_y = self._interleave(y_embed[:, None] / dim_t)  # (H, hidden)
+        pos_x = self._interleave(x_embed[:, None] / dim_t)  # (W, hidden)
+        pos_y = pos_y[:, None, :].expand([H, W, self.hidden_dim])
+        pos_x = pos_x[None, :, :].expand([H, W, self.hidden_dim])
+        pos = paddle.concat([pos_y, pos_x], axis=-1).transpose([2, 0, 1]).unsqueeze(0)
+        pos = self.token_projection(pos)  # (1, dim, H, W)
+        return pos.expand([B, -1, H, W])
+
+    @staticmethod
+    def _interleave(t):
+        """(L, hidden) angles -> (L, hidden): sin of even columns, cos of odd, interleaved."""
+        return paddle.stack([paddle.sin(t[:, 0::2]), paddle.cos(t[:, 1::2])], axis=2).flatten(1)
+
+
+def conv3x3_bn(in_planes, out_planes, stride=1):
+    """3x3 convolution without bias followed by BatchNorm, as the official ``conv3x3``."""
+    return nn.Sequential(
+        nn.Conv2D(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias_attr=False),
+        nn.BatchNorm2D(out_planes, momentum=BN_MOMENTUM, epsilon=BN_EPS),
+    )
+
+
+class ConvPatchEmbed(nn.Layer):
+    """Convolutional stem: stride-2 conv3x3+BN stages with GELU between them.
+
+    Patch 16 uses 4 stages (dim/8, dim/4, dim/2, dim), patch 8 uses 3 (dim/4, dim/2, dim).
+    Input (B, 3, H, W) -> tokens (B, N, dim) and the grid (Hp, Wp), Hp = ceil(H / patch).
+    """
+
+    def __init__(self, patch_size=16, embed_dim=768):
+        super().__init__()
+        if patch_size == 16:
+            widths = [embed_dim // 8, embed_dim // 4, embed_dim // 2, embed_dim]
+        elif patch_size == 8:
+            widths = [embed_dim // 4, embed_dim // 2, embed_dim]
+        else:
+            raise ValueError(f'patch_size must be 8 or 16, got {patch_size}')
+        self.patch_size = patch_size
+        layers, in_ch = [], 3
+        for i, width in enumerate(widths):
+            layers.append(conv3x3_bn(in_ch, width, stride=2))
+            if i < len(widths) - 1:
+                layers.append(nn.GELU())
+            in_ch = width
+        self.proj = nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.proj(x)
+        Hp, Wp = x.shape[2], x.shape[3]
+        return x.flatten(2).transpose([0, 2, 1]), (Hp, Wp)
+
+
+class LPI(nn.Layer):
+    """Local Patch Interaction: depthwise conv3x3 -> GELU -> BatchNorm -> depthwise conv3x3."""
+
+    def __init__(self, in_features, kernel_size=3):
+        super().__init__()
+        padding = kernel_size // 2
+        self.conv1 = nn.Conv2D(in_features, in_features, kernel_size, padding=padding, groups=in_features)
+        self.act = nn.GELU()
+        self.bn = nn.BatchNorm2D(in_features, momentum=BN_MOMENTUM, epsilon=BN_EPS)
+        self.conv2 = nn.Conv2D(in_features, in_features, kernel_size, padding=padding, groups=in_features)
+
+    def forward(self, x, H, W):
+        """(B, N, C) -> (B, N, C), with N = H * W."""
+        B, N, C = x.shape
+        x = x.transpose([0, 2, 1]).reshape([B, C, H, W])
+        x = self.conv2(self.bn(self.act(self.conv1(x))))
+        return x.reshape([B, C, N]).transpose([0, 2, 1])
+
+
+class Mlp(nn.Layer):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout."""
+
+    def __init__(self, in_features, hidden_features, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class XCA(nn.Layer):
+    """Cross-covariance attention: attention over channels, not tokens.
+
+    q and k are L2-normalised along the token axis, their (d x d) cross-covariance per
+    head is scaled by a learnable per-head temperature and softmaxed over channels.
+    Cost is linear in the number of tokens.
+    """
+
+    def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.temperature = self.create_parameter(
+            [num_heads, 1, 1], default_initializer=nn.initializer.Constant(1.0))
+        self.qkv = nn.Linear(dim, dim * 3, bias_attr=None if qkv_bias else False)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        """(B, N, C) -> (B, N, C)."""
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape([B, N, 3, self.num_heads, C // self.num_heads])
+        qkv = qkv.transpose([2, 0, 3, 4, 1])  # (3, B, heads, d, N)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = F.normalize(q, axis=-1)
+        k = F.normalize(k, axis=-1)
+        attn = paddle.matmul(q, k, transpose_y=True) * self.temperature  # (B, heads, d, d)
+        attn = self.attn_drop(F.softmax(attn, axis=-1))
+        x = paddle.matmul(attn, v).transpose([0, 3, 1, 2]).reshape([B, N, C])
+        return self.proj_drop(self.proj(x))
+
+
+class XCABlock(nn.Layer):
+    """XCA, LPI and MLP residual branches, scaled by layer-scale gammas 1, 3 and 2."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop=0.0, attn_drop=0.0,
+                 drop_path=0.0, eta=1.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, epsilon=LN_EPS)
+        self.attn = XCA(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path)
+        self.norm3 = nn.LayerNorm(dim, epsilon=LN_EPS)
+        self.local_mp = LPI(dim)
+        self.norm2 = nn.LayerNorm(dim, epsilon=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.gamma1 = _layer_scale(self, dim, eta)
+        self.gamma3 = _layer_scale(self, dim, eta)
+        self.gamma2 = _layer_scale(self, dim, eta)
+
+    def forward(self, x, H, W):
+        x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.gamma3 * self.local_mp(self.norm3(x), H, W))
+        x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))
+        return x
+
+
+class ClassAttention(nn.Layer):
+    """Class attention (CaiT): only the class token queries; patch tokens pass through.
+
+    Input (B, N, C) with the class token first; output (B, N, C) whose first token is the
+    attended class token and whose other tokens are the input's, unchanged.
+    """
+
+    def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias_attr=None if qkv_bias else False)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape([B, N, 3, self.num_heads, C // self.num_heads])
+        qkv = qkv.transpose([2, 0, 3, 1, 4])  # (3, B, heads, N, d)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn_cls = (q[:, :, 0:1] * k).sum(axis=-1) * self.scale  # (B, heads, N)
+        attn_cls = self.attn_drop(F.softmax(attn_cls, axis=-1))
+        cls_token = paddle.matmul(attn_cls.unsqueeze(2), v)  # (B, heads, 1, d)
+        cls_token = self.proj(cls_token.transpose([0, 2, 1, 3]).reshape([B, 1, C]))
+        return paddle.concat([self.proj_drop(cls_token), x[:, 1:]], axis=1)
+
+
+class ClassAttentionBlock(nn.Layer):
+    """Class-attention block with the official quirks kept for parity.
+
+    With ``tokens_norm`` every token goes through ``norm2``, otherwise only the class
+    token does; the MLP updates the class token only, and the residual adds the whole
+    sequence to itself for the patch tokens, exactly as the official code does.
+    """
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop=0.0, attn_drop=0.0,
+                 drop_path=0.0, eta=1.0, tokens_norm=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, epsilon=LN_EPS)
+        self.attn = ClassAttention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                                   proj_drop=drop)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, epsilon=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.gamma1 = _layer_scale(self, dim, eta)
+        self.gamma2 = _layer_scale(self, dim, eta)
+        self.tokens_norm = tokens_norm
+
+    def forward(self, x):
+        x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
+        if self.tokens_norm:
+            x = self.norm2(x)
+        else:
+            x = paddle.concat([self.norm2(x[:, 0:1]), x[:, 1:]], axis=1)
+        cls_token = self.gamma2 * self.mlp(x[:, 0:1])
+        return x + self.drop_path(paddle.concat([cls_token, x[:, 1:]], axis=1))
+
+
+def _layer_scale(layer, dim, eta):
+    return layer.create_parameter([dim], default_initializer=nn.initializer.Constant(eta))
+
+
+class XCiT(nn.Layer):
+    """Cross-Covariance Image Transformer.
+
+    ``forward(x)``: images (B, 3, H, W), any H and W -> logits (B, num_classes), in train
+    and eval mode alike. ``forward_features(x)`` -> final-norm class token (B, embed_dim).
+    """
+
+    def __init__(self, patch_size=16, num_classes=1000, embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
+                 cls_attn_layers=2, use_pos=True, eta=1.0, tokens_norm=False):
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_features = self.embed_dim = embed_dim
+        self.patch_embed = ConvPatchEmbed(patch_size=patch_size, embed_dim=embed_dim)
+        self.cls_token = self.create_parameter([1, 1, embed_dim], default_initializer=trunc_normal_init())
+        self.pos_drop = nn.Dropout(drop_rate)
+        # Stochastic depth is the same for every block, as in the official code.
+        self.blocks = nn.LayerList([
+            XCABlock(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate,
+                     drop_path=drop_path_rate, eta=eta)
+            for _ in range(depth)])
+        self.cls_attn_blocks = nn.LayerList([
+            ClassAttentionBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate,
+                                drop_path=0.0, eta=eta, tokens_norm=tokens_norm)
+            for _ in range(cls_attn_layers)])
+        self.norm = nn.LayerNorm(embed_dim, epsilon=LN_EPS)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.pos_embeder = PositionalEncodingFourier(dim=embed_dim)
+        self.use_pos = use_pos
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(layer):
+        if isinstance(layer, nn.Linear):
+            trunc_normal_init()(layer.weight)
+            if layer.bias is not None:
+                nn.initializer.Constant(0.0)(layer.bias)
+        elif isinstance(layer, nn.LayerNorm):
+            nn.initializer.Constant(1.0)(layer.weight)
+            nn.initializer.Constant(0.0)(layer.bias)
+
+    def no_weight_decay(self):
+        """Names of the parameters that, besides all 1-D ones, get no weight decay."""
+        return {'cls_token'}
+
+    def forward_features(self, x):
+        """(B, 3, H, W) -> final-norm class token (B, embed_dim)."""
+        B = x.shape[0]
+        x, (Hp, Wp) = self.patch_embed(x)
+        if self.use_pos:
+            pos = self.pos_embeder(B, Hp, Wp)
+            x = x + pos.flatten(2).transpose([0, 2, 1])
+        x = self.pos_drop(x)
+        for blk in self.blocks:
+            x = blk(x, Hp, Wp)
+        cls_tokens = self.cls_token.expand([B, -1, -1])
+        x = paddle.concat([cls_tokens, x], axis=1)
+        for blk in self.cls_attn_blocks:
+            x = blk(x)
+        return self.norm(x)[:, 0]
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+def build_xcit(config):
+    """Builds an XCiT from a config's ``MODEL`` section (see ``config.py``)."""
+    m = config.MODEL
+    return XCiT(
+        patch_size=m.PATCH_SIZE, num_classes=m.NUM_CLASSES, embed_dim=m.EMBED_DIM, depth=m.DEPTH,
+        num_heads=m.NUM_HEADS, mlp_ratio=m.MLP_RATIO, qkv_bias=m.QKV_BIAS, drop_rate=m.DROPOUT,
+        attn_drop_rate=m.ATTENTION_DROPOUT, drop_path_rate=m.DROPPATH,
+        cls_attn_layers=m.CLS_ATTN_LAYERS, use_pos=m.USE_POS, eta=m.ETA, tokens_norm=m.TOKENS_NORM)
