@@ -20,7 +20,7 @@ BN_EPS = 1e-5
 
 
 def trunc_normal_init(std=0.02):
-    """Truncated normal, cut at +-2 std, as ``timm.trunc_normal_(std=.02)`` effectively is."""
+    """Normal(0, std) truncated to [-2, 2], the defaults of ``timm.trunc_normal_`` used officially."""
     return nn.initializer.TruncatedNormal(mean=0.0, std=std)
 
 

@@ -1,0 +1,68 @@
+"""Model behaviour that needs no checkpoint: output types, shapes, initialisation."""
+import numpy as np
+import paddle
+import pytest
+
+from config import get_config
+from xcit import XCiT, build_xcit
+
+
+def tiny(**kw):
+    args = dict(patch_size=16, num_classes=7, embed_dim=32, depth=2, num_heads=2)
+    args.update(kw)
+    return XCiT(**args)
+
+
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_forward_returns_logits_tensor_in_both_modes(mode):
+    model = tiny()
+    getattr(model, mode)()
+    out = model(paddle.randn([2, 3, 48, 80]))
+    assert isinstance(out, paddle.Tensor)
+    assert out.shape == [2, 7]
+
+
+@pytest.mark.parametrize('patch,size,grid', [(16, (33, 50), (3, 4)), (8, (17, 24), (3, 3))])
+def test_stem_rounds_up_odd_sizes(patch, size, grid):
+    model = tiny(patch_size=patch)
+    tokens, hw = model.patch_embed(paddle.randn([1, 3, *size]))
+    assert tuple(hw) == grid
+    assert tokens.shape == [1, grid[0] * grid[1], 32]
+
+
+def test_forward_features_is_final_norm_class_token():
+    model = tiny()
+    model.eval()
+    feats = model.forward_features(paddle.randn([3, 3, 32, 32])).numpy()
+    assert feats.shape == (3, 32)
+    # LayerNorm with weight 1 and bias 0 at init: zero mean, unit variance per row
+    np.testing.assert_allclose(feats.mean(1), 0, atol=1e-5)
+    np.testing.assert_allclose(feats.var(1), 1, atol=1e-3)
+
+
+def test_initialisation_matches_official():
+    model = tiny(eta=1e-5)
+    params = dict(model.named_parameters())
+    assert np.all(params['blocks.0.gamma1'].numpy() == np.float32(1e-5))
+    assert np.all(params['blocks.1.attn.temperature'].numpy() == 1.0)
+    assert np.all(params['head.bias'].numpy() == 0)
+    w = params['blocks.0.mlp.fc1.weight'].numpy()
+    assert abs(w.std() - 0.02) < 0.002 and abs(w.mean()) < 0.002
+    assert np.all(params['norm.weight'].numpy() == 1) and np.all(params['norm.bias'].numpy() == 0)
+
+
+def test_build_xcit_reads_every_architecture_key():
+    config = get_config()
+    config.defrost()
+    config.MODEL.update(dict(PATCH_SIZE=8, EMBED_DIM=48, DEPTH=3, NUM_HEADS=3, MLP_RATIO=2.0,
+                             QKV_BIAS=False, ETA=0.5, TOKENS_NORM=True, CLS_ATTN_LAYERS=1,
+                             USE_POS=False, NUM_CLASSES=5, DROPPATH=0.1))
+    model = build_xcit(config)
+    assert len(model.patch_embed.proj) == 5  # 3 conv stages, 2 GELUs
+    assert len(model.blocks) == 3 and len(model.cls_attn_blocks) == 1
+    assert model.blocks[0].mlp.fc1.weight.shape == [48, 96]
+    assert model.blocks[0].attn.qkv.bias is None
+    assert model.cls_attn_blocks[0].tokens_norm and not model.use_pos
+    assert model.blocks[2].drop_path.drop_prob == 0.1
+    assert float(model.blocks[0].gamma2.numpy()[0]) == 0.5
+    assert model.head.weight.shape == [48, 5]
