@@ -1,0 +1,188 @@
+"""The 42 model configs against the official models, and the config system itself."""
+import argparse
+import glob
+import json
+import os
+import re
+
+import numpy as np
+import paddle
+import pytest
+
+from config import ConfigError, get_config, update_config
+from conftest import GOLDEN, ROOT
+from xcit import build_xcit
+
+CONFIGS = os.path.join(ROOT, 'configs')
+ARCHS = ['nano_12', 'tiny_12', 'tiny_24', 'small_12', 'small_24', 'medium_24', 'large_24']
+VARIANTS = [f'xcit_{arch}_p{patch}_{kind}'
+            for arch in ARCHS for patch in (16, 8) for kind in ('224', '224_dist', '384_dist')]
+NAME = re.compile(r'(?P<arch>xcit_\w+_p(?:16|8))_(?P<size>224|384)(?P<dist>_dist)?')
+
+with open(os.path.join(GOLDEN, 'official_state_dict_manifest.json'), encoding='utf-8') as f:
+    MANIFEST = json.load(f)
+
+
+def config_path(name):
+    return os.path.join(CONFIGS, name + '.yaml')
+
+
+def paddle_layout(official_shapes):
+    """Official state-dict {name: shape} -> the names and shapes a Paddle XCiT must have.
+
+    BatchNorm statistics are ``_mean`` / ``_variance``, ``num_batches_tracked`` does not exist,
+    and Linear weights (the only 2-D entries) are stored [in, out] instead of [out, in].
+    """
+    shapes = {}
+    for name, shape in official_shapes.items():
+        if name.endswith('.num_batches_tracked'):
+            continue
+        name = re.sub(r'\.running_mean$', '._mean', name)
+        name = re.sub(r'\.running_var$', '._variance', name)
+        shapes[name] = shape[::-1] if len(shape) == 2 else shape
+    return shapes
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w', encoding='utf-8') as f:
+        f.write(text)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- model configs
+
+def test_configs_folder_holds_exactly_the_42_variants():
+    found = sorted(os.path.basename(p)[:-len('.yaml')]
+                   for p in glob.glob(os.path.join(CONFIGS, 'xcit_*.yaml')))
+    assert found == sorted(VARIANTS)
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_config_has_the_official_hyper_parameters(name):
+    config = get_config(config_path(name))
+    parts = NAME.fullmatch(name)
+    official = MANIFEST[parts['arch']]['config']
+    m = config.MODEL
+    assert m.NAME == name and m.TYPE == 'XCiT'
+    assert (m.PATCH_SIZE, m.EMBED_DIM, m.DEPTH, m.NUM_HEADS, m.ETA, m.TOKENS_NORM) == (
+        official['patch_size'], official['embed_dim'], official['depth'], official['num_heads'],
+        official['eta'], official['tokens_norm'])
+    assert (m.NUM_CLASSES, m.MLP_RATIO, m.QKV_BIAS, m.CLS_ATTN_LAYERS, m.USE_POS) == (
+        1000, 4.0, True, 2, True)
+    assert m.DROPPATH == (0.05 if parts['arch'] == 'xcit_small_12_p16' else 0.1)
+    assert config.DATA.IMAGE_SIZE == int(parts['size'])
+    assert (config.DATA.CROP_PCT, config.DATA.INTERPOLATION) == (1.0, 'bicubic')
+    if parts['dist']:
+        assert (config.TRAIN.DISTILLATION_TYPE, config.TRAIN.TEACHER_MODEL) == ('hard', 'regnety_160')
+    else:
+        assert config.TRAIN.DISTILLATION_TYPE == 'none'
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_built_model_matches_the_official_state_dict(name):
+    official = MANIFEST[NAME.fullmatch(name)['arch']]
+    # LazyGuard builds every layer and parameter but skips the random initialisation,
+    # which would take ~15 s for the large /8 model on CPU; names and shapes are unaffected.
+    with paddle.LazyGuard():
+        model = build_xcit(get_config(config_path(name)))
+    trainable = sum(int(np.prod(p.shape)) for p in model.parameters() if not p.stop_gradient)
+    assert trainable == official['params']
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == paddle_layout(official['state_dict'])
+
+
+def test_smallest_config_builds_and_runs_at_its_image_size():
+    config = get_config(config_path('xcit_nano_12_p16_384_dist'))
+    model = build_xcit(config)
+    model.eval()
+    size = config.DATA.IMAGE_SIZE
+    logits = model(paddle.randn([1, 3, size, size]))
+    assert logits.shape == [1, 1000]
+    assert np.isfinite(logits.numpy()).all()
+
+
+# ----------------------------------------------------------------------------- config system
+
+@pytest.mark.parametrize('text, key', [
+    ('MODEL:\n  EMBED_DIMS: 128\n', 'MODEL.EMBED_DIMS'),
+    ('SEEDS: 1\n', 'SEEDS'),
+    ('TRIAN:\n  NUM_EPOCHS: 1\n', 'TRIAN'),
+])
+def test_unknown_key_in_file_names_key_and_file(tmp_path, text, key):
+    path = write(tmp_path / 'bad.yaml', text)
+    with pytest.raises(ConfigError) as err:
+        get_config(path)
+    assert key in str(err.value) and path in str(err.value)
+
+
+def test_unknown_key_in_a_base_file_names_the_base_file(tmp_path):
+    base = write(tmp_path / 'base' / 'common.yaml', 'DATA:\n  CROP: 1.0\n')
+    child = write(tmp_path / 'child.yaml', "BASE: ['base/common.yaml']\n")
+    with pytest.raises(ConfigError) as err:
+        get_config(child)
+    assert 'DATA.CROP' in str(err.value) and base in str(err.value)
+
+
+@pytest.mark.parametrize('text, key', [
+    ('MODEL:\n  DEPTH: twelve\n', 'MODEL.DEPTH'),
+    ('MODEL:\n  DEPTH: 12.5\n', 'MODEL.DEPTH'),
+    ('MODEL:\n  TOKENS_NORM: 1\n', 'MODEL.TOKENS_NORM'),
+    ('MODEL:\n  ETA: true\n', 'MODEL.ETA'),
+    ('MODEL:\n  ETA: 1e-5\n', 'MODEL.ETA'),  # YAML reads 1e-5 (no dot) as a string
+    ('TRAIN:\n  OPTIMIZER:\n    BETAS: 0.9\n', 'TRAIN.OPTIMIZER.BETAS'),
+    ('DATA: 224\n', 'DATA'),
+])
+def test_wrong_type_in_file_names_key_and_file(tmp_path, text, key):
+    path = write(tmp_path / 'bad.yaml', text)
+    with pytest.raises(ConfigError) as err:
+        get_config(path)
+    assert key in str(err.value) and path in str(err.value)
+
+
+def test_int_is_accepted_for_a_float_key(tmp_path):
+    path = write(tmp_path / 'lr.yaml', 'TRAIN:\n  BASE_LR: 1\n  WEIGHT_DECAY: 0\n')
+    config = get_config(path)
+    assert config.TRAIN.BASE_LR == 1.0 and isinstance(config.TRAIN.BASE_LR, float)
+    assert config.TRAIN.WEIGHT_DECAY == 0.0 and isinstance(config.TRAIN.WEIGHT_DECAY, float)
+
+
+def test_base_files_are_merged_first_relative_to_the_including_file(tmp_path):
+    write(tmp_path / 'base' / 'root.yaml', 'MODEL:\n  DEPTH: 3\n  EMBED_DIM: 64\nSEED: 5\n')
+    write(tmp_path / 'base' / 'mid.yaml', "BASE: ['root.yaml']\nMODEL:\n  DEPTH: 4\n")
+    write(tmp_path / 'other.yaml', 'TRAIN:\n  NUM_EPOCHS: 9\nSEED: 6\n')
+    child = write(tmp_path / 'child.yaml',
+                  "BASE: ['base/mid.yaml', 'other.yaml']\nMODEL:\n  NUM_HEADS: 2\n")
+    config = get_config(child)
+    assert (config.MODEL.DEPTH, config.MODEL.EMBED_DIM, config.MODEL.NUM_HEADS) == (4, 64, 2)
+    assert (config.TRAIN.NUM_EPOCHS, config.SEED) == (9, 6)  # later bases override earlier ones
+    assert config.TRAIN.WARMUP_EPOCHS == get_config().TRAIN.WARMUP_EPOCHS  # untouched default
+
+
+def test_missing_base_file_is_reported(tmp_path):
+    child = write(tmp_path / 'child.yaml', "BASE: ['nowhere.yaml']\n")
+    with pytest.raises(ConfigError, match='nowhere.yaml'):
+        get_config(child)
+
+
+def test_opts_override_the_file():
+    args = argparse.Namespace(cfg=config_path('xcit_tiny_12_p8_224'),
+                              opts=['TRAIN.NUM_EPOCHS', '2', 'SEED', '3', 'MODEL.DROPPATH', '0'])
+    config = update_config(get_config(), args)
+    assert config.MODEL.NAME == 'xcit_tiny_12_p8_224' and config.MODEL.EMBED_DIM == 192
+    assert (config.TRAIN.NUM_EPOCHS, config.SEED) == (2, 3)
+    assert config.MODEL.DROPPATH == 0.0 and isinstance(config.MODEL.DROPPATH, float)
+    assert config.is_frozen()
+
+
+@pytest.mark.parametrize('key', ['TRAIN.NUM_EPOCH', 'SEEDS', 'TRIAN.NUM_EPOCHS', 'SEED.X'])
+def test_unknown_opts_key_is_named(key):
+    args = argparse.Namespace(cfg=None, opts=[key, '2'])
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        update_config(get_config(), args)
+
+
+def test_wrong_type_in_opts_is_named():
+    args = argparse.Namespace(cfg=None, opts=['TRAIN.NUM_EPOCHS', 'many'])
+    with pytest.raises(ConfigError, match='TRAIN.NUM_EPOCHS'):
+        update_config(get_config(), args)
