@@ -129,7 +129,7 @@ def test_unknown_key_in_a_base_file_names_the_base_file(tmp_path):
     ('MODEL:\n  DEPTH: 12.5\n', 'MODEL.DEPTH'),
     ('MODEL:\n  TOKENS_NORM: 1\n', 'MODEL.TOKENS_NORM'),
     ('MODEL:\n  ETA: true\n', 'MODEL.ETA'),
-    ('MODEL:\n  ETA: 1e-5\n', 'MODEL.ETA'),  # YAML reads 1e-5 (no dot) as a string
+    ('MODEL:\n  ETA: small\n', 'MODEL.ETA'),
     ('TRAIN:\n  OPTIMIZER:\n    BETAS: 0.9\n', 'TRAIN.OPTIMIZER.BETAS'),
     ('DATA: 224\n', 'DATA'),
 ])
@@ -138,6 +138,12 @@ def test_wrong_type_in_file_names_key_and_file(tmp_path, text, key):
     with pytest.raises(ConfigError) as err:
         get_config(path)
     assert key in str(err.value) and path in str(err.value)
+
+
+def test_exponent_without_dot_is_accepted_for_a_float_key(tmp_path):
+    # YAML 1.1 reads 1e-5 as a string; PaddleViT's configs write ETA that way
+    config = get_config(write(tmp_path / 'eta.yaml', 'MODEL:\n  ETA: 1e-5\n'))
+    assert config.MODEL.ETA == 1e-5
 
 
 def test_int_is_accepted_for_a_float_key(tmp_path):
