@@ -1,0 +1,1 @@
+"""Conversion of PyTorch XCiT checkpoints to Paddle; see ``convert.py``."""

@@ -1,0 +1,300 @@
+"""Reads PyTorch and safetensors checkpoints without torch and without running code from them.
+
+Supported formats, recognised by content rather than by file name:
+
+- PyTorch zip (``torch.save`` since 1.6): ``<archive>/data.pkl`` plus one raw file per
+  storage under ``<archive>/data/<key>``, and ``<archive>/byteorder``;
+- PyTorch legacy (``_use_new_zipfile_serialization=False``): a sequence of pickles followed
+  by the raw storages, each prefixed by its element count as an int64;
+- safetensors: an 8-byte little-endian header length, a JSON header, then raw data.
+
+Pickles go through ``RestrictedUnpickler``, whose ``find_class`` hands out only the few
+globals a tensor checkpoint refers to, replaced by harmless local stand-ins; any other
+global (``os.system``, ``builtins.exec``, ...) stops the load with ``CheckpointError``.
+Tensors come back as numpy arrays in their stored dtype, except bfloat16, which numpy lacks
+and which is widened exactly to float32.
+"""
+import collections
+import io
+import json
+import os
+import pickle
+import struct
+import zipfile
+import zlib
+
+import numpy as np
+
+__all__ = ['CheckpointError', 'RestrictedUnpickler', 'read_checkpoint']
+
+BFLOAT16 = 'bfloat16'
+# torch storage class -> numpy dtype (without byte order)
+STORAGE_DTYPES = {
+    'DoubleStorage': 'f8', 'FloatStorage': 'f4', 'HalfStorage': 'f2', 'BFloat16Storage': BFLOAT16,
+    'LongStorage': 'i8', 'IntStorage': 'i4', 'ShortStorage': 'i2', 'CharStorage': 'i1',
+    'ByteStorage': 'u1', 'BoolStorage': '?',
+}
+SAFETENSORS_DTYPES = {
+    'F64': 'f8', 'F32': 'f4', 'F16': 'f2', 'BF16': BFLOAT16, 'I64': 'i8', 'I32': 'i4',
+    'I16': 'i2', 'I8': 'i1', 'U8': 'u1', 'BOOL': '?',
+}
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+MAX_SAFETENSORS_HEADER = 100 * 2 ** 20  # bytes
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: missing, corrupt, unsupported or unsafe."""
+
+
+class Storage:
+    """One saved torch storage: its element dtype and, once read, its elements (1-D array)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self.array = None
+
+    def fill(self, raw, byteorder):
+        """Sets the elements from the raw bytes ``raw`` stored in ``byteorder`` ('little'/'big')."""
+        self.array = decode_elements(raw, self.dtype, byteorder)
+
+
+class StorageType:
+    """Stand-in for a ``torch.*Storage`` class named in a pickle; only carries the dtype."""
+
+    def __init__(self, name):
+        self.name = name
+        self.dtype = STORAGE_DTYPES[name]
+
+
+class TensorRecord:
+    """A tensor as the pickle describes it: a view (offset, size, stride) of a storage.
+
+    Sizes, strides and the offset are in elements, as in torch.
+    """
+
+    def __init__(self, storage, offset, size, stride):
+        if not isinstance(storage, Storage):
+            raise CheckpointError(f'malformed tensor record: storage is a {type(storage).__name__}')
+        if not (_is_index(offset) and isinstance(size, tuple) and isinstance(stride, tuple)
+                and len(size) == len(stride) and all(map(_is_index, size + stride))):
+            raise CheckpointError(f'malformed tensor record: offset {offset!r}, size {size!r}, '
+                                  f'stride {stride!r}')
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+    def to_numpy(self, where):
+        """Returns a C-contiguous copy of the view; ``where`` names the tensor in errors."""
+        elements = self.storage.array
+        if 0 in self.size:
+            return np.zeros(self.size, elements.dtype)
+        last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
+        if last >= elements.size:
+            raise CheckpointError(f'{where}: tensor of size {list(self.size)} reads past the end '
+                                  f'of its storage ({elements.size} elements)')
+        view = np.lib.stride_tricks.as_strided(
+            elements[self.offset:], shape=self.size,
+            strides=[s * elements.itemsize for s in self.stride], writeable=False)
+        return view.copy()
+
+
+class Namespace:
+    """Stand-in for ``argparse.Namespace`` (training arguments saved next to the weights)."""
+
+
+def _is_index(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    return TensorRecord(storage, storage_offset, tuple(size), tuple(stride))
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks,
+                       metadata=None):
+    if metadata:  # conjugate / negative bits: never set on the weights of a real model
+        raise CheckpointError(f'unsupported tensor metadata {metadata!r}')
+    return _rebuild_tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
+    return data
+
+
+ALLOWED_GLOBALS = {
+    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('torch._utils', '_rebuild_tensor'): _rebuild_tensor,
+    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
+    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
+    ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
+    ('torch', 'Size'): tuple,
+    ('argparse', 'Namespace'): Namespace,
+}
+ALLOWED_GLOBALS.update({('torch', name): StorageType(name) for name in STORAGE_DTYPES})
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles tensor checkpoints only: globals come from ``ALLOWED_GLOBALS`` or not at all.
+
+    Storages referenced by persistent id are collected in ``self.storages`` (key -> Storage),
+    unfilled; tensors come out as ``TensorRecord``.
+    """
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.storages = {}
+
+    def find_class(self, module, name):
+        try:
+            return ALLOWED_GLOBALS[(module, name)]
+        except (KeyError, TypeError):
+            raise CheckpointError(
+                f"refused global '{module}.{name}' in the pickle: a tensor checkpoint needs only "
+                f"torch tensor/storage rebuilders and OrderedDict, and nothing from the file is "
+                f"ever executed") from None
+
+    def persistent_load(self, pid):
+        """Resolves ``('storage', StorageType, key, location, numel[, view])`` to a Storage."""
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == 'storage'
+                and isinstance(pid[1], StorageType) and isinstance(pid[2], str)):
+            raise CheckpointError(f'unsupported persistent id {pid!r}')
+        if len(pid) == 6 and pid[5] is not None:
+            raise CheckpointError('storage views of the pre-1.0 legacy format are not supported; '
+                                  're-save the checkpoint with a recent torch.save')
+        storage = self.storages.setdefault(pid[2], Storage(pid[1].dtype))
+        if storage.dtype != pid[1].dtype:
+            raise CheckpointError(f'storage {pid[2]} is used with two dtypes')
+        return storage
+
+
+def decode_elements(raw, dtype, byteorder='little'):
+    """Raw bytes -> 1-D native-order array of ``dtype`` (bfloat16 widened to float32)."""
+    order = '<' if byteorder == 'little' else '>'
+    if dtype == BFLOAT16:
+        # bfloat16 is the high half of a float32: shifting the 16 bits up is exact
+        return (np.frombuffer(raw, order + 'u2').astype(np.uint32) << 16).view(np.float32)
+    array = np.frombuffer(raw, order + dtype)
+    return array.astype(array.dtype.newbyteorder('='), copy=False)
+
+
+def materialize(obj, where=''):
+    """Returns ``obj`` with every TensorRecord in nested dicts/lists/tuples turned into an array."""
+    if isinstance(obj, TensorRecord):
+        return obj.to_numpy(where)
+    if isinstance(obj, dict):
+        return type(obj)((k, materialize(v, f'{where}.{k}' if where else str(k)))
+                         for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(materialize(v, f'{where}[{i}]') for i, v in enumerate(obj))
+    return obj
+
+
+def _read_torch_zip(path):
+    with zipfile.ZipFile(path) as archive:
+        pickles = sorted((n for n in archive.namelist() if n.rsplit('/', 1)[-1] == 'data.pkl'),
+                         key=len)
+        if not pickles:
+            raise CheckpointError('zip archive without data.pkl: not a torch.save checkpoint')
+        prefix = pickles[0][:-len('data.pkl')]
+        names = set(archive.namelist())
+        byteorder = 'little'
+        if prefix + 'byteorder' in names:
+            byteorder = archive.read(prefix + 'byteorder').decode('ascii', 'replace').strip()
+        unpickler = RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])))
+        obj = unpickler.load()
+        for key, storage in unpickler.storages.items():
+            entry = f'{prefix}data/{key}'
+            if entry not in names:
+                raise CheckpointError(f'storage file {entry} is missing from the archive')
+            storage.fill(archive.read(entry), byteorder)
+    return materialize(obj)
+
+
+def _read_torch_legacy(path):
+    with open(path, 'rb') as f:
+        if RestrictedUnpickler(f).load() != LEGACY_MAGIC:
+            raise CheckpointError('not a checkpoint: a pickle, but not one written by torch.save')
+        if RestrictedUnpickler(f).load() != LEGACY_PROTOCOL:
+            raise CheckpointError('unsupported legacy torch.save protocol; re-save the '
+                                  'checkpoint with a recent torch.save (zip format)')
+        sys_info = RestrictedUnpickler(f).load()
+        byteorder = 'little' if sys_info.get('little_endian', True) else 'big'
+        unpickler = RestrictedUnpickler(f)
+        obj = unpickler.load()
+        for key in RestrictedUnpickler(f).load():
+            storage = unpickler.storages[key]
+            numel, = struct.unpack('<q' if byteorder == 'little' else '>q', f.read(8))
+            nbytes = numel * (2 if storage.dtype == BFLOAT16 else np.dtype(storage.dtype).itemsize)
+            raw = f.read(nbytes)
+            if len(raw) != nbytes:
+                raise CheckpointError('file ends inside a storage: truncated')
+            storage.fill(raw, byteorder)
+    return materialize(obj)
+
+
+def _read_safetensors(path):
+    with open(path, 'rb') as f:
+        data = f.read()
+    header_len, = struct.unpack('<Q', data[:8])
+    try:
+        header = json.loads(data[8:8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f'corrupt safetensors header: {e}') from None
+    body = memoryview(data)[8 + header_len:]
+    arrays = {}
+    for name, info in header.items():
+        if name == '__metadata__':
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info['dtype']]
+            shape = tuple(info['shape'])
+            begin, end = info['data_offsets']
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f'{name}: unsupported or malformed safetensors entry {info!r}') from None
+        itemsize = 2 if dtype == BFLOAT16 else np.dtype(dtype).itemsize
+        if not (0 <= begin <= end <= len(body)) or end - begin != int(np.prod(shape)) * itemsize:
+            raise CheckpointError(f'{name}: data offsets {[begin, end]} do not fit shape '
+                                  f'{list(shape)} and the file (truncated?)')
+        arrays[name] = decode_elements(body[begin:end], dtype).reshape(shape).copy()
+    return arrays
+
+
+def _sniff(path):
+    """Returns 'zip', 'safetensors', 'legacy' or None from the first bytes of the file."""
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if head[:4] == b'PK\x03\x04':
+        return 'zip'
+    if len(head) == 9 and head[8:9] == b'{':
+        header_len, = struct.unpack('<Q', head[:8])
+        if header_len <= min(size - 8, MAX_SAFETENSORS_HEADER):
+            return 'safetensors'
+    if head[:1] == b'\x80':  # pickle protocol 2+
+        return 'legacy'
+    return None
+
+
+def read_checkpoint(path):
+    """Reads a checkpoint file; returns its object tree with numpy arrays for tensors.
+
+    torch files give what ``torch.load`` would (dicts, lists, numbers; ``argparse.Namespace``
+    as an inert ``Namespace``), safetensors files a flat dict name -> array.
+    Raises ``CheckpointError`` naming ``path`` when the file is missing, corrupt, truncated,
+    of an unknown kind or asks the pickle for anything beyond tensors.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f'{path}: no such file')
+    kind = _sniff(path)
+    readers = {'zip': _read_torch_zip, 'legacy': _read_torch_legacy, 'safetensors': _read_safetensors}
+    if kind is None:
+        raise CheckpointError(f'{path}: not a checkpoint (expected a torch.save .pth/.pt/.bin '
+                              f'file or a .safetensors file)')
+    try:
+        return readers[kind](path)
+    except CheckpointError as e:
+        raise CheckpointError(f'{path}: {e}') from None
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise CheckpointError(f'{path}: corrupt or truncated {kind} file ({e})') from None
+    except (pickle.UnpicklingError, AttributeError, IndexError, KeyError, TypeError,
+            ValueError, struct.error) as e:
+        raise CheckpointError(f'{path}: corrupt {kind} checkpoint ({type(e).__name__}: {e})') from None
