@@ -10,8 +10,9 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-__all__ = ['SoftTargetCrossEntropy', 'LabelSmoothingCrossEntropy', 'DistillationLoss',
-           'mixup_active', 'build_criterion']
+from mixup import mixup_active
+
+__all__ = ['SoftTargetCrossEntropy', 'LabelSmoothingCrossEntropy', 'DistillationLoss', 'build_criterion']
 
 DISTILLATION_TYPES = ('none', 'soft', 'hard')
 
@@ -97,17 +98,11 @@ class DistillationLoss:
         return base_loss * (1 - self.alpha) + distillation_loss * self.alpha
 
 
-def mixup_active(config):
-    """True when mixup or cutmix produces soft targets for the training batches."""
-    t = config.TRAIN
-    return (t.MIXUP_ALPHA > 0 or t.CUTMIX_ALPHA > 0 or len(t.CUTMIX_MINMAX) > 0) and t.MIXUP_PROB > 0
-
-
 def build_criterion(config, teacher=None):
     """Returns ``criterion(inputs, outputs, targets)`` for training, as DeiT's main.py builds it.
 
-    Base: ``SoftTargetCrossEntropy`` when mixup/cutmix is active (label smoothing is then folded
-    into the mixed targets), else ``LabelSmoothingCrossEntropy(TRAIN.SMOOTHING)`` when smoothing
+    Base: ``SoftTargetCrossEntropy`` when ``mixup.mixup_active(config)`` (label smoothing is then
+    folded into the mixed targets), else ``LabelSmoothingCrossEntropy(TRAIN.SMOOTHING)`` when smoothing
     is on, else plain cross-entropy; always wrapped in ``DistillationLoss`` with
     ``TRAIN.DISTILLATION_TYPE / _ALPHA / _TAU`` ('none' simply calls the base criterion).
     """

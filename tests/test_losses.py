@@ -4,8 +4,8 @@ import paddle
 import pytest
 
 from config import get_config, merge_from_list
-from losses import (DistillationLoss, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy, build_criterion,
-                    mixup_active)
+from losses import DistillationLoss, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy, build_criterion
+from mixup import mixup_active
 
 RNG = np.random.default_rng(0)
 STUDENT = RNG.normal(size=(4, 6)).astype('float32') * 2
