@@ -33,8 +33,8 @@ from config import ConfigError, get_config  # noqa: E402
 from port_weights.safe_load import CheckpointError, read_checkpoint  # noqa: E402
 from xcit import build_xcit  # noqa: E402
 
-__all__ = ['CheckpointError', 'load_checkpoint_arrays', 'convert_state_dict', 'convert_file',
-           'model_shapes', 'find_mismatches', 'main']
+__all__ = ['CheckpointError', 'load_checkpoint_arrays', 'from_timm_layout', 'convert_state_dict',
+           'model_shapes', 'find_mismatches', 'count_parameters', 'convert_file', 'main']
 
 CHECKPOINT_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors')
 STATE_DICT_KEYS = ('model', 'state_dict')  # where training checkpoints keep the weights

@@ -15,11 +15,13 @@ Tensors come back as numpy arrays in their stored dtype, except bfloat16, which 
 and which is widened exactly to float32.
 """
 import collections
+import functools
 import io
 import json
 import os
 import pickle
 import struct
+import types
 import zipfile
 import zlib
 
@@ -47,58 +49,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read: missing, corrupt, unsupported or unsafe."""
 
 
-class Storage:
-    """One saved torch storage: its element dtype and, once read, its elements (1-D array)."""
-
-    def __init__(self, dtype):
-        self.dtype = dtype
-        self.array = None
-
-    def fill(self, raw, byteorder):
-        """Sets the elements from the raw bytes ``raw`` stored in ``byteorder`` ('little'/'big')."""
-        self.array = decode_elements(raw, self.dtype, byteorder)
-
-
-class StorageType:
-    """Stand-in for a ``torch.*Storage`` class named in a pickle; only carries the dtype."""
-
-    def __init__(self, name):
-        self.name = name
-        self.dtype = STORAGE_DTYPES[name]
-
-
-class TensorRecord:
-    """A tensor as the pickle describes it: a view (offset, size, stride) of a storage.
-
-    Sizes, strides and the offset are in elements, as in torch.
-    """
-
-    def __init__(self, storage, offset, size, stride):
-        if not isinstance(storage, Storage):
-            raise CheckpointError(f'malformed tensor record: storage is a {type(storage).__name__}')
-        if not (_is_index(offset) and isinstance(size, tuple) and isinstance(stride, tuple)
-                and len(size) == len(stride) and all(map(_is_index, size + stride))):
-            raise CheckpointError(f'malformed tensor record: offset {offset!r}, size {size!r}, '
-                                  f'stride {stride!r}')
-        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
-
-    def to_numpy(self, where):
-        """Returns a C-contiguous copy of the view; ``where`` names the tensor in errors."""
-        elements = self.storage.array
-        if 0 in self.size:
-            return np.zeros(self.size, elements.dtype)
-        last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
-        if last >= elements.size:
-            raise CheckpointError(f'{where}: tensor of size {list(self.size)} reads past the end '
-                                  f'of its storage ({elements.size} elements)')
-        view = np.lib.stride_tricks.as_strided(
-            elements[self.offset:], shape=self.size,
-            strides=[s * elements.itemsize for s in self.stride], writeable=False)
-        return view.copy()
-
-
-class Namespace:
-    """Stand-in for ``argparse.Namespace`` (training arguments saved next to the weights)."""
+# What the pickle builds is immutable: its BUILD opcode can set attributes on objects, and
+# must not be able to alter a checked tensor record or the stand-ins shared between files.
+StorageType = collections.namedtuple('StorageType', 'name dtype')
+StorageType.__doc__ = """Stand-in for a ``torch.*Storage`` class named in a pickle."""
+StorageRef = collections.namedtuple('StorageRef', 'key dtype')
+StorageRef.__doc__ = """A storage the pickle refers to by persistent id; its data is read afterwards."""
+TensorRecord = collections.namedtuple('TensorRecord', 'storage offset size stride')
+TensorRecord.__doc__ = """A tensor as the pickle describes it: a view of a storage, in elements."""
 
 
 def _is_index(value):
@@ -106,7 +64,14 @@ def _is_index(value):
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride):
-    return TensorRecord(storage, storage_offset, tuple(size), tuple(stride))
+    size, stride = tuple(size), tuple(stride)
+    if not isinstance(storage, StorageRef):
+        raise CheckpointError(f'malformed tensor record: storage is a {type(storage).__name__}')
+    if not (_is_index(storage_offset) and len(size) == len(stride)
+            and all(map(_is_index, size + stride))):
+        raise CheckpointError(f'malformed tensor record: offset {storage_offset!r}, size {size!r}, '
+                              f'stride {stride!r}')
+    return TensorRecord(storage, storage_offset, size, stride)
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks,
@@ -120,23 +85,26 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
     return data
 
 
+REBUILDERS = {
+    '_rebuild_tensor': _rebuild_tensor,
+    '_rebuild_tensor_v2': _rebuild_tensor_v2,
+    '_rebuild_parameter': _rebuild_parameter,
+    '_rebuild_parameter_with_state': _rebuild_parameter,
+}
 ALLOWED_GLOBALS = {
     ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('torch._utils', '_rebuild_tensor'): _rebuild_tensor,
-    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
-    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-    ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
     ('torch', 'Size'): tuple,
-    ('argparse', 'Namespace'): Namespace,
+    ('argparse', 'Namespace'): types.SimpleNamespace,  # training arguments saved with the weights
 }
-ALLOWED_GLOBALS.update({('torch', name): StorageType(name) for name in STORAGE_DTYPES})
+ALLOWED_GLOBALS.update({('torch', name): StorageType(name, dtype) for name, dtype in STORAGE_DTYPES.items()})
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles tensor checkpoints only: globals come from ``ALLOWED_GLOBALS`` or not at all.
+    """Unpickles tensor checkpoints only: globals are the torch ``REBUILDERS`` and
+    ``ALLOWED_GLOBALS``, or nothing.
 
-    Storages referenced by persistent id are collected in ``self.storages`` (key -> Storage),
-    unfilled; tensors come out as ``TensorRecord``.
+    Tensors come out as ``TensorRecord``; the storages they refer to are collected in
+    ``self.storages`` (key -> dtype) for the caller to read.
     """
 
     def __init__(self, file):
@@ -144,6 +112,9 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.storages = {}
 
     def find_class(self, module, name):
+        if module == 'torch._utils' and name in REBUILDERS:
+            # a fresh wrapper per lookup: functions have settable attributes
+            return functools.partial(REBUILDERS[name])
         try:
             return ALLOWED_GLOBALS[(module, name)]
         except (KeyError, TypeError):
@@ -153,17 +124,22 @@ class RestrictedUnpickler(pickle.Unpickler):
                 f"ever executed") from None
 
     def persistent_load(self, pid):
-        """Resolves ``('storage', StorageType, key, location, numel[, view])`` to a Storage."""
+        """Resolves ``('storage', StorageType, key, location, numel[, view])`` to a StorageRef."""
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == 'storage'
                 and isinstance(pid[1], StorageType) and isinstance(pid[2], str)):
             raise CheckpointError(f'unsupported persistent id {pid!r}')
         if len(pid) == 6 and pid[5] is not None:
             raise CheckpointError('storage views of the pre-1.0 legacy format are not supported; '
                                   're-save the checkpoint with a recent torch.save')
-        storage = self.storages.setdefault(pid[2], Storage(pid[1].dtype))
-        if storage.dtype != pid[1].dtype:
-            raise CheckpointError(f'storage {pid[2]} is used with two dtypes')
-        return storage
+        key, dtype = pid[2], pid[1].dtype
+        if self.storages.setdefault(key, dtype) != dtype:
+            raise CheckpointError(f'storage {key} is used with two dtypes')
+        return StorageRef(key, dtype)
+
+
+def itemsize(dtype):
+    """Bytes per stored element of a ``STORAGE_DTYPES`` / ``SAFETENSORS_DTYPES`` value."""
+    return 2 if dtype == BFLOAT16 else np.dtype(dtype).itemsize
 
 
 def decode_elements(raw, dtype, byteorder='little'):
@@ -176,37 +152,55 @@ def decode_elements(raw, dtype, byteorder='little'):
     return array.astype(array.dtype.newbyteorder('='), copy=False)
 
 
-def materialize(obj, where=''):
-    """Returns ``obj`` with every TensorRecord in nested dicts/lists/tuples turned into an array."""
+def tensor_to_numpy(record, storages, where):
+    """A C-contiguous copy of the view ``record`` describes; ``where`` names it in errors."""
+    elements = storages[record.storage.key]
+    if 0 in record.size:
+        return np.zeros(record.size, elements.dtype)
+    last = record.offset + sum((n - 1) * s for n, s in zip(record.size, record.stride))
+    if last >= elements.size:
+        raise CheckpointError(f'{where}: tensor of size {list(record.size)} reads past the end '
+                              f'of its storage ({elements.size} elements)')
+    view = np.lib.stride_tricks.as_strided(
+        elements[record.offset:], shape=record.size,
+        strides=[s * elements.itemsize for s in record.stride], writeable=False)
+    return view.copy()
+
+
+def materialize(obj, storages, where=''):
+    """``obj`` with every TensorRecord in nested dicts, lists and tuples turned into an array.
+
+    ``storages`` maps storage keys to their elements (1-D arrays).
+    """
     if isinstance(obj, TensorRecord):
-        return obj.to_numpy(where)
+        return tensor_to_numpy(obj, storages, where)
     if isinstance(obj, dict):
-        return type(obj)((k, materialize(v, f'{where}.{k}' if where else str(k)))
+        return type(obj)((k, materialize(v, storages, f'{where}.{k}' if where else str(k)))
                          for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
-        return type(obj)(materialize(v, f'{where}[{i}]') for i, v in enumerate(obj))
+        return type(obj)(materialize(v, storages, f'{where}[{i}]') for i, v in enumerate(obj))
     return obj
 
 
 def _read_torch_zip(path):
     with zipfile.ZipFile(path) as archive:
-        pickles = sorted((n for n in archive.namelist() if n.rsplit('/', 1)[-1] == 'data.pkl'),
-                         key=len)
+        names = archive.namelist()
+        pickles = sorted((n for n in names if n.rsplit('/', 1)[-1] == 'data.pkl'), key=len)
         if not pickles:
             raise CheckpointError('zip archive without data.pkl: not a torch.save checkpoint')
         prefix = pickles[0][:-len('data.pkl')]
-        names = set(archive.namelist())
         byteorder = 'little'
         if prefix + 'byteorder' in names:
             byteorder = archive.read(prefix + 'byteorder').decode('ascii', 'replace').strip()
         unpickler = RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])))
         obj = unpickler.load()
-        for key, storage in unpickler.storages.items():
+        storages = {}
+        for key, dtype in unpickler.storages.items():
             entry = f'{prefix}data/{key}'
             if entry not in names:
                 raise CheckpointError(f'storage file {entry} is missing from the archive')
-            storage.fill(archive.read(entry), byteorder)
-    return materialize(obj)
+            storages[key] = decode_elements(archive.read(entry), dtype, byteorder)
+    return materialize(obj, storages)
 
 
 def _read_torch_legacy(path):
@@ -220,21 +214,23 @@ def _read_torch_legacy(path):
         byteorder = 'little' if sys_info.get('little_endian', True) else 'big'
         unpickler = RestrictedUnpickler(f)
         obj = unpickler.load()
+        storages = {}
         for key in RestrictedUnpickler(f).load():
-            storage = unpickler.storages[key]
+            dtype = unpickler.storages[key]
             numel, = struct.unpack('<q' if byteorder == 'little' else '>q', f.read(8))
-            nbytes = numel * (2 if storage.dtype == BFLOAT16 else np.dtype(storage.dtype).itemsize)
-            raw = f.read(nbytes)
-            if len(raw) != nbytes:
+            raw = f.read(numel * itemsize(dtype))
+            if len(raw) != numel * itemsize(dtype):
                 raise CheckpointError('file ends inside a storage: truncated')
-            storage.fill(raw, byteorder)
-    return materialize(obj)
+            storages[key] = decode_elements(raw, dtype, byteorder)
+    return materialize(obj, storages)
 
 
 def _read_safetensors(path):
     with open(path, 'rb') as f:
         data = f.read()
     header_len, = struct.unpack('<Q', data[:8])
+    if 8 + header_len > len(data):
+        raise CheckpointError('file ends inside the safetensors header: truncated')
     try:
         header = json.loads(data[8:8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -250,8 +246,7 @@ def _read_safetensors(path):
             begin, end = info['data_offsets']
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f'{name}: unsupported or malformed safetensors entry {info!r}') from None
-        itemsize = 2 if dtype == BFLOAT16 else np.dtype(dtype).itemsize
-        if not (0 <= begin <= end <= len(body)) or end - begin != int(np.prod(shape)) * itemsize:
+        if not (0 <= begin <= end <= len(body)) or end - begin != int(np.prod(shape)) * itemsize(dtype):
             raise CheckpointError(f'{name}: data offsets {[begin, end]} do not fit shape '
                                   f'{list(shape)} and the file (truncated?)')
         arrays[name] = decode_elements(body[begin:end], dtype).reshape(shape).copy()
@@ -260,15 +255,12 @@ def _read_safetensors(path):
 
 def _sniff(path):
     """Returns 'zip', 'safetensors', 'legacy' or None from the first bytes of the file."""
-    size = os.path.getsize(path)
     with open(path, 'rb') as f:
         head = f.read(9)
     if head[:4] == b'PK\x03\x04':
         return 'zip'
-    if len(head) == 9 and head[8:9] == b'{':
-        header_len, = struct.unpack('<Q', head[:8])
-        if header_len <= min(size - 8, MAX_SAFETENSORS_HEADER):
-            return 'safetensors'
+    if len(head) == 9 and head[8:9] == b'{' and struct.unpack('<Q', head[:8])[0] <= MAX_SAFETENSORS_HEADER:
+        return 'safetensors'
     if head[:1] == b'\x80':  # pickle protocol 2+
         return 'legacy'
     return None
@@ -278,7 +270,7 @@ def read_checkpoint(path):
     """Reads a checkpoint file; returns its object tree with numpy arrays for tensors.
 
     torch files give what ``torch.load`` would (dicts, lists, numbers; ``argparse.Namespace``
-    as an inert ``Namespace``), safetensors files a flat dict name -> array.
+    as ``types.SimpleNamespace``), safetensors files a flat dict name -> array.
     Raises ``CheckpointError`` naming ``path`` when the file is missing, corrupt, truncated,
     of an unknown kind or asks the pickle for anything beyond tensors.
     """
