@@ -134,10 +134,10 @@ def test_cli_reports_ignored_entries_and_writes_float32(tmp_path, capsys):
     assert os.listdir(tmp_path) == ['out.pdparams']  # no temporary file left
 
 
-def test_cli_float16_output(tmp_path):
-    dst = tmp_path / 'out.pdparams'
-    assert main(['--src', STORAGE_KINDS[0], '--dst', str(dst), '--dtype', 'float16']) == 0
-    assert all(v.dtype == np.float16 for v in paddle.load(str(dst), return_numpy=True).values())
+def test_cli_float16_output_into_a_folder(tmp_path):
+    assert main(['--src', STORAGE_KINDS[0], '--dst', str(tmp_path), '--dtype', 'float16']) == 0
+    written = paddle.load(str(tmp_path / 'storage_kinds.pdparams'), return_numpy=True)
+    assert all(v.dtype == np.float16 for v in written.values())
 
 
 class Payload:
