@@ -1,0 +1,111 @@
+"""plot_metrics: a readable three-panel PNG from metrics.jsonl, and clear errors for bad lines."""
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from plot_metrics import BACKGROUND, PANEL_SIZE, MetricsError, main, nice_ticks, read_metrics, tick_labels, x_axis
+
+
+def record(kind, epoch, step, **metrics):
+    base = dict(kind=kind, epoch=epoch, step=step, lr=None, loss=None, acc1=None, acc5=None,
+                images_per_sec=100.0, time=1.0)
+    return {**base, **metrics}
+
+
+def write_run(path, epochs=6, steps_per_epoch=4):
+    lines = []
+    for epoch in range(epochs):
+        for i in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + i + 1
+            lines.append(record('train', epoch, step, lr=1e-3 * math.sin(step / 10), loss=3 / step ** 0.5,
+                                acc1=None if epoch == 0 else 10.0 * epoch))
+        lines.append(record('val', epoch, step, loss=2.5 / (epoch + 1), acc1=12.0 * epoch, acc5=50.0))
+    path.write_text('\n'.join(json.dumps(line) for line in lines) + '\n')
+    return lines
+
+
+def panel_ink(image, index):
+    """Number of non-background pixels inside panel ``index``'s plotting area."""
+    pixels = np.asarray(image)
+    left = index * PANEL_SIZE[0]
+    area = pixels[40:PANEL_SIZE[1] - 45, left + 65:left + PANEL_SIZE[0] - 16]
+    return int(np.any(area != BACKGROUND, axis=-1).sum())
+
+
+def colour_pixels(image, index, colour):
+    pixels = np.asarray(image)[:, index * PANEL_SIZE[0]:(index + 1) * PANEL_SIZE[0]]
+    return int(np.all(pixels == colour, axis=-1).sum())
+
+
+def test_plot_png(tmp_path):
+    metrics = tmp_path / 'metrics.jsonl'
+    write_run(metrics)
+    out = tmp_path / 'curves.png'
+    assert main([str(metrics), '-o', str(out)]) == 0
+    image = Image.open(out).convert('RGB')
+    assert image.size == (3 * PANEL_SIZE[0], PANEL_SIZE[1])
+    train_blue, val_orange = (31, 119, 180), (255, 127, 14)
+    for index in range(3):
+        assert panel_ink(image, index) > 500, f'panel {index} is empty'
+        assert colour_pixels(image, index, train_blue) > 50
+    # val curves in the loss and accuracy panels only (the lr panel is the training lr)
+    assert colour_pixels(image, 0, val_orange) > 50 and colour_pixels(image, 1, val_orange) > 50
+    assert colour_pixels(image, 2, val_orange) == 0
+
+
+def test_default_output_beside_metrics(tmp_path):
+    metrics = tmp_path / 'metrics.jsonl'
+    write_run(metrics, epochs=1, steps_per_epoch=1)
+    assert main([str(metrics)]) == 0
+    assert Image.open(tmp_path / 'curves.png').size == (3 * PANEL_SIZE[0], PANEL_SIZE[1])
+
+
+@pytest.mark.parametrize('bad, message', [
+    ('{"kind": "train", "epoch": 0, "step": 1, "loss": 1.0', r'metrics.jsonl:3: not valid JSON'),
+    ('[1, 2]', r'metrics.jsonl:3: expected a JSON object'),
+    ('{"kind": "train", "epoch": 0}', r'metrics.jsonl:3: missing "step"'),
+    ('{"kind": "val", "epoch": 0, "step": 2, "loss": "low"}', r'metrics.jsonl:3: "loss" must be a number'),
+])
+def test_malformed_line_names_the_line(tmp_path, capsys, bad, message):
+    metrics = tmp_path / 'metrics.jsonl'
+    good = json.dumps(record('train', 0, 1, loss=1.0))
+    metrics.write_text(f'{good}\n\n{bad}\n{good}\n')
+    with pytest.raises(MetricsError, match=message):
+        read_metrics(str(metrics))
+    assert main([str(metrics), '-o', str(tmp_path / 'x.png')]) == 1
+    assert 'metrics.jsonl:3:' in capsys.readouterr().err
+    assert not (tmp_path / 'x.png').exists()
+
+
+def test_other_kinds_are_ignored_and_empty_files_rejected(tmp_path):
+    metrics = tmp_path / 'metrics.jsonl'
+    metrics.write_text(json.dumps({'kind': 'note', 'epoch': 0, 'step': 0, 'text': 'hello'}) + '\n')
+    with pytest.raises(MetricsError, match='no train or val records'):
+        read_metrics(str(metrics))
+    with pytest.raises(MetricsError, match='no such file'):
+        read_metrics(str(tmp_path / 'missing.jsonl'))
+
+
+def test_x_axis_falls_back_to_epoch_when_steps_repeat():
+    run = [record('train', 0, 1), record('train', 0, 2), record('val', 0, 2)]
+    assert x_axis(run) == 'step'
+    assert x_axis(run + [record('train', 0, 1)]) == 'epoch'
+
+
+def test_nice_ticks():
+    assert nice_ticks(0, 3) == [0, 1, 2, 3]
+    assert nice_ticks(0.45, 2.6) == pytest.approx([0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
+    assert nice_ticks(0.3, 97.0) == [0, 20, 40, 60, 80, 100]
+    assert nice_ticks(1e-6, 5e-4) == pytest.approx([0, 1e-4, 2e-4, 3e-4, 4e-4, 5e-4])
+    assert nice_ticks(2.0, 2.0)[0] < 2.0 < nice_ticks(2.0, 2.0)[-1]
+
+
+def test_tick_labels():
+    assert tick_labels([0, 20, 40, 60, 80, 100]) == ['0', '20', '40', '60', '80', '100']
+    assert tick_labels(nice_ticks(0.9, 1.05)) == ['0.90', '0.95', '1.00', '1.05']
+    assert tick_labels(nice_ticks(1e-6, 5e-4)) == ['0', '1e-4', '2e-4', '3e-4', '4e-4', '5e-4']
+    assert tick_labels(nice_ticks(9.5e-5, 1.05e-4)) == ['9.4e-5', '9.6e-5', '9.8e-5', '1e-4', '1.02e-4', '1.04e-4',
+                                                        '1.06e-4']
