@@ -42,7 +42,7 @@ STATE_DICT_KEYS = ('model', 'state_dict')  # where training checkpoints keep the
 BN_RENAMES = {'running_mean': '_mean', 'running_var': '_variance'}
 DROPPED_LEAVES = {'num_batches_tracked'}  # a torch BatchNorm counter, not a weight
 BN_BUFFERS = ('._mean', '._variance')
-TIMM_SPLIT_QKV = re.compile(r'^(?P<prefix>.*\.attn)\.(?P<part>[qkv])\.(?P<leaf>weight|bias)$')
+TIMM_SPLIT_QKV = re.compile(r'^(?P<prefix>cls_attn_blocks\.\d+\.attn)\.(?P<part>[qkv])\.(?P<leaf>weight|bias)$')
 
 ConversionResult = namedtuple('ConversionResult', 'src dst tensors parameters ignored')
 ConversionResult.__doc__ = """What ``convert_file`` wrote: ``tensors`` entries holding ``parameters``
