@@ -86,7 +86,8 @@ class WarmupCosineLR(LRScheduler):
 
     def __init__(self, peak_lr, start_lr, end_lr, warmup_steps, total_steps, last_epoch=-1):
         if warmup_steps < 0 or total_steps <= 0:
-            raise ValueError(f'need warmup_steps >= 0 and total_steps > 0, got {warmup_steps} and {total_steps}')
+            raise ValueError(f'need warmup_steps >= 0 and total_steps > 0, '
+                             f'got {warmup_steps} and {total_steps}')
         self.peak_lr = peak_lr
         self.start_lr = start_lr
         self.end_lr = end_lr

@@ -113,9 +113,11 @@ class RegNet(nn.Layer):
         self.num_classes = num_classes
         self.stem = ConvBnAct(3, stem_width, 3, stride=2)
         in_chs = stem_width
-        for i, (width, stage_depth, stage_group) in enumerate(zip(*regnet_stages(w0, wa, wm, depth, group_size))):
+        stages = zip(*regnet_stages(w0, wa, wm, depth, group_size))
+        for i, (width, stage_depth, stage_group) in enumerate(stages):
+            # the first block of a stage changes width and halves the resolution
             stage = nn.Sequential(*[
-                (f'b{j + 1}', Bottleneck(in_chs if j == 0 else width, width, 2 if j == 0 else 1, stage_group, se_ratio))
+                (f'b{j + 1}', Bottleneck(width if j else in_chs, width, 1 if j else 2, stage_group, se_ratio))
                 for j in range(stage_depth)])
             self.add_sublayer(f's{i + 1}', stage)
             in_chs = width

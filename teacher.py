@@ -23,13 +23,15 @@ def _build_architecture(name, num_classes):
         teacher_config.defrost()
         teacher_config.MODEL.NUM_CLASSES = num_classes
         return build_xcit(teacher_config)
-    raise ValueError(f"TRAIN.TEACHER_MODEL must be 'regnety_160' or the path of an XCiT YAML config, got {name!r}")
+    raise ValueError(f"TRAIN.TEACHER_MODEL must be 'regnety_160' or the path of an XCiT YAML config, "
+                     f"got {name!r}")
 
 
 def _check_weights_path(path):
     if not path:
-        raise ValueError('TRAIN.TEACHER_PRETRAINED is empty: distilling from an untrained teacher is useless; '
-                         'set it to the teacher\'s converted .pdparams (see port_weights/convert_regnet.py)')
+        raise ValueError('TRAIN.TEACHER_PRETRAINED is empty: distilling from an untrained teacher is '
+                         'useless; set it to the teacher\'s converted .pdparams '
+                         '(see port_weights/convert_regnet.py)')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'TRAIN.TEACHER_PRETRAINED: no such file: {path}')
 
@@ -41,7 +43,8 @@ def _load_weights(model, path):
     except ValueError as e:
         raise ValueError(f'TRAIN.TEACHER_PRETRAINED: {e}') from e
     if not isinstance(state_dict, dict):
-        raise ValueError(f'TRAIN.TEACHER_PRETRAINED: {path} holds a {type(state_dict).__name__}, not a state dict')
+        raise ValueError(f'TRAIN.TEACHER_PRETRAINED: {path} holds a {type(state_dict).__name__}, '
+                         'not a state dict')
     missing, unexpected = model.set_state_dict(state_dict)
     if missing or unexpected:
         raise ValueError(f'TRAIN.TEACHER_PRETRAINED: {path} does not fit the teacher model: '

@@ -59,7 +59,8 @@ def convert_regnet_file(src, dst, dtype='float32'):
 def main(argv=None):
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--src', required=True, help='timm or DeiT regnety_160 checkpoint (.pth, .safetensors)')
+    parser.add_argument('--src', required=True,
+                        help='timm or DeiT regnety_160 checkpoint (.pth, .safetensors)')
     parser.add_argument('--dst', required=True, help='output .pdparams file')
     parser.add_argument('--dtype', default='float32', choices=['float32', 'float16'],
                         help='dtype of the written floating tensors (default float32)')

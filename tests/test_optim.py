@@ -174,7 +174,8 @@ def test_adamw_decays_only_the_decay_group():
 
 def test_optimizer_settings():
     model = small_xcit()
-    config = make_config('TRAIN.OPTIMIZER.BETAS', [0.8, 0.95], 'TRAIN.OPTIMIZER.EPS', 1e-6, 'TRAIN.GRAD_CLIP', 2.5)
+    config = make_config('TRAIN.OPTIMIZER.BETAS', [0.8, 0.95], 'TRAIN.OPTIMIZER.EPS', 1e-6,
+                         'TRAIN.GRAD_CLIP', 2.5)
     optimizer = build_optimizer(config, model, build_lr_scheduler(config, 10, 1))
     assert (optimizer._beta1, optimizer._beta2, optimizer._epsilon) == (0.8, 0.95, 1e-6)
     assert isinstance(optimizer._grad_clip, paddle.nn.ClipGradByGlobalNorm)

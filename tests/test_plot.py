@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from plot_metrics import BACKGROUND, PANEL_SIZE, MetricsError, main, nice_ticks, read_metrics, tick_labels, x_axis
+from plot_metrics import (BACKGROUND, PANEL_SIZE, MetricsError, main, nice_ticks, read_metrics, tick_labels,
+                          x_axis)
 
 
 def record(kind, epoch, step, **metrics):
@@ -107,5 +108,5 @@ def test_tick_labels():
     assert tick_labels([0, 20, 40, 60, 80, 100]) == ['0', '20', '40', '60', '80', '100']
     assert tick_labels(nice_ticks(0.9, 1.05)) == ['0.90', '0.95', '1.00', '1.05']
     assert tick_labels(nice_ticks(1e-6, 5e-4)) == ['0', '1e-4', '2e-4', '3e-4', '4e-4', '5e-4']
-    assert tick_labels(nice_ticks(9.5e-5, 1.05e-4)) == ['9.4e-5', '9.6e-5', '9.8e-5', '1e-4', '1.02e-4', '1.04e-4',
-                                                        '1.06e-4']
+    assert tick_labels(nice_ticks(9.5e-5, 1.05e-4)) == ['9.4e-5', '9.6e-5', '9.8e-5', '1e-4', '1.02e-4',
+                                                        '1.04e-4', '1.06e-4']

@@ -111,7 +111,8 @@ def test_converter_maps_timm_to_paddle(converted):
     np.testing.assert_array_equal(state['head.fc.bias'], values['head.fc.bias'])
     np.testing.assert_array_equal(state['stem.conv.weight'], values['stem.conv.weight'])
     np.testing.assert_array_equal(state['stem.bn._mean'], values['stem.bn.running_mean'])
-    np.testing.assert_array_equal(state['s4.b1.downsample.bn._variance'], values['s4.b1.downsample.bn.running_var'])
+    np.testing.assert_array_equal(state['s4.b1.downsample.bn._variance'],
+                                  values['s4.b1.downsample.bn.running_var'])
     np.testing.assert_array_equal(state['s1.b1.se.fc1.weight'], values['s1.b1.se.fc1.weight'])
     assert not np.any(state['s3.b5.conv2.conv.weight'])
 
@@ -151,7 +152,8 @@ def test_build_xcit_teacher_from_yaml(tmp_path):
     yaml = tmp_path / 'teacher.yaml'
     yaml.write_text('MODEL:\n  EMBED_DIM: 64\n  DEPTH: 1\n  NUM_HEADS: 2\n  NUM_CLASSES: 1000\n')
     # the student's MODEL.NUM_CLASSES (10) wins over the teacher YAML's
-    teacher = build_teacher(small_config('TRAIN.TEACHER_MODEL', str(yaml), 'TRAIN.TEACHER_PRETRAINED', str(weights)))
+    teacher = build_teacher(small_config('TRAIN.TEACHER_MODEL', str(yaml),
+                                         'TRAIN.TEACHER_PRETRAINED', str(weights)))
     assert not teacher.training and all(p.stop_gradient for p in teacher.parameters())
     source.eval()
     x = paddle.randn([2, 3, 32, 32])
