@@ -4,7 +4,8 @@
 
 Each line of the file is one JSON object with at least ``kind`` ('train' or 'val'), ``epoch``,
 ``step``, ``lr``, ``loss``, ``acc1``, ``acc5``, ``images_per_sec`` and ``time``; metrics may be
-null (e.g. train accuracy under mixup) and are then left out. Other kinds are ignored.
+null (e.g. train accuracy under mixup) and are then left out. Other kinds are ignored. Val
+records of different ``model`` values (the model and its EMA) are drawn as separate curves.
 The x axis is the global step when the steps never decrease through the file (one run),
 otherwise the epoch (e.g. a resumed run that repeated steps). Needs only Pillow.
 """
@@ -19,7 +20,8 @@ from PIL import Image, ImageDraw, ImageFont
 __all__ = ['MetricsError', 'read_metrics', 'plot_metrics', 'main']
 
 KINDS = ('train', 'val')
-COLORS = {'train': (31, 119, 180), 'val': (255, 127, 14)}
+# curve colours in legend order: train, val, then e.g. 'val ema'
+COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189))
 # (metric, title, kinds plotted); the learning rate is the training one
 PANELS = (('loss', 'loss', KINDS), ('acc1', 'top-1 accuracy (%)', KINDS), ('lr', 'learning rate', ('train',)))
 PANEL_SIZE = (420, 320)  # pixels per panel; the image puts the three side by side
@@ -69,10 +71,20 @@ def x_axis(records):
     return 'step' if all(a <= b for a, b in zip(steps, steps[1:])) else 'epoch'
 
 
-def series(records, kind, key, x_key):
-    """Points (x, value) of one metric of one kind, skipping null and non-finite values."""
-    return [(r[x_key], r[key]) for r in records
-            if r['kind'] == kind and r.get(key) is not None and math.isfinite(r[key])]
+def curve_name(record):
+    """'train', 'val', or 'val <model>' for val records of another model than the trained one."""
+    model = record.get('model')
+    return record['kind'] if model in (None, 'model') else f"{record['kind']} {model}"
+
+
+def curves(records, key, kinds, x_key):
+    """{curve name: [(x, value), ...]} of one metric, for records of ``kinds``; null and
+    non-finite values are skipped."""
+    out = {}
+    for r in records:
+        if r['kind'] in kinds and r.get(key) is not None and math.isfinite(r[key]):
+            out.setdefault(curve_name(r), []).append((r[x_key], r[key]))
+    return out
 
 
 def nice_ticks(lo, hi, count=5):
@@ -126,10 +138,10 @@ def load_font(size):
         return ImageFont.load_default()
 
 
-def draw_panel(draw, origin, title, lines, x_label, font):
+def draw_panel(draw, origin, title, lines, colors, x_label, font):
     """Draws one panel at pixel ``origin``: frame, grid, ticks, labels, legend and ``lines``.
 
-    ``lines``: {kind: [(x, y), ...]}; a kind with a single point is drawn as a dot.
+    ``lines``: {curve name: [(x, y), ...]}, drawn in ``colors[name]``; a single point is a dot.
     """
     left = origin[0] + MARGIN['left']
     top = origin[1] + MARGIN['top']
@@ -162,20 +174,18 @@ def draw_panel(draw, origin, title, lines, x_label, font):
     draw.rectangle([left, top, right, bottom], outline=INK)
     draw.text(((left + right) // 2, bottom + 22), x_label, fill=INK, font=font, anchor='ma')
     legend_x = right
-    for kind in reversed(KINDS):
-        if not lines.get(kind):
-            continue
-        legend_x -= draw.textlength(kind, font=font)
-        draw.text((legend_x, origin[1] + 8), kind, fill=INK, font=font)
+    for name in sorted(lines, key=list(colors).index, reverse=True):
+        legend_x -= draw.textlength(name, font=font)
+        draw.text((legend_x, origin[1] + 8), name, fill=INK, font=font)
         legend_x -= 22
-        draw.line([legend_x, origin[1] + 15, legend_x + 16, origin[1] + 15], fill=COLORS[kind], width=3)
+        draw.line([legend_x, origin[1] + 15, legend_x + 16, origin[1] + 15], fill=colors[name], width=3)
         legend_x -= 12
-    for kind, pts in lines.items():
+    for name, pts in lines.items():
         pixels = [to_pixel(x, y) for x, y in pts]
         if len(pixels) > 1:
-            draw.line(pixels, fill=COLORS[kind], width=2, joint='curve')
+            draw.line(pixels, fill=colors[name], width=2, joint='curve')
         for px, py in pixels if len(pixels) <= 50 else ():
-            draw.ellipse([px - 2.5, py - 2.5, px + 2.5, py + 2.5], fill=COLORS[kind])
+            draw.ellipse([px - 2.5, py - 2.5, px + 2.5, py + 2.5], fill=colors[name])
 
 
 def plot_metrics(records, out_path):
@@ -185,9 +195,11 @@ def plot_metrics(records, out_path):
     draw = ImageDraw.Draw(image)
     font = load_font(13)
     x_key = x_axis(records)
+    names = sorted({curve_name(r) for r in records}, key=lambda n: (n != 'train', n != 'val', n))
+    colors = {name: COLORS[i % len(COLORS)] for i, name in enumerate(names)}
     for i, (key, title, kinds) in enumerate(PANELS):
-        lines = {kind: series(records, kind, key, x_key) for kind in kinds}
-        draw_panel(draw, (i * PANEL_SIZE[0], 0), title, lines, x_key, font)
+        lines = curves(records, key, kinds, x_key)
+        draw_panel(draw, (i * PANEL_SIZE[0], 0), title, lines, colors, x_key, font)
     image.save(out_path, format='PNG')
     return size
 

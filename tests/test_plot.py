@@ -23,7 +23,8 @@ def write_run(path, epochs=6, steps_per_epoch=4):
             step = epoch * steps_per_epoch + i + 1
             lines.append(record('train', epoch, step, lr=1e-3 * math.sin(step / 10), loss=3 / step ** 0.5,
                                 acc1=None if epoch == 0 else 10.0 * epoch))
-        lines.append(record('val', epoch, step, loss=2.5 / (epoch + 1), acc1=12.0 * epoch, acc5=50.0))
+        lines.append(record('val', epoch, step, model='model', loss=2.5 / (epoch + 1), acc1=12.0 * epoch))
+        lines.append(record('val', epoch, step, model='ema', loss=2.0 / (epoch + 1), acc1=8.0 * epoch))
     path.write_text('\n'.join(json.dumps(line) for line in lines) + '\n')
     return lines
 
@@ -48,13 +49,14 @@ def test_plot_png(tmp_path):
     assert main([str(metrics), '-o', str(out)]) == 0
     image = Image.open(out).convert('RGB')
     assert image.size == (3 * PANEL_SIZE[0], PANEL_SIZE[1])
-    train_blue, val_orange = (31, 119, 180), (255, 127, 14)
+    train_blue, val_orange, val_ema_green = (31, 119, 180), (255, 127, 14), (44, 160, 44)
     for index in range(3):
         assert panel_ink(image, index) > 500, f'panel {index} is empty'
         assert colour_pixels(image, index, train_blue) > 50
-    # val curves in the loss and accuracy panels only (the lr panel is the training lr)
-    assert colour_pixels(image, 0, val_orange) > 50 and colour_pixels(image, 1, val_orange) > 50
-    assert colour_pixels(image, 2, val_orange) == 0
+    # val curves of the model and of its EMA in the loss and accuracy panels only (lr is training's)
+    for colour in (val_orange, val_ema_green):
+        assert colour_pixels(image, 0, colour) > 50 and colour_pixels(image, 1, colour) > 50
+        assert colour_pixels(image, 2, colour) == 0
 
 
 def test_default_output_beside_metrics(tmp_path):
