@@ -1,0 +1,618 @@
+"""Training and evaluation engine shared by ``main_single_gpu.py`` and ``main_multi_gpu.py``.
+
+Every process (rank) runs ``run(config)``: with ``config.EVAL`` it evaluates the weights of
+``-pretrained`` (or ``-resume``) on the validation split, otherwise it trains with the official
+XCiT/DeiT recipe (AdamW, warmup + cosine per step, label smoothing, mixup/cutmix, repeated
+augmentation, EMA, optional distillation, gradient accumulation, AMP on GPU).
+
+Exactness guarantees:
+
+* evaluation counts every image once: each rank sums correct@1, correct@5, loss and image count
+  over its disjoint shard and the sums are all-reduced, so 1 and N processes agree;
+* training resumes exactly: the data stream is a function of (SEED, epoch, index), mixup draws
+  from ``default_rng([SEED, rank, epoch, step])`` and Paddle's generator (drop path, dropout) is
+  reseeded with ``SEED + rank + 1000 * epoch`` at every epoch, so a checkpoint taken at the end
+  of an epoch (weights, EMA, optimizer, schedule, loss scaler) is all the state there is.
+
+Outputs in ``config.SAVE``: ``log.txt``, ``metrics.jsonl`` (one JSON record per report/eval),
+``config.yaml``, ``last.pdparams``, ``best.pdparams``, ``epoch_N.pdparams`` every SAVE_FREQ
+epochs, and ``eval_summary.json`` for ``-eval``.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+from paddle.static import InputSpec
+
+from config import ConfigError, get_config, update_config
+from datasets import DataError, build_dataloader, build_dataset
+from ema import ModelEma
+from losses import build_criterion
+from mixup import build_mixup
+from optim import build_lr_scheduler, build_optimizer
+from port_weights.convert import find_mismatches, format_mismatches
+from teacher import build_teacher
+from utils import (AverageMeter, CheckpointError, MetricsLog, all_reduce_sum, format_seconds,
+                   get_rank, get_world_size, load_checkpoint, save_checkpoint, setup_logger, write_json)
+from xcit import build_xcit
+
+# Ops kept in float32 under AMP, besides Paddle's own list: XCA's L2 normalisation of q and k
+# (p_norm, its epsilon clamp 'maximum', the division), class attention's q.k reduction ('sum')
+# and the softmaxes (already float32 by default; listed so the intent does not hinge on it).
+AMP_BLACK_LIST = frozenset({'p_norm', 'maximum', 'divide', 'sum', 'softmax'})
+STATIC_TOLERANCE = 1e-4  # max abs logit difference accepted from the static-graph evaluation
+HEAD_KEYS = ('head.weight', 'head.bias')
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss, or a weight, became NaN or infinite."""
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def build_arg_parser(multi_process=False):
+    """The command line of both entry points (``-ngpus`` only for the multi-process one)."""
+    parser = argparse.ArgumentParser(
+        description=('Train or evaluate XCiT with ' +
+                     ('several processes (GPUs, or CPU processes with gloo).' if multi_process
+                      else 'one process (a GPU if there is one, else the CPU).')))
+    add = parser.add_argument
+    add('-cfg', type=str, default=None, help='YAML config file')
+    add('-dataset', type=str, default=None, help='imagenet2012, imagefolder or digits (DATA.DATASET)')
+    add('-data_path', type=str, default=None, help='dataset folder (DATA.DATA_PATH)')
+    add('-batch_size', type=int, default=None,
+        help='training batch per process (DATA.BATCH_SIZE); with -eval and no -batch_size_eval, '
+             'the evaluation batch')
+    add('-batch_size_eval', type=int, default=None, help='evaluation batch per process (DATA.BATCH_SIZE_EVAL)')
+    add('-image_size', type=int, default=None, help='input side in pixels (DATA.IMAGE_SIZE)')
+    add('-pretrained', type=str, default=None,
+        help='weights to fine-tune from or to evaluate: a converted .pdparams or a training checkpoint')
+    add('-resume', type=str, default=None,
+        help='training checkpoint to continue from (weights, EMA, optimizer, schedule, epoch)')
+    add('-output', type=str, default=None, help='output folder (SAVE, default ./output)')
+    add('-eval', action='store_true', help='evaluate only')
+    add('-ema', action='store_true',
+        help="use the checkpoint's EMA weights ('model_ema') for -pretrained, or with -eval for -resume")
+    add('-amp', action='store_true', help='float16 mixed precision on GPU; no effect on CPU')
+    if multi_process:
+        add('-ngpus', type=int, default=None,
+            help='number of processes (NGPUS): -1 = every visible GPU, or 2 on CPU')
+    add('-opts', nargs='+', default=None, metavar='KEY VALUE',
+        help='config overrides, e.g. -opts TRAIN.NUM_EPOCHS 10 MODEL.DROPPATH 0.1')
+    return parser
+
+
+def parse_config(argv=None, multi_process=False):
+    """Parses ``argv`` (default ``sys.argv[1:]``) into a frozen config."""
+    args = build_arg_parser(multi_process).parse_args(argv)
+    config = update_config(get_config(), args)
+    if args.eval and args.batch_size and not args.batch_size_eval:
+        config.defrost()
+        config.DATA.BATCH_SIZE_EVAL = args.batch_size
+        config.freeze()
+    return config
+
+
+def exit_on_user_error(fn, *args):
+    """Calls ``fn(*args)``; bad input (config, data, checkpoint) or a diverged run ends the
+    process with one ``error: ...`` line on stderr and exit status 1 instead of a traceback."""
+    try:
+        return fn(*args)
+    except USER_ERRORS as e:
+        where = f'[rank {get_rank()}] ' if get_world_size() > 1 else ''
+        print(f'{where}error: {e}', file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def setup_device():
+    """Selects and returns 'gpu:<id>' when Paddle has CUDA and sees a GPU, else 'cpu'."""
+    if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        device = f'gpu:{paddle.distributed.ParallelEnv().device_id}'
+    else:
+        device = 'cpu'
+    paddle.set_device(device)
+    return device
+
+
+def autocast(enabled):
+    """float16 autocast (level O1, ``AMP_BLACK_LIST`` kept in float32), or nothing."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return paddle.amp.auto_cast(enable=True, custom_black_list=set(AMP_BLACK_LIST), level='O1',
+                                dtype='float16')
+
+
+def weights_of(checkpoint, path, use_ema):
+    """The state dict to load from a file's content: the file itself when it is a plain state
+    dict (a converted ``.pdparams``), else its 'model' (or, with ``use_ema``, 'model_ema') entry."""
+    is_training_checkpoint = isinstance(checkpoint.get('model'), dict)
+    if use_ema:
+        if not isinstance(checkpoint.get('model_ema'), dict):
+            kind = 'training checkpoint' if is_training_checkpoint else 'plain state dict'
+            raise CheckpointError(f"{path}: -ema needs EMA weights ('model_ema'), but this {kind} has none")
+        return checkpoint['model_ema']
+    return checkpoint['model'] if is_training_checkpoint else checkpoint
+
+
+def _shapes(state):
+    return {name: tuple(value.shape) for name, value in state.items()}
+
+
+def load_weights(model, path, use_ema, logger, new_head_ok):
+    """Loads weights from ``path`` (see ``weights_of``) into ``model``.
+
+    With ``new_head_ok`` (fine-tuning) a classifier head whose class count differs is dropped
+    and stays freshly initialised. Any other shape mismatch raises ``CheckpointError`` with a
+    table of the differences; missing or unexpected keys are reported as warnings.
+    """
+    state = dict(weights_of(load_checkpoint(path), path, use_ema))
+    expected = _shapes(model.state_dict())
+    if new_head_ok:
+        differing = [k for k in HEAD_KEYS if k in state and k in expected and tuple(state[k].shape) != expected[k]]
+        if differing:
+            logger.info(f'{path}: dropping the classifier head ({state["head.weight"].shape[-1]} classes) '
+                        f'for a new one with {model.num_classes} classes, freshly initialised')
+            for key in differing:
+                del state[key]
+    rows = find_mismatches(state, expected)
+    mismatched = [row for row in rows if row[1] is not None and row[2] is not None]
+    if mismatched:
+        raise CheckpointError(f'{path} does not fit the model ({len(mismatched)} shape mismatches):\n'
+                              f'{format_mismatches(mismatched)}')
+    missing = [row[0] for row in rows if row[1] is None and row[0] not in HEAD_KEYS]
+    unexpected = [row[0] for row in rows if row[2] is None]
+    if missing:
+        logger.warning(f'{path}: {len(missing)} model weights not in the checkpoint, left as initialised: '
+                       f'{", ".join(missing)}')
+    if unexpected:
+        logger.warning(f'{path}: {len(unexpected)} checkpoint entries not in the model, ignored: '
+                       f'{", ".join(unexpected)}')
+    model.set_state_dict({k: v for k, v in state.items() if k in expected})
+    logger.info(f'loaded {"EMA " if use_ema else ""}weights from {path}')
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def classification_sums(logits, labels):
+    """Float64 [correct@1, correct@5, summed cross-entropy, count] of one batch.
+
+    ``logits`` (B, C) and ``labels`` (B,) are numpy arrays. A label counts as within top-k when
+    fewer than k classes have a strictly larger logit; the loss is computed in float64.
+    """
+    logits = logits.astype(np.float64)
+    true = np.take_along_axis(logits, labels.reshape(-1, 1), axis=1)
+    rank = (logits > true).sum(axis=1)
+    peak = logits.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(logits - peak).sum(axis=1)) + peak[:, 0]
+    return np.array([(rank < 1).sum(), (rank < 5).sum(), (log_norm - true[:, 0]).sum(), len(labels)],
+                    dtype=np.float64)
+
+
+def summarise(sums):
+    """{'acc1', 'acc5' (percent), 'loss' (mean), 'images'} from summed ``classification_sums``."""
+    n = max(sums[3], 1.0)
+    return {'acc1': 100.0 * sums[0] / n, 'acc5': 100.0 * sums[1] / n, 'loss': sums[2] / n,
+            'images': int(sums[3])}
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+class EvalForward:
+    """The forward pass used for evaluation: ``model`` in dygraph, or on CPU its static-graph
+    compilation (``paddle.jit.to_static``) when that gives the same logits.
+
+    The choice is made once, on the first batch: the static function must compile, run and
+    match dygraph within ``STATIC_TOLERANCE``, otherwise evaluation stays in dygraph and the
+    reason is logged. The compiled function uses the model's current weights, so later
+    evaluations of the same (training) model reuse it. ``path`` names the choice.
+    """
+
+    def __init__(self, model, image_size, try_static):
+        self.model = model
+        self.static = None
+        if try_static:
+            spec = InputSpec([None, 3, image_size, image_size], 'float32', name='images')
+            self.static = paddle.jit.to_static(model.forward, input_spec=[spec], full_graph=True)
+        self.path = None
+
+    def choose(self, images, logger):
+        """Sets ``path`` to 'static' or 'dygraph' by trying the static function on ``images``."""
+        self.path = 'dygraph'
+        if self.static is None:
+            return
+        try:
+            fast = self.static(images)
+        except Exception as e:  # any failure to convert or run means: use dygraph
+            reason = ' '.join(str(e).split())[:300]
+            logger.warning(f'static graph unavailable ({type(e).__name__}: {reason}); evaluating in dygraph')
+            return
+        diff = float((fast - self.model(images)).abs().max())
+        if not diff <= STATIC_TOLERANCE:
+            logger.warning(f'static-graph logits differ from dygraph by {diff:.2e} (> {STATIC_TOLERANCE}) '
+                           f'on the first batch; evaluating in dygraph')
+            return
+        logger.info(f'static graph matches dygraph on the first batch (max abs logit diff {diff:.1e}); using it')
+        self.path = 'static'
+
+    def __call__(self, images):
+        return self.static(images) if self.path == 'static' else self.model(images)
+
+
+@paddle.no_grad()
+def evaluate(forward, loader, logger, use_amp=False, report_freq=50, name='model'):
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy of ``forward.model`` on ``loader``'s dataset.
+
+    ``forward`` is an ``EvalForward``. Each process evaluates its shard; the sums of
+    ``classification_sums`` are all-reduced, so every image counts exactly once whatever the
+    number of processes. Returns dict: acc1, acc5, loss, images, seconds (wall time),
+    images_per_sec (all processes; from the second batch on, so that compiling and checking on
+    the first batch do not count, unless there is only one batch) and path ('static',
+    'dygraph' or 'dygraph-amp').
+    """
+    forward.model.eval()
+    sums = np.zeros(4)
+    num_batches, world_size = len(loader), get_world_size()
+    start = time.time()
+    steady_start, steady_images = start, 0
+    for i, (images, labels) in enumerate(loader):
+        if forward.path is None:
+            forward.choose(images, logger)
+        with autocast(use_amp):
+            logits = forward(images)
+        sums += classification_sums(logits.astype('float32').numpy(), labels.numpy())
+        if i == 0:
+            steady_start = time.time()
+        else:
+            steady_images += labels.shape[0]
+        if (i + 1) % report_freq == 0 or i + 1 == num_batches:
+            elapsed = time.time() - start
+            logger.info(f'eval {name}: batch {i + 1}/{num_batches}, '
+                        f'{sums[3] * world_size / elapsed:.1f} images/s, '
+                        f'ETA {format_seconds(elapsed / (i + 1) * (num_batches - i - 1))}')
+    steady_seconds = time.time() - steady_start
+    sums, (steady_images,) = all_reduce_sum(sums), all_reduce_sum([steady_images])
+    seconds = time.time() - start
+    rate = steady_images / steady_seconds if steady_images else sums[3] / seconds
+    path = forward.path + ('-amp' if use_amp else '') if forward.path else 'none (no images)'
+    return {**summarise(sums), 'images_per_sec': rate, 'seconds': seconds, 'path': path}
+
+
+def run_evaluation(config, device, use_amp, logger):
+    """``-eval``: evaluates the -pretrained (or -resume) weights; returns the summary dict, which
+    also goes to ``<SAVE>/eval_summary.json`` and is printed as the last line (JSON)."""
+    source = config.MODEL.PRETRAINED or config.MODEL.RESUME
+    if not source:
+        raise ConfigError('-eval needs weights to evaluate: give -pretrained (a converted .pdparams '
+                          'or a training checkpoint) or -resume')
+    rank, world_size = get_rank(), get_world_size()
+    dataset = build_dataset(config, 'val')
+    loader = build_dataloader(config, dataset, 'val', rank, world_size)
+    model = build_xcit(config)
+    load_weights(model, source, config.EMA_EVAL, logger, new_head_ok=False)
+    forward = EvalForward(model, config.DATA.IMAGE_SIZE, try_static=device == 'cpu')
+    stats = evaluate(forward, loader, logger, use_amp, config.REPORT_FREQ)
+    summary = {'acc1': round(stats['acc1'], 4), 'acc5': round(stats['acc5'], 4), 'loss': round(stats['loss'], 6),
+               'images': stats['images'], 'images_per_sec': round(stats['images_per_sec'], 1),
+               'seconds': round(stats['seconds'], 2), 'path': stats['path'], 'device': device,
+               'processes': world_size, 'weights': source, 'ema': config.EMA_EVAL,
+               'dataset': config.DATA.DATASET, 'model': config.MODEL.NAME}
+    if rank == 0:
+        write_json(os.path.join(config.SAVE, 'eval_summary.json'), summary)
+        logger.info(f'Acc@1 {summary["acc1"]:.2f}%  Acc@5 {summary["acc5"]:.2f}%  loss {summary["loss"]:.4f}  '
+                    f'on {summary["images"]} images, {summary["images_per_sec"]} images/s '
+                    f'({stats["path"]} on {device}, {world_size} process{"es" if world_size > 1 else ""})')
+        print(json.dumps(summary), flush=True)
+    return summary
+
+
+# ---------------------------------------------------------------- training
+
+
+def rename_prefixes(state, names):
+    """Returns ``state`` with each key ``p + '_' + rest`` renamed ``names[p] + '_' + rest``
+    (longest matching ``p``); other keys are kept."""
+    renamed = {}
+    for key, value in state.items():
+        owners = [p for p in names if key.startswith(p + '_')]
+        owner = max(owners, key=len) if owners else None
+        renamed[names[owner] + key[len(owner):] if owner else key] = value
+    return renamed
+
+
+def _check_finite_weights(model, epoch):
+    for name, value in model.state_dict().items():
+        if paddle.is_floating_point(value) and not bool(paddle.isfinite(value).all()):
+            raise TrainingDiverged(f'weight {name} became NaN or infinite during epoch {epoch}; '
+                                   f'stopping without saving (the last checkpoint is kept)')
+
+
+def _no_sync(model, sync):
+    """Skips DataParallel's gradient all-reduce on accumulation steps that do not update."""
+    if not sync and isinstance(model, paddle.DataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    """Holds the training state of one process and runs the epochs (``fit``)."""
+
+    def __init__(self, config, device, use_amp, logger):
+        self.config, self.device, self.use_amp, self.logger = config, device, use_amp, logger
+        self.rank, self.world_size = get_rank(), get_world_size()
+        train = config.TRAIN
+        paddle.seed(config.SEED)  # the same initial weights on every rank
+        model = build_xcit(config)
+        if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
+            load_weights(model, config.MODEL.PRETRAINED, config.EMA_EVAL, logger, new_head_ok=True)
+        elif config.EMA_EVAL and not config.MODEL.RESUME:
+            raise ConfigError('-ema selects the EMA weights of -pretrained (or with -eval, of -resume); '
+                              'no -pretrained given')
+        if device.startswith('gpu') and self.world_size > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        paddle.seed(config.SEED + self.rank)
+        np.random.seed(config.SEED + self.rank)
+        self.model = model
+        self.model_ema = ModelEma(model, train.MODEL_EMA_DECAY) if train.MODEL_EMA else None
+        teacher = build_teacher(config) if train.DISTILLATION_TYPE != 'none' else None
+        self.criterion = build_criterion(config, teacher)
+        self.mixup = build_mixup(config)
+
+        self.train_set = build_dataset(config, 'train')
+        if self.train_set.num_classes != config.MODEL.NUM_CLASSES:
+            logger.warning(f'the training set has {self.train_set.num_classes} classes, the model '
+                           f'MODEL.NUM_CLASSES={config.MODEL.NUM_CLASSES} outputs')
+        self.train_loader = build_dataloader(config, self.train_set, 'train', self.rank, self.world_size)
+        self.val_loader = build_dataloader(config, build_dataset(config, 'val'), 'val', self.rank, self.world_size)
+        self.steps_per_epoch = len(self.train_loader) // train.ACCUM_ITER
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f'TRAIN.ACCUM_ITER={train.ACCUM_ITER} exceeds the {len(self.train_loader)} '
+                              f'batches of an epoch')
+        self.lr_scheduler = build_lr_scheduler(config, self.steps_per_epoch, self.world_size)
+        self.optimizer = build_optimizer(config, model, self.lr_scheduler)
+        self.scaler = paddle.amp.GradScaler(init_loss_scaling=2.0 ** 16) if use_amp else None
+        self.epoch, self.step = 0, 0  # completed epochs, optimizer steps
+        self.best_acc, self.best_epoch = None, None
+        self.metrics = MetricsLog(config.SAVE, enabled=self.rank == 0)
+        if config.MODEL.RESUME:
+            self.resume(config.MODEL.RESUME)
+        elif self.rank == 0 and os.path.exists(self.metrics.path):
+            os.remove(self.metrics.path)  # a fresh run starts a fresh metrics file
+        self.train_model = paddle.DataParallel(model) if self.world_size > 1 else model
+        models = {'model': model, 'ema': self.model_ema.module if self.model_ema else None}
+        self.eval_forwards = {name: EvalForward(m, config.DATA.IMAGE_SIZE, try_static=device == 'cpu')
+                              for name, m in models.items() if m is not None}
+
+    # ---- checkpoints
+
+    def state_dict(self):
+        """Everything needed to continue training; optimizer keys use structured parameter names."""
+        names = {p.name: n for n, p in self.model.named_parameters()}
+        state = {'model': self.model.state_dict(),
+                 'optimizer': rename_prefixes(self.optimizer.state_dict(), names),
+                 'lr_scheduler': self.lr_scheduler.state_dict(),
+                 'epoch': self.epoch, 'step': self.step,
+                 'best_acc': self.best_acc, 'best_epoch': self.best_epoch,
+                 'config': self.config.dump()}
+        if self.model_ema:
+            state['model_ema'] = self.model_ema.state_dict()
+        if self.scaler:
+            state['scaler'] = self.scaler.state_dict()
+        return state
+
+    def save(self, filename):
+        if self.rank == 0:
+            path = os.path.join(self.config.SAVE, filename)
+            save_checkpoint(self.state_dict(), path)
+            self.logger.info(f'saved {path}')
+
+    def resume(self, path):
+        """Restores a ``state_dict()`` saved by ``save``; the architecture must match exactly."""
+        checkpoint = load_checkpoint(path)
+        absent = [k for k in ('model', 'optimizer', 'lr_scheduler', 'epoch') if k not in checkpoint]
+        if absent:
+            raise CheckpointError(f'{path} is not a training checkpoint (no {", ".join(absent)}); '
+                                  f'to start from its weights use -pretrained')
+        rows = find_mismatches(checkpoint['model'], _shapes(self.model.state_dict()))
+        if rows:
+            raise CheckpointError(f'-resume {path}: the checkpoint is of another architecture than '
+                                  f'the config\'s ({len(rows)} differences):\n{format_mismatches(rows)}')
+        self.model.set_state_dict(checkpoint['model'])
+        if self.model_ema:
+            if 'model_ema' not in checkpoint:
+                raise CheckpointError(f'{path} has no EMA weights but TRAIN.MODEL_EMA is on')
+            self.model_ema.set_state_dict(checkpoint['model_ema'])
+        names = {n: p.name for n, p in self.model.named_parameters()}
+        self.optimizer.set_state_dict(rename_prefixes(checkpoint['optimizer'], names))
+        self.lr_scheduler.set_state_dict(checkpoint['lr_scheduler'])
+        if self.scaler and 'scaler' in checkpoint:
+            self.scaler.load_state_dict(checkpoint['scaler'])
+        self.epoch, self.step = int(checkpoint['epoch']), int(checkpoint['step'])
+        self.best_acc, self.best_epoch = checkpoint.get('best_acc'), checkpoint.get('best_epoch')
+        self.logger.info(f'resumed from {path}: {self.epoch} epochs, {self.step} steps done')
+
+    # ---- one epoch
+
+    def train_one_epoch(self, epoch):
+        """Trains epoch ``epoch`` (0-based); returns its mean loss and, without mixup, accuracy.
+
+        A trailing group of fewer than ACCUM_ITER batches is skipped, so every optimizer step
+        sees the same number of images.
+        """
+        config, logger = self.config, self.logger
+        accum, report_freq = config.TRAIN.ACCUM_ITER, config.REPORT_FREQ
+        model = self.train_model
+        model.train()
+        self.train_set.set_epoch(epoch)
+        self.train_loader.batch_sampler.set_epoch(epoch)
+        paddle.seed(config.SEED + self.rank + 1000 * epoch)
+        num_batches = self.steps_per_epoch * accum
+        remaining_epochs = config.TRAIN.NUM_EPOCHS - epoch - 1
+        epoch_loss, window_loss = AverageMeter(), AverageMeter()
+        epoch_sums, window_sums = np.zeros(4), np.zeros(4)
+        start = window_start = time.time()
+        window_images = 0
+        lr = self.optimizer.get_lr()
+        for i, (images, labels) in enumerate(self.train_loader):
+            if i == num_batches:
+                break
+            targets = labels
+            if self.mixup is not None:
+                images, targets = self.mixup(images, labels, np.random.default_rng([config.SEED, self.rank, epoch, i]))
+            update = (i + 1) % accum == 0
+            with _no_sync(model, update):
+                with autocast(self.use_amp):
+                    outputs = model(images)
+                    loss = self.criterion(images, outputs, targets)
+                loss_value = float(all_reduce_sum([float(loss)])[0]) / self.world_size
+                if not math.isfinite(loss_value):
+                    raise TrainingDiverged(f'loss is {loss_value} at epoch {epoch + 1}, step {i + 1}/{num_batches}; '
+                                           f'stopping (the last checkpoint is kept)')
+                scaled = loss / accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            if update:
+                lr = self.optimizer.get_lr()
+                if self.scaler:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+                self.optimizer.clear_grad()
+                self.lr_scheduler.step()
+                self.step += 1
+                if self.model_ema:
+                    self.model_ema.update(self.model)
+            batch = labels.shape[0]
+            epoch_loss.update(loss_value, batch)
+            window_loss.update(loss_value, batch)
+            window_images += batch
+            if self.mixup is None:
+                sums = classification_sums(outputs.astype('float32').numpy(), labels.numpy())
+                epoch_sums += sums
+                window_sums += sums
+            if (i + 1) % report_freq == 0 or i + 1 == num_batches:
+                now = time.time()
+                acc = summarise(all_reduce_sum(window_sums)) if self.mixup is None else None
+                rate = window_images * self.world_size / (now - window_start)
+                eta = (now - start) / (i + 1) * (num_batches - i - 1 + remaining_epochs * num_batches)
+                acc_text = (f'acc@1 {acc["acc1"]:.2f} acc@5 {acc["acc5"]:.2f}' if acc
+                            else 'acc n/a (mixup)')
+                logger.info(f'epoch {epoch + 1}/{config.TRAIN.NUM_EPOCHS} step {i + 1}/{num_batches} '
+                            f'lr {lr:.3e} loss {window_loss.avg:.4f} (epoch {epoch_loss.avg:.4f}) {acc_text} '
+                            f'{rate:.1f} images/s ETA {format_seconds(eta)}')
+                self.metrics.write('train', epoch=epoch + 1, step=self.step, lr=lr, loss=window_loss.avg,
+                                   acc1=acc and acc['acc1'], acc5=acc and acc['acc5'], images_per_sec=rate)
+                window_loss, window_sums, window_images, window_start = AverageMeter(), np.zeros(4), 0, now
+        acc = summarise(all_reduce_sum(epoch_sums)) if self.mixup is None else {'acc1': None, 'acc5': None}
+        return {'loss': epoch_loss.avg, 'acc1': acc['acc1'], 'acc5': acc['acc5'],
+                'seconds': time.time() - start}
+
+    # ---- validation and the epoch loop
+
+    def validate(self, epoch):
+        """Evaluates the model (and the EMA) on the validation split; returns {name: stats}."""
+        results = {}
+        for name, forward in self.eval_forwards.items():
+            stats = evaluate(forward, self.val_loader, self.logger, self.use_amp, self.config.REPORT_FREQ, name)
+            self.logger.info(f'epoch {epoch + 1} val {name}: Acc@1 {stats["acc1"]:.2f}% Acc@5 {stats["acc5"]:.2f}% '
+                             f'loss {stats["loss"]:.4f} ({stats["images"]} images, '
+                             f'{stats["images_per_sec"]:.1f} images/s, {stats["path"]})')
+            self.metrics.write('val', model=name, epoch=epoch + 1, step=self.step, lr=self.optimizer.get_lr(),
+                               loss=stats['loss'], acc1=stats['acc1'], acc5=stats['acc5'],
+                               images_per_sec=stats['images_per_sec'])
+            results[name] = stats
+        return results
+
+    def replica_difference(self):
+        """Max abs difference between the ranks' weights (0.0 with one process)."""
+        if self.world_size == 1:
+            return 0.0
+        flat = paddle.concat([v.astype('float64').flatten() for v in self.model.state_dict().values()
+                              if paddle.is_floating_point(v)])
+        high, low = flat.clone(), flat.clone()
+        paddle.distributed.all_reduce(high, op=paddle.distributed.ReduceOp.MAX)
+        paddle.distributed.all_reduce(low, op=paddle.distributed.ReduceOp.MIN)
+        return float((high - low).max())
+
+    def fit(self):
+        """Trains from ``self.epoch`` to TRAIN.NUM_EPOCHS; returns the result dict."""
+        config, logger = self.config, self.logger
+        num_epochs, validate_freq, save_freq = config.TRAIN.NUM_EPOCHS, config.VALIDATE_FREQ, config.SAVE_FREQ
+        logger.info(f'training epochs {self.epoch + 1}..{num_epochs}: {self.steps_per_epoch} optimizer steps '
+                    f'of {config.DATA.BATCH_SIZE} x {self.world_size} process(es) x {config.TRAIN.ACCUM_ITER} '
+                    f'accumulation images each, peak lr {self.lr_scheduler.peak_lr:.3e}')
+        last = {}
+        for epoch in range(self.epoch, num_epochs):
+            stats = self.train_one_epoch(epoch)
+            _check_finite_weights(self.model, epoch + 1)
+            self.epoch = epoch + 1
+            acc_text = f', acc@1 {stats["acc1"]:.2f}%' if stats['acc1'] is not None else ''
+            logger.info(f'epoch {epoch + 1} done in {format_seconds(stats["seconds"])}: '
+                        f'train loss {stats["loss"]:.4f}{acc_text}')
+            if (validate_freq > 0 and self.epoch % validate_freq == 0) or self.epoch == num_epochs:
+                last = self.validate(epoch)
+                if self.best_acc is None or last['model']['acc1'] > self.best_acc:
+                    self.best_acc, self.best_epoch = last['model']['acc1'], self.epoch
+                    self.save('best.pdparams')
+            self.save('last.pdparams')
+            if save_freq > 0 and self.epoch % save_freq == 0:
+                self.save(f'epoch_{self.epoch}.pdparams')
+        result = {'best_acc1': self.best_acc, 'best_epoch': self.best_epoch, 'epochs': self.epoch,
+                  'steps': self.step, 'replica_max_abs_diff': self.replica_difference()}
+        if self.world_size > 1:
+            logger.info(f'the {self.world_size} processes hold the same weights up to '
+                        f'{result["replica_max_abs_diff"]:.1e}')
+        if not last:
+            logger.info(f'nothing to train: the checkpoint is at epoch {self.epoch} of {num_epochs}')
+            return result
+        result.update(last_acc1=last['model']['acc1'], last_acc5=last['model']['acc5'])
+        ema_text = ''
+        if 'ema' in last:
+            result['last_ema_acc1'] = last['ema']['acc1']
+            ema_text = f', EMA {last["ema"]["acc1"]:.2f}%'
+        logger.info(f'result: best Acc@1 {self.best_acc:.2f}% (epoch {self.best_epoch}), last Acc@1 '
+                    f'{result["last_acc1"]:.2f}%{ema_text} after {self.epoch} epochs; checkpoints in {config.SAVE}')
+        return result
+
+
+def run_training(config, device, use_amp, logger):
+    trainer = Trainer(config, device, use_amp, logger)
+    if get_rank() == 0:
+        with open(os.path.join(config.SAVE, 'config.yaml'), 'w', encoding='utf-8') as f:
+            f.write(config.dump())
+    return trainer.fit()
+
+
+# ---------------------------------------------------------------- entry
+
+
+def run(config):
+    """The work of one process: ``-eval`` evaluation or training. Returns the summary dict.
+
+    In a multi-process run, ``paddle.distributed.init_parallel_env()`` must have been called.
+    """
+    rank, world_size = get_rank(), get_world_size()
+    logger = setup_logger(config.SAVE, rank)
+    device = setup_device()
+    logger.info(f'device: {device}' + (f', {world_size} processes' if world_size > 1 else ''))
+    use_amp = config.AMP and device.startswith('gpu')
+    if config.AMP and not use_amp:
+        logger.info('-amp has no effect on CPU: computing in float32')
+    if config.EVAL:
+        return run_evaluation(config, device, use_amp, logger)
+    return run_training(config, device, use_amp, logger)

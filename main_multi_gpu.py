@@ -1,0 +1,64 @@
+"""Trains or evaluates XCiT with several processes: one per GPU (NCCL), or on a CPU-only machine
+``-ngpus N`` CPU processes (gloo, default 2). Gradients and metrics are all-reduced.
+
+    CUDA_VISIBLE_DEVICES=0,1,2,3 python main_multi_gpu.py -cfg configs/xcit_nano_12_p16_224.yaml \\
+        -dataset imagenet2012 -data_path /dataset/imagenet -batch_size 128
+    python main_multi_gpu.py -ngpus 2 -cfg configs/demo/xcit_nano_12_p8_digits.yaml   # CPU
+
+Processes are started with ``paddle.distributed.spawn``; under ``python -m
+paddle.distributed.launch`` (which starts them itself) each process runs directly.
+See ``python main_multi_gpu.py -h`` and ``engine.py``.
+"""
+import os
+import sys
+
+import paddle
+import paddle.distributed as dist
+
+import engine
+from config import ConfigError
+
+CPU_PROCESSES = 2  # default process count without a GPU
+
+
+def has_gpu():
+    return paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+
+
+def num_processes(config):
+    """NGPUS, or when -1: every visible GPU, else ``CPU_PROCESSES``."""
+    if config.NGPUS == 0 or config.NGPUS < -1:
+        raise ConfigError(f'NGPUS (-ngpus) must be -1 or positive, got {config.NGPUS}')
+    if config.NGPUS > 0:
+        return config.NGPUS
+    return paddle.device.cuda.device_count() if has_gpu() else CPU_PROCESSES
+
+
+def worker(config):
+    """Body of each spawned (or launched) process."""
+    dist.init_parallel_env()
+    return engine.exit_on_user_error(engine.run, config)
+
+
+def main(argv=None):
+    """Runs with the command line ``argv``; returns rank 0's summary when run in this process."""
+    config = engine.parse_config(argv, multi_process=True)
+    if int(os.environ.get('PADDLE_TRAINERS_NUM', '1')) > 1:  # started by paddle.distributed.launch
+        return worker(config)
+    nprocs = num_processes(config)
+    if has_gpu() and nprocs > paddle.device.cuda.device_count():
+        raise ConfigError(f'NGPUS={nprocs} but only {paddle.device.cuda.device_count()} GPUs are visible')
+    if nprocs == 1:
+        return engine.run(config)
+    backend = 'nccl' if has_gpu() else 'gloo'
+    print(f'starting {nprocs} processes ({backend})', flush=True)
+    try:
+        dist.spawn(worker, args=(config,), nprocs=nprocs, backend=backend)
+    except Exception as e:  # spawn re-raises a worker's failure; the worker printed the reason
+        print(f'error: a worker process failed: {str(e).strip().splitlines()[-1]}', file=sys.stderr, flush=True)
+        sys.exit(1)
+    return None
+
+
+if __name__ == '__main__':
+    engine.exit_on_user_error(main)

@@ -1,0 +1,151 @@
+"""Helpers shared by the training/evaluation engine: logging, meters, distributed
+reductions and atomic checkpoint files."""
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+from port_weights.safe_load import CheckpointError  # the project's one error type for bad checkpoints
+
+
+# ---------------------------------------------------------------- distributed
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def all_reduce_sum(values):
+    """Sums a list of numbers over all processes; returns a float64 ndarray of the same length.
+
+    Used for exact metrics: every process contributes sums (correct counts, loss * n, n),
+    never means, so the result does not depend on how the data was split.
+    """
+    array = np.asarray(values, dtype='float64')
+    if get_world_size() == 1:
+        return array
+    tensor = paddle.to_tensor(array)
+    dist.all_reduce(tensor)
+    return tensor.numpy()
+
+
+# ---------------------------------------------------------------- logging
+
+
+def setup_logger(output=None, rank=0, name='xcit'):
+    """Returns a logger printing to stdout on rank 0 (warnings and errors on every rank).
+
+    Rank 0 also appends to ``<output>/log.txt`` when ``output`` is given.
+    """
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    formatter = logging.Formatter('%(asctime)s %(message)s', datefmt='%H:%M:%S')
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(formatter)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.addHandler(console)
+    if output and rank == 0:
+        os.makedirs(output, exist_ok=True)
+        log_file = logging.FileHandler(os.path.join(output, 'log.txt'))
+        log_file.setFormatter(formatter)
+        logger.addHandler(log_file)
+    return logger
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``<output>/metrics.jsonl`` (rank 0 only).
+
+    Each record has at least ``kind`` ('train' or 'val'), ``epoch``, ``step``, ``lr``, ``loss``,
+    ``acc1``, ``acc5``, ``images_per_sec`` and ``time`` (seconds since the Unix epoch).
+    """
+
+    def __init__(self, output, enabled=True):
+        self.path = os.path.join(output, 'metrics.jsonl')
+        self.enabled = enabled
+        if enabled:
+            os.makedirs(output, exist_ok=True)
+
+    def write(self, kind, **fields):
+        if not self.enabled:
+            return
+        record = {'kind': kind, **fields, 'time': round(time.time(), 3)}
+        with open(self.path, 'a', encoding='utf-8') as f:
+            f.write(json.dumps(record) + '\n')
+
+
+class AverageMeter:
+    """Running sum and count of a value; ``avg`` is their ratio (0 when empty)."""
+
+    def __init__(self):
+        self.sum = 0.0
+        self.count = 0
+
+    def update(self, value, n=1):
+        self.sum += float(value) * n
+        self.count += n
+
+    @property
+    def avg(self):
+        return self.sum / self.count if self.count else 0.0
+
+
+def format_seconds(seconds):
+    """Seconds -> 'H:MM:SS'."""
+    seconds = int(round(max(seconds, 0)))
+    return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def write_json(path, data):
+    """Writes ``data`` as indented JSON, atomically."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(state, path):
+    """Saves ``state`` with ``paddle.save`` to a temporary file, then renames it over ``path``.
+
+    A crash while writing leaves any previous ``path`` intact.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        paddle.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    """Loads a ``.pdparams`` file: a state dict, or a training checkpoint dict."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint not found: {path}')
+    try:
+        state = paddle.load(path)
+    except Exception as e:  # paddle raises various types for a foreign or truncated file
+        raise CheckpointError(f'{path}: not a readable Paddle checkpoint ({type(e).__name__}: {e})') from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f'{path}: expected a dict, got {type(state).__name__}')
+    return state
