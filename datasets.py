@@ -1,0 +1,267 @@
+"""Datasets and data loaders.
+
+``DATA.DATASET`` selects the layout under ``DATA.DATA_PATH``:
+
+* ``imagenet2012``: ``train_list.txt`` / ``val_list.txt`` with one ``relative/path label`` per line,
+  paths relative to DATA_PATH (PaddleViT's layout);
+* ``imagefolder``: ``train/<class>/...`` and ``val/<class>/...``; classes sorted by folder name get
+  labels 0, 1, ...; image files found as torchvision's ``ImageFolder`` finds them;
+* ``digits``: scikit-learn's 8x8 handwritten digits bundled in ``data/digits.npz`` (1,797 images,
+  10 classes, fixed split documented in ``data/README.md``); DATA_PATH is not used.
+
+An item is ``(image, label)``: image float32 (3, S, S) from the evaluation or training transform,
+label int64. In 'train' mode the augmentation of item ``index`` draws all its randomness from
+``np.random.default_rng([SEED, epoch, index])``, so the data stream depends only on the seed,
+the epoch and the sampler, whatever the number of loader workers.
+
+Problems with the data raise ``DataError`` naming the file (and list-file line): unreadable
+images when they are loaded; everything else (missing files or folders, malformed list lines,
+labels outside [0, MODEL.NUM_CLASSES), empty datasets) when the dataset is built.
+"""
+import itertools
+import os
+
+import numpy as np
+import paddle
+from PIL import Image
+
+from config import ConfigError
+from samplers import EvalBatchSampler, TrainBatchSampler
+from transforms import build_eval_transform, build_train_transform
+
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+DIGITS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'digits.npz')
+MODES = ('train', 'val')
+
+
+class DataError(ValueError):
+    """Missing, unreadable or inconsistent data; the message names the file (and line)."""
+
+
+class ImageDataset(paddle.io.Dataset):
+    """Images with int64 labels, transformed for 'train' or 'val'.
+
+    Subclasses implement ``load_image(i) -> PIL.Image``. An index ``>= len(self)`` reads image
+    ``index % len(self)`` with the augmentation seeded by the full index (the extra copies of
+    repeated augmentation, see ``samplers.py``).
+    """
+
+    def __init__(self, labels, num_classes, mode, transform, seed):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.num_classes = num_classes
+        self.mode = mode
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        """Selects the epoch's augmentations; call before iterating each epoch."""
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        i = index % len(self.labels)
+        img = self.load_image(i)
+        if self.mode == 'train':
+            image = self.transform(img, np.random.default_rng([self.seed, self.epoch, index]))
+        else:
+            image = self.transform(img)
+        return image, self.labels[i]
+
+    def load_image(self, i):
+        raise NotImplementedError
+
+
+class ImageFileDataset(ImageDataset):
+    """Images read from files; those listed in ``list_file`` name their line in error messages."""
+
+    def __init__(self, paths, labels, num_classes, mode, transform, seed, list_file=None, line_numbers=None):
+        super().__init__(labels, num_classes, mode, transform, seed)
+        self.paths = paths
+        self.list_file = list_file
+        self.line_numbers = line_numbers
+
+    def load_image(self, i):
+        path = self.paths[i]
+        try:
+            with open(path, 'rb') as f:
+                img = Image.open(f)
+                img.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            where = f' ({self.list_file} line {self.line_numbers[i]})' if self.list_file else ''
+            raise DataError(f'cannot read image {path}{where}: {e}') from e
+        return img
+
+
+class DigitsDataset(ImageDataset):
+    """8x8 grayscale digits, pixel values 0..16 stretched to 0..255."""
+
+    def __init__(self, images, labels, mode, transform, seed):
+        super().__init__(labels, 10, mode, transform, seed)
+        self.images = np.rint(images.astype(np.float32) * (255 / 16)).astype(np.uint8)
+
+    def load_image(self, i):
+        return Image.fromarray(self.images[i])  # 2-D uint8: mode 'L'
+
+
+def _check_dir(path, what):
+    if not os.path.isdir(path):
+        raise DataError(f'{what} not found: {path}')
+
+
+def _read_list_file(root, list_file, num_classes):
+    """(paths, labels, line numbers) from lines 'relative/path label'; blank lines are skipped."""
+    if not os.path.isfile(list_file):
+        raise DataError(f'list file not found: {list_file} (imagenet2012 expects train_list.txt '
+                        f'and val_list.txt in DATA.DATA_PATH)')
+    paths, labels, line_numbers = [], [], []
+    with open(list_file, encoding='utf-8') as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            fields = line.rsplit(None, 1)
+            if len(fields) != 2 or not fields[1].lstrip('-').isdigit():
+                raise DataError(f"{list_file} line {lineno}: expected 'relative/path label', "
+                                f'got {line.rstrip()!r}')
+            label = int(fields[1])
+            if not 0 <= label < num_classes:
+                raise DataError(f'{list_file} line {lineno}: label {label} outside '
+                                f'[0, MODEL.NUM_CLASSES={num_classes})')
+            paths.append(os.path.join(root, fields[0].strip()))
+            labels.append(label)
+            line_numbers.append(lineno)
+    if not paths:
+        raise DataError(f'{list_file}: no images listed')
+    return paths, labels, np.asarray(line_numbers, dtype=np.int64)
+
+
+def _imagenet2012(config, mode, transform):
+    root = config.DATA.DATA_PATH
+    _check_dir(root, 'DATA.DATA_PATH')
+    num_classes = config.MODEL.NUM_CLASSES
+    list_file = os.path.join(root, f'{mode}_list.txt')
+    paths, labels, line_numbers = _read_list_file(root, list_file, num_classes)
+    return ImageFileDataset(paths, labels, num_classes, mode, transform, config.SEED, list_file, line_numbers)
+
+
+def _find_classes(split_dir):
+    """Sorted names of the class folders of ``split_dir``."""
+    _check_dir(split_dir, 'image folder split')
+    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    if not classes:
+        raise DataError(f'{split_dir}: no class folders')
+    return classes
+
+
+def _image_files(class_dir):
+    """Image files under ``class_dir`` (recursively, sorted as torchvision's ImageFolder)."""
+    files = []
+    for folder, _, names in sorted(os.walk(class_dir, followlinks=True)):
+        files += [os.path.join(folder, name) for name in sorted(names)
+                  if name.lower().endswith(IMG_EXTENSIONS)]
+    if not files:
+        raise DataError(f'{class_dir}: no image files (extensions {", ".join(IMG_EXTENSIONS)})')
+    return files
+
+
+def _imagefolder(config, mode, transform):
+    root = config.DATA.DATA_PATH
+    _check_dir(root, 'DATA.DATA_PATH')
+    split_dir = os.path.join(root, mode)
+    classes = _find_classes(split_dir)
+    other = os.path.join(root, 'val' if mode == 'train' else 'train')
+    if os.path.isdir(other) and _find_classes(other) != classes:
+        raise DataError(f'{split_dir} and {other} have different class folders, so their labels '
+                        f'would not match')
+    if len(classes) > config.MODEL.NUM_CLASSES:
+        raise DataError(f'{split_dir}: {len(classes)} class folders, but labels must be in '
+                        f'[0, MODEL.NUM_CLASSES={config.MODEL.NUM_CLASSES})')
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = _image_files(os.path.join(split_dir, name))
+        paths += files
+        labels += [label] * len(files)
+    dataset = ImageFileDataset(paths, labels, len(classes), mode, transform, config.SEED)
+    dataset.classes = classes
+    return dataset
+
+
+def _digits(config, mode, transform):
+    if config.MODEL.NUM_CLASSES < 10:
+        raise DataError(f'{DIGITS_FILE}: labels 0..9 need MODEL.NUM_CLASSES >= 10, '
+                        f'got {config.MODEL.NUM_CLASSES}')
+    with np.load(DIGITS_FILE) as data:
+        keep = data['is_val'] == (mode == 'val')
+        return DigitsDataset(data['images'][keep], data['labels'][keep], mode, transform, config.SEED)
+
+
+DATASETS = {'imagenet2012': _imagenet2012, 'imagefolder': _imagefolder, 'digits': _digits}
+
+
+def build_dataset(config, mode):
+    """The ``mode`` ('train' or 'val') split of ``DATA.DATASET`` with its transform."""
+    if mode not in MODES:
+        raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    if config.DATA.DATASET not in DATASETS:
+        raise ConfigError(f'DATA.DATASET must be one of {sorted(DATASETS)}, got {config.DATA.DATASET!r}')
+    transform = build_train_transform(config) if mode == 'train' else build_eval_transform(config)
+    return DATASETS[config.DATA.DATASET](config, mode, transform)
+
+
+def collate(samples):
+    """[(image (3, S, S) float32, label int64), ...] -> (images (B, 3, S, S), labels (B,) int64)."""
+    images, labels = zip(*samples)
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+class DataLoader(paddle.io.DataLoader):
+    """``paddle.io.DataLoader`` whose worker failures still name the bad file.
+
+    Paddle re-raises a worker's exception in its reader thread, so this process only gets a
+    generic ``SystemError``. The samples of the pass are then loaded again here, from the first
+    batch not yet delivered: loading is deterministic, so this raises the original error (e.g.
+    a ``DataError`` with the file name); if nothing fails, the ``SystemError`` is raised.
+    """
+
+    def __iter__(self):
+        batches = super().__iter__()
+        delivered = 0
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except SystemError:
+                del batches  # shuts the workers down
+                for indices in itertools.islice(self.batch_sampler, delivered, None):
+                    for index in indices:
+                        self.dataset[index]
+                raise
+            delivered += 1
+            yield batch
+
+
+def build_dataloader(config, dataset, mode, rank=0, world_size=1):
+    """A ``DataLoader`` (a ``paddle.io.DataLoader``) yielding [images float32 (B, 3, S, S), labels int64 (B,)] tensors.
+
+    'train': ``DATA.BATCH_SIZE`` per rank, shuffled per epoch from ``SEED``, repeated augmentation
+    when ``TRAIN.REPEATED_AUG``, incomplete batches dropped. 'val': ``DATA.BATCH_SIZE_EVAL``, this
+    rank's contiguous shard in order (ranks may get one batch more or less than each other).
+    Before each training epoch call ``loader.dataset.set_epoch(e)`` and
+    ``loader.batch_sampler.set_epoch(e)``. Workers are ``DATA.NUM_WORKERS`` processes started
+    anew for each pass, so they see the current epoch.
+    """
+    if mode == 'train':
+        repeats = config.TRAIN.REPEATED_AUG_COUNT if config.TRAIN.REPEATED_AUG else 1
+        sampler = TrainBatchSampler(len(dataset), config.DATA.BATCH_SIZE, config.SEED, rank,
+                                    world_size, repeats)
+        if len(sampler) == 0:
+            raise DataError(f'{len(dataset)} training images give no full batch of '
+                            f'DATA.BATCH_SIZE={config.DATA.BATCH_SIZE} on each of {world_size} processes')
+    elif mode == 'val':
+        sampler = EvalBatchSampler(len(dataset), config.DATA.BATCH_SIZE_EVAL, rank, world_size)
+    else:
+        raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.DATA.NUM_WORKERS)

@@ -1,0 +1,284 @@
+"""Datasets, samplers and loaders: layouts built from generated images, the bundled digits, every
+bad-input error, rank sharding, and the determinism of the training stream."""
+import os
+
+import numpy as np
+import paddle
+import pytest
+from PIL import Image
+
+from config import ConfigError, get_config, merge_from_list
+from datasets import DataError, build_dataloader, build_dataset
+from samplers import EvalBatchSampler, TrainBatchSampler
+from transforms import build_eval_transform
+
+
+def make_config(**opts):
+    config = get_config()
+    config.defrost()
+    base = {'DATA.IMAGE_SIZE': 16, 'DATA.NUM_WORKERS': 0, 'MODEL.NUM_CLASSES': 10}
+    base.update(opts)
+    merge_from_list(config, [item for pair in base.items() for item in pair])
+    return config
+
+
+def write_image(path, seed, size=(20, 14)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def eval_of(path, config):
+    with Image.open(path) as img:
+        return build_eval_transform(config)(img)
+
+
+# ------------------------------------------------------------------ digits
+
+def test_digits_split_sizes_and_pixels():
+    config = make_config(**{'DATA.DATASET': 'digits'})
+    train, val = build_dataset(config, 'train'), build_dataset(config, 'val')
+    assert (len(train), len(val), train.num_classes) == (1438, 359, 10)
+    np.testing.assert_array_equal(np.bincount(train.labels), [142, 146, 142, 146, 145, 146, 145, 143, 139, 144])
+    np.testing.assert_array_equal(np.bincount(val.labels), [36, 36, 35, 37, 36, 36, 36, 36, 35, 36])
+    assert train.images.shape == (1438, 8, 8) and train.images.max() == 255  # 0..16 stretched
+    image, label = val[0]
+    assert image.shape == (3, 16, 16) and image.dtype == np.float32 and label.dtype == np.int64
+    gray = Image.fromarray(val.images[0]).convert('RGB')
+    np.testing.assert_array_equal(image, build_eval_transform(config)(gray))
+    assert np.array_equal(image[0], image[1]) is False  # per-channel normalisation of a gray image
+
+
+def test_digits_need_ten_classes():
+    with pytest.raises(DataError, match='digits.npz.*NUM_CLASSES'):
+        build_dataset(make_config(**{'DATA.DATASET': 'digits', 'MODEL.NUM_CLASSES': 9}), 'val')
+
+
+# ------------------------------------------------------------------ imagefolder and imagenet2012
+
+@pytest.fixture
+def folder(tmp_path):
+    """train/ and val/ with classes 'cat', 'dog', 'emu' (JPEG, PNG, nested, upper-case extension)."""
+    tmp_path = tmp_path / 'folder'
+    for split, n in [('train', 3), ('val', 2)]:
+        for c, name in enumerate(['dog', 'cat', 'emu']):
+            for i in range(n):
+                write_image(str(tmp_path / split / name / f'{i}.jpg'), 100 * c + i)
+        write_image(str(tmp_path / split / 'cat' / 'deeper' / 'x.PNG'), 7)
+        (tmp_path / split / 'cat' / 'notes.txt').write_text('not an image')
+    return tmp_path
+
+
+def test_imagefolder_layout(folder):
+    config = make_config(**{'DATA.DATASET': 'imagefolder', 'DATA.DATA_PATH': str(folder)})
+    val = build_dataset(config, 'val')
+    assert val.classes == ['cat', 'dog', 'emu'] and val.num_classes == 3
+    rel = [os.path.relpath(p, folder / 'val') for p in val.paths]
+    assert rel == ['cat/0.jpg', 'cat/1.jpg', 'cat/deeper/x.PNG', 'dog/0.jpg', 'dog/1.jpg', 'emu/0.jpg', 'emu/1.jpg']
+    np.testing.assert_array_equal(val.labels, [0, 0, 0, 1, 1, 2, 2])
+    image, label = val[3]
+    np.testing.assert_array_equal(image, eval_of(val.paths[3], config))
+    assert label == 1
+    assert len(build_dataset(config, 'train')) == 10
+
+
+def write_list(root, name, lines):
+    (root / name).write_text(''.join(line + '\n' for line in lines))
+    return str(root / name)
+
+
+@pytest.fixture
+def imagenet(tmp_path):
+    write_image(str(tmp_path / 'train' / 'n01' / 'a.JPEG'), 1)
+    write_image(str(tmp_path / 'train' / 'n02' / 'b c.png'), 2)  # a space in the name
+    write_image(str(tmp_path / 'val' / 'v1.JPEG'), 3)
+    write_list(tmp_path, 'train_list.txt', ['train/n01/a.JPEG 0', '', 'train/n02/b c.png 9'])
+    write_list(tmp_path, 'val_list.txt', ['val/v1.JPEG 4'])
+    return tmp_path
+
+
+def test_imagenet2012_layout(imagenet):
+    config = make_config(**{'DATA.DATASET': 'imagenet2012', 'DATA.DATA_PATH': str(imagenet)})
+    train = build_dataset(config, 'train')
+    assert len(train) == 2 and train.num_classes == 10
+    np.testing.assert_array_equal(train.labels, [0, 9])
+    assert train.paths[1] == os.path.join(str(imagenet), 'train/n02/b c.png')
+    image, label = build_dataset(config, 'val')[0]
+    np.testing.assert_array_equal(image, eval_of(imagenet / 'val' / 'v1.JPEG', config))
+    assert label == 4
+
+
+# ------------------------------------------------------------------ bad input
+
+def imagenet_config(root):
+    return make_config(**{'DATA.DATASET': 'imagenet2012', 'DATA.DATA_PATH': str(root)})
+
+
+@pytest.mark.parametrize('line,message', [
+    ('val/v1.JPEG', r"val_list.txt line 2: expected 'relative/path label'"),
+    ('val/v1.JPEG cat', r"val_list.txt line 2: expected 'relative/path label'"),
+    ('val/v1.JPEG 10', r'val_list.txt line 2: label 10 outside \[0, MODEL.NUM_CLASSES=10\)'),
+    ('val/v1.JPEG -1', r'val_list.txt line 2: label -1 outside'),
+])
+def test_bad_list_lines_fail_when_built(imagenet, line, message):
+    write_list(imagenet, 'val_list.txt', ['val/v1.JPEG 1', line])
+    with pytest.raises(DataError, match=message):
+        build_dataset(imagenet_config(imagenet), 'val')
+
+
+def test_missing_and_undecodable_images_name_file_and_line(imagenet):
+    (imagenet / 'val' / 'broken.jpg').write_bytes(b'\xff\xd8 not really a jpeg')
+    write_list(imagenet, 'val_list.txt', ['val/v1.JPEG 1', 'val/missing.jpg 2', 'val/broken.jpg 3'])
+    dataset = build_dataset(imagenet_config(imagenet), 'val')
+    dataset[0]
+    with pytest.raises(DataError, match=r'missing.jpg \(.*val_list.txt line 2\)'):
+        dataset[1]
+    with pytest.raises(DataError, match=r'broken.jpg \(.*val_list.txt line 3\)'):
+        dataset[2]
+
+
+def test_worker_errors_keep_the_file_name(imagenet):
+    write_list(imagenet, 'val_list.txt', ['val/v1.JPEG 1', 'val/missing.jpg 2'])
+    config = imagenet_config(imagenet)
+    config.DATA.NUM_WORKERS = 1
+    loader = build_dataloader(config, build_dataset(config, 'val'), 'val')
+    with pytest.raises(DataError, match=r'missing.jpg \(.*val_list.txt line 2\)'):
+        list(loader)
+
+
+def test_missing_paths_and_empty_datasets(tmp_path, folder):
+    with pytest.raises(DataError, match='DATA.DATA_PATH not found: .*nowhere'):
+        build_dataset(imagenet_config(tmp_path / 'nowhere'), 'val')
+    with pytest.raises(DataError, match='list file not found: .*train_list.txt'):
+        build_dataset(imagenet_config(tmp_path), 'train')
+    write_list(tmp_path, 'val_list.txt', ['', '  '])
+    with pytest.raises(DataError, match='val_list.txt: no images listed'):
+        build_dataset(imagenet_config(tmp_path), 'val')
+
+    def imagefolder(root):
+        return make_config(**{'DATA.DATASET': 'imagefolder', 'DATA.DATA_PATH': str(root)})
+    with pytest.raises(DataError, match='image folder split not found: .*train'):
+        build_dataset(imagefolder(tmp_path), 'train')
+    (tmp_path / 'train').mkdir()
+    with pytest.raises(DataError, match='train: no class folders'):
+        build_dataset(imagefolder(tmp_path), 'train')
+    (folder / 'val' / 'emu' / 'empty').mkdir()
+    os.rename(folder / 'val' / 'emu', folder / 'val' / 'gnu')
+    with pytest.raises(DataError, match='different class folders'):
+        build_dataset(imagefolder(folder), 'val')
+    (folder / 'train' / 'emu').rename(folder / 'train' / 'gnu')
+    for f in (folder / 'val' / 'gnu').glob('*.jpg'):
+        f.unlink()
+    with pytest.raises(DataError, match='gnu: no image files'):
+        build_dataset(imagefolder(folder), 'val')
+
+
+def test_imagefolder_with_more_classes_than_the_model(folder):
+    config = make_config(**{'DATA.DATASET': 'imagefolder', 'DATA.DATA_PATH': str(folder), 'MODEL.NUM_CLASSES': 2})
+    with pytest.raises(DataError, match=r'3 class folders.*MODEL.NUM_CLASSES=2'):
+        build_dataset(config, 'train')
+
+
+def test_unknown_dataset_and_mode():
+    with pytest.raises(ConfigError, match='DATA.DATASET'):
+        build_dataset(make_config(**{'DATA.DATASET': 'cifar'}), 'val')
+    with pytest.raises(ValueError, match='mode'):
+        build_dataset(make_config(**{'DATA.DATASET': 'digits'}), 'test')
+
+
+# ------------------------------------------------------------------ samplers
+
+@pytest.mark.parametrize('world_size', [1, 2, 3])
+def test_eval_shards_cover_every_index_once(world_size):
+    shards = [[i for b in EvalBatchSampler(17, 4, rank, world_size) for i in b] for rank in range(world_size)]
+    assert sorted(i for shard in shards for i in shard) == list(range(17))
+    assert all(shard == sorted(shard) for shard in shards)
+    assert all(len(b) <= 4 for rank in range(world_size) for b in EvalBatchSampler(17, 4, rank, world_size))
+
+
+def epoch_batches(num_samples, batch_size, world_size, repeats=1, epoch=0, seed=0):
+    samplers = [TrainBatchSampler(num_samples, batch_size, seed, r, world_size, repeats) for r in range(world_size)]
+    for s in samplers:
+        s.set_epoch(epoch)
+    return [list(s) for s in samplers]
+
+
+@pytest.mark.parametrize('repeats', [1, 3])
+def test_train_global_batches_do_not_depend_on_world_size(repeats):
+    single, = epoch_batches(50, 8, 1, repeats)
+    two = epoch_batches(50, 4, 2, repeats)
+    assert len(single) == len(two[0]) == len(two[1]) == 6
+    for b, batch in enumerate(single):
+        assert sorted(batch) == sorted(two[0][b] + two[1][b])
+
+
+def test_train_shuffle_is_seeded_per_epoch_without_duplicates():
+    rank0, rank1 = epoch_batches(50, 4, 2)
+    seen = [i for b in rank0 + rank1 for i in b]
+    assert len(seen) == len(set(seen)) == 48 and max(seen) < 50
+    assert epoch_batches(50, 4, 2) == [rank0, rank1]
+    assert epoch_batches(50, 4, 2, epoch=1) != [rank0, rank1]
+    assert epoch_batches(50, 4, 2, seed=1) != [rank0, rank1]
+
+
+def test_repeated_augmentation_spreads_copies_over_ranks():
+    ranks = epoch_batches(30, 5, 3, repeats=3)
+    for r, batches in enumerate(ranks):
+        indices = [i for b in batches for i in b]
+        assert len(indices) == 10
+        assert all(i // 30 == r for i in indices)  # with 3 ranks, rank r gets copy r of each image
+    images = [[i % 30 for b in batches for i in b] for batches in ranks]
+    assert images[0] == images[1] == images[2] and len(set(images[0])) == 10
+
+
+# ------------------------------------------------------------------ loaders
+
+def digits_loader(mode, epoch=0, **opts):
+    config = make_config(**{'DATA.DATASET': 'digits', 'DATA.BATCH_SIZE': 8, 'DATA.BATCH_SIZE_EVAL': 100, **opts})
+    dataset = build_dataset(config, mode)
+    loader = build_dataloader(config, dataset, mode)
+    loader.dataset.set_epoch(epoch)
+    loader.batch_sampler.set_epoch(epoch)
+    return loader
+
+
+def first_batches(loader, count=2):
+    out = []
+    for images, labels in loader:
+        assert isinstance(images, paddle.Tensor) and images.dtype == paddle.float32
+        assert isinstance(labels, paddle.Tensor) and labels.dtype == paddle.int64
+        out.append((images.numpy(), labels.numpy()))
+        if len(out) == count:
+            break
+    return out
+
+
+def test_val_loader_yields_the_whole_split_in_order():
+    batches = first_batches(digits_loader('val'), count=10)
+    assert [len(b[1]) for b in batches] == [100, 100, 100, 59]
+    assert batches[0][0].shape == (100, 3, 16, 16)
+
+
+def test_train_stream_is_deterministic_and_changes_with_the_epoch():
+    reference = first_batches(digits_loader('train'))
+    with_workers = first_batches(digits_loader('train', **{'DATA.NUM_WORKERS': 2}))
+    for (x0, y0), (x1, y1) in zip(reference, with_workers):
+        np.testing.assert_array_equal(x0, x1)
+        np.testing.assert_array_equal(y0, y1)
+    other = first_batches(digits_loader('train', epoch=1))
+    assert not np.array_equal(reference[0][0], other[0][0])
+
+
+def test_repeated_copies_get_different_augmentations():
+    config = make_config(**{'DATA.DATASET': 'digits'})
+    dataset = build_dataset(config, 'train')
+    (a, label_a), (b, label_b) = dataset[5], dataset[5 + len(dataset)]
+    assert label_a == label_b and not np.array_equal(a, b)
+    np.testing.assert_array_equal(a, dataset[5][0])
+
+
+def test_train_loader_needs_one_full_batch():
+    config = make_config(**{'DATA.DATASET': 'digits', 'DATA.BATCH_SIZE': 1024})
+    with pytest.raises(DataError, match='no full batch'):
+        build_dataloader(config, build_dataset(config, 'train'), 'train', rank=1, world_size=2)
