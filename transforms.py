@@ -336,6 +336,22 @@ class RandAugment:
         return img
 
 
+def _magnitude_std(text):
+    std = float(text)
+    return math.inf if std > 100 else std  # timm: > 100 means uniform sampling
+
+
+# config-string section -> (RandAugment argument, parser)
+_RAND_AUGMENT_SECTIONS = {
+    'm': ('magnitude', int),
+    'n': ('num_layers', int),
+    'p': ('prob', float),
+    'mstd': ('magnitude_std', _magnitude_std),
+    'mmax': ('magnitude_max', int),
+    'inc': ('increasing', lambda text: bool(int(text))),
+}
+
+
 def parse_rand_augment(config_str, fill, resample, key='TRAIN.RAND_AUGMENT_CONFIG'):
     """A ``RandAugment`` from timm's config string, e.g. 'rand-m9-mstd0.5-inc1'.
 
@@ -345,29 +361,16 @@ def parse_rand_augment(config_str, fill, resample, key='TRAIN.RAND_AUGMENT_CONFI
     parts = config_str.split('-')
     if parts[0] != 'rand':
         raise ConfigError(f"{key} must start with 'rand', got {config_str!r}")
-    kwargs, increasing = {}, False
+    kwargs = {}
     for part in parts[1:]:
         match = re.fullmatch(r'([a-z]+)(\d[\d.]*)', part)
-        name, value = match.groups() if match else (part, None)
         try:
-            if name == 'm':
-                kwargs['magnitude'] = int(value)
-            elif name == 'n':
-                kwargs['num_layers'] = int(value)
-            elif name == 'p':
-                kwargs['prob'] = float(value)
-            elif name == 'mstd':
-                kwargs['magnitude_std'] = math.inf if float(value) > 100 else float(value)
-            elif name == 'mmax':
-                kwargs['magnitude_max'] = int(value)
-            elif name == 'inc':
-                increasing = bool(int(value))
-            else:
-                raise ValueError
-        except (TypeError, ValueError):
+            name, parse = _RAND_AUGMENT_SECTIONS[match[1]]
+            kwargs[name] = parse(match[2])
+        except (TypeError, KeyError, ValueError):
             raise ConfigError(f'{key}: unsupported section {part!r} in {config_str!r} '
-                              f'(supported: m, n, p, mstd, mmax, inc with a number)') from None
-    ops = RAND_INCREASING_TRANSFORMS if increasing else RAND_TRANSFORMS
+                              f'(supported: {", ".join(_RAND_AUGMENT_SECTIONS)} followed by a number)') from None
+    ops = RAND_INCREASING_TRANSFORMS if kwargs.pop('increasing', False) else RAND_TRANSFORMS
     return RandAugment(ops, fill=fill, resample=resample, **kwargs)
 
 

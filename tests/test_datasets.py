@@ -47,7 +47,7 @@ def test_digits_split_sizes_and_pixels():
     assert image.shape == (3, 16, 16) and image.dtype == np.float32 and label.dtype == np.int64
     gray = Image.fromarray(val.images[0]).convert('RGB')
     np.testing.assert_array_equal(image, build_eval_transform(config)(gray))
-    assert np.array_equal(image[0], image[1]) is False  # per-channel normalisation of a gray image
+    assert not np.array_equal(image[0], image[1])  # per-channel normalisation of a gray image
 
 
 def test_digits_need_ten_classes():
@@ -234,12 +234,15 @@ def test_repeated_augmentation_spreads_copies_over_ranks():
 
 # ------------------------------------------------------------------ loaders
 
-def digits_loader(mode, epoch=0, **opts):
-    config = make_config(**{'DATA.DATASET': 'digits', 'DATA.BATCH_SIZE': 8, 'DATA.BATCH_SIZE_EVAL': 100, **opts})
-    dataset = build_dataset(config, mode)
-    loader = build_dataloader(config, dataset, mode)
+def set_epoch(loader, epoch):
     loader.dataset.set_epoch(epoch)
     loader.batch_sampler.set_epoch(epoch)
+
+
+def digits_loader(mode, epoch=0, **opts):
+    config = make_config(**{'DATA.DATASET': 'digits', 'DATA.BATCH_SIZE': 8, 'DATA.BATCH_SIZE_EVAL': 100, **opts})
+    loader = build_dataloader(config, build_dataset(config, mode), mode)
+    set_epoch(loader, epoch)
     return loader
 
 
@@ -260,14 +263,21 @@ def test_val_loader_yields_the_whole_split_in_order():
     assert batches[0][0].shape == (100, 3, 16, 16)
 
 
-def test_train_stream_is_deterministic_and_changes_with_the_epoch():
-    reference = first_batches(digits_loader('train'))
-    with_workers = first_batches(digits_loader('train', **{'DATA.NUM_WORKERS': 2}))
-    for (x0, y0), (x1, y1) in zip(reference, with_workers):
+def assert_same_batches(a, b):
+    for (x0, y0), (x1, y1) in zip(a, b, strict=True):
         np.testing.assert_array_equal(x0, x1)
         np.testing.assert_array_equal(y0, y1)
-    other = first_batches(digits_loader('train', epoch=1))
-    assert not np.array_equal(reference[0][0], other[0][0])
+
+
+def test_train_stream_depends_on_seed_and_epoch_not_on_workers():
+    with_workers = digits_loader('train', **{'DATA.NUM_WORKERS': 2})
+    epoch0 = first_batches(with_workers)
+    set_epoch(with_workers, 1)
+    epoch1 = first_batches(with_workers)  # workers start anew and see the new epoch
+    assert_same_batches(epoch0, first_batches(digits_loader('train', epoch=0)))
+    assert_same_batches(epoch1, first_batches(digits_loader('train', epoch=1)))
+    assert not np.array_equal(epoch0[0][1], epoch1[0][1])
+    assert not np.array_equal(epoch0[0][0], first_batches(digits_loader('train', **{'SEED': 1}))[0][0])
 
 
 def test_repeated_copies_get_different_augmentations():

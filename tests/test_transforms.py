@@ -141,6 +141,7 @@ def test_parse_rand_augment_config_string():
         RAND_INCREASING_TRANSFORMS, 2, 9, 0.5, 0.5)
     ra = parse_rand_augment('rand-n3-m5-p0.7', FILL, Image.Resampling.BICUBIC)
     assert (ra.op_names, ra.num_layers, ra.magnitude, ra.prob) == (RAND_TRANSFORMS, 3, 5, 0.7)
+    assert parse_rand_augment('rand-mstd101', FILL, Image.Resampling.BICUBIC).magnitude_std == float('inf')
     for bad in ['augmix-m9', 'rand-m9-tweights', 'rand-x3', 'rand-mstd']:
         with pytest.raises(ConfigError, match='TRAIN.RAND_AUGMENT_CONFIG'):
             parse_rand_augment(bad, FILL, Image.Resampling.BICUBIC)
