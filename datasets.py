@@ -41,6 +41,8 @@ class DataError(ValueError):
 class ImageDataset(paddle.io.Dataset):
     """Images with int64 labels, transformed for 'train' or 'val'.
 
+    ``num_classes`` is the number of classes the dataset defines: the class folders of an image
+    folder, 10 for digits, MODEL.NUM_CLASSES for list files (which do not say).
     Subclasses implement ``load_image(i) -> PIL.Image``. An index ``>= len(self)`` reads image
     ``index % len(self)`` with the augmentation seeded by the full index (the extra copies of
     repeated augmentation, see ``samplers.py``).
