@@ -103,9 +103,9 @@ class Mixup:
         boxes = [None] * count
         for i in np.flatnonzero(use_cutmix & (lam < 1.0)):
             boxes[i], lam[i] = cutmix_box(x.shape[2], x.shape[3], lam[i], self.cutmix_minmax, rng)
-        if self.mode == 'pair':
-            lam, use_cutmix, boxes = (np.concatenate([lam, lam[::-1]]), np.concatenate([use_cutmix, use_cutmix[::-1]]),
-                                      boxes + boxes[::-1])
+        if self.mode == 'pair':  # the second half mirrors the first
+            lam, use_cutmix = np.concatenate([lam, lam[::-1]]), np.concatenate([use_cutmix, use_cutmix[::-1]])
+            boxes = boxes + boxes[::-1]
         blend = paddle.to_tensor(np.where(use_cutmix, 1.0, lam).astype('float32').reshape(batch, 1, 1, 1))
         flipped = x.flip(0)
         mixed = x * blend + flipped * (1.0 - blend)
