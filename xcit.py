@@ -4,9 +4,16 @@ The layers mirror the official PyTorch release (facebookresearch/xcit) one to on
 including parameter names, so an official checkpoint converted by
 ``port_weights/convert.py`` loads with ``model.set_state_dict(paddle.load(path))``.
 
+The arithmetic is the official one, rearranged for Paddle's CPU kernels (same results up
+to float32 rounding): layer-scale gammas are folded into the weights of the layer before
+them, XCA normalises the small d x d attention map instead of q and k, the depthwise
+convolutions run on all images at once, and reshapes stay in 2-D/3-D layouts. The same
+code runs eagerly and under ``paddle.jit.to_static`` with dynamic batch, height and width.
+
 Shapes use B = batch, C = channels (embed dim), N = tokens, H/W = token grid.
 """
 import math
+import os
 
 import paddle
 import paddle.nn as nn
@@ -17,6 +24,70 @@ __all__ = ['XCiT', 'build_xcit']
 LN_EPS = 1e-6
 BN_MOMENTUM = 0.9  # Paddle's convention: running = m * running + (1 - m) * batch (torch 0.1)
 BN_EPS = 1e-5
+NORMALIZE_EPS = 1e-12  # F.normalize's: x / max(||x||, eps)
+
+
+def _select_avx2_blas_on_non_intel_cpus():
+    """Lets Paddle's bundled MKL use its AVX2 kernels on AMD and other non-Intel x86 CPUs.
+
+    That MKL dispatches on the CPU vendor and runs generic SSE code elsewhere, which makes
+    GEMMs and GELU 2-4x slower on e.g. AMD EPYC. It reads ``MKL_DEBUG_CPU_TYPE`` at its first
+    call, so this must run before Paddle computes anything; an existing setting is kept.
+    """
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8') as f:
+            info = f.read(1 << 16)
+    except OSError:
+        return
+    if 'GenuineIntel' not in info and ' avx2' in info:
+        os.environ.setdefault('MKL_DEBUG_CPU_TYPE', '5')
+
+
+_select_avx2_blas_on_non_intel_cpus()
+
+
+def _dims(x):
+    """x's shape: Python ints when eager; in graph mode a shape tensor, so that batch, height
+    and width stay dynamic in a ``to_static`` program."""
+    return x.shape if paddle.in_dynamic_mode() else paddle.shape(x)
+
+
+def _transpose(x, perm):
+    """``paddle.transpose`` returning a dense tensor: Paddle 3's eager transpose is a strided
+    view, which its CPU kernels read several times slower than a dense copy costs."""
+    x = paddle.transpose(x, perm)
+    return x.contiguous() if paddle.in_dynamic_mode() and hasattr(x, 'contiguous') else x
+
+
+def _linear(x, weight, bias=None):
+    """(..., in) @ weight (in, out) + bias (out,) -> (..., out).
+
+    Eager: ``paddle.addmm`` adds the bias inside the GEMM call, several times cheaper on
+    Paddle's CPU kernels than a separate broadcast add. Graph mode: matmul + add, which the
+    inference passes fuse into one fc op.
+    """
+    if bias is None:
+        return paddle.matmul(x, weight)
+    if not paddle.in_dynamic_mode():
+        return F.linear(x, weight, bias)
+    shape = list(x.shape)
+    out = paddle.addmm(bias, x.reshape([-1, shape[-1]]), weight)
+    return out.reshape(shape[:-1] + [weight.shape[1]])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (weight [in, out]) whose output can be scaled per channel for free.
+
+    ``forward(x, scale)`` = ``(x @ W + b) * scale``, computed as ``x @ (W * scale) + b * scale``:
+    a layer-scale gamma costs a multiply on the weights, not on the (B, N, out) activations.
+    """
+
+    def forward(self, x, scale=None):
+        weight, bias = self.weight, self.bias
+        if scale is not None:
+            weight = weight * scale
+            bias = None if bias is None else bias * scale
+        return _linear(x, weight, bias)
 
 
 def trunc_normal_init(std=0.02):
@@ -54,22 +125,20 @@ class PositionalEncodingFourier(nn.Layer):
         self.temperature = temperature
         self.hidden_dim = hidden_dim
 
-    def forward(self, B, H, W):
-        """Returns the encoding, shape (B, dim, H, W)."""
+    def forward(self, H, W):
+        """The encoding of an H x W grid as tokens in row-major order, shape (H * W, dim)."""
         eps = 1e-6
-        y_embed = paddle.arange(1, H + 1, dtype='float32')
-        x_embed = paddle.arange(1, W + 1, dtype='float32')
-        y_embed = y_embed / (H + eps) * self.scale
-        x_embed = x_embed / (W + eps) * self.scale
+        y_embed = paddle.arange(1, H + 1, dtype='float32') / (H + eps) * self.scale
+        x_embed = paddle.arange(1, W + 1, dtype='float32') / (W + eps) * self.scale
         dim_t = paddle.arange(self.hidden_dim, dtype='float32')
         dim_t = self.temperature ** (2 * paddle.floor(dim_t / 2) / self.hidden_dim)
         pos_y = self._interleave(y_embed[:, None] / dim_t)  # (H, hidden)
         pos_x = self._interleave(x_embed[:, None] / dim_t)  # (W, hidden)
         pos_y = pos_y[:, None, :].expand([H, W, self.hidden_dim])
         pos_x = pos_x[None, :, :].expand([H, W, self.hidden_dim])
-        pos = paddle.concat([pos_y, pos_x], axis=-1).transpose([2, 0, 1]).unsqueeze(0)
-        pos = self.token_projection(pos)  # (1, dim, H, W)
-        return pos.expand([B, -1, H, W])
+        grid = paddle.concat([pos_y, pos_x], axis=-1).reshape([-1, 2 * self.hidden_dim])
+        weight = self.token_projection.weight.reshape([-1, 2 * self.hidden_dim])  # 1x1 conv as a GEMM
+        return paddle.matmul(grid, weight, transpose_y=True) + self.token_projection.bias
 
     @staticmethod
     def _interleave(t):
@@ -111,8 +180,8 @@ class ConvPatchEmbed(nn.Layer):
 
     def forward(self, x):
         x = self.proj(x)
-        Hp, Wp = x.shape[2], x.shape[3]
-        return x.flatten(2).transpose([0, 2, 1]), (Hp, Wp)
+        dims = _dims(x)
+        return _transpose(x.flatten(2), [0, 2, 1]), (dims[2], dims[3])
 
 
 class LPI(nn.Layer):
@@ -126,26 +195,45 @@ class LPI(nn.Layer):
         self.bn = nn.BatchNorm2D(in_features, momentum=BN_MOMENTUM, epsilon=BN_EPS)
         self.conv2 = nn.Conv2D(in_features, in_features, kernel_size, padding=padding, groups=in_features)
 
-    def forward(self, x, H, W):
-        """(B, N, C) -> (B, N, C), with N = H * W."""
-        B, N, C = x.shape
-        x = x.transpose([0, 2, 1]).reshape([B, C, H, W])
-        x = self.conv2(self.bn(self.act(self.conv1(x))))
-        return x.reshape([B, C, N]).transpose([0, 2, 1])
+    def forward(self, x, H, W, scale=None):
+        """(B, N, C) -> (B, N, C), with N = H * W; the output is multiplied by ``scale`` (C,)."""
+        B, N = _dims(x)[0], _dims(x)[1]
+        C = self.bn.weight.shape[0]
+        x = _transpose(x.reshape([-1, C]), [1, 0]).reshape([C, B, N])  # channel planes
+        x = self._depthwise(x, self.conv1.weight, self.conv1.bias, H, W)
+        x = self.bn(self.act(x).reshape([1, C, B, N])).reshape([C, B, N])  # statistics over B*N
+        weight, bias = self.conv2.weight, self.conv2.bias
+        if scale is not None:
+            weight, bias = weight * scale.reshape([C, 1, 1, 1]), bias * scale
+        x = self._depthwise(x, weight, bias, H, W)
+        return _transpose(x.reshape([C, -1]), [1, 0]).reshape([B, N, C])
+
+    @staticmethod
+    def _depthwise(x, weight, bias, H, W):
+        """3x3 depthwise convolution, padding 1, of channel planes x (C, B, H * W) -> (C, B, H * W).
+
+        The B images of a channel are stacked vertically with a zero row after each, so the
+        kernel sees C tall planes instead of B * C small ones (Paddle's CPU depthwise kernel
+        has a large cost per plane); the separator rows' outputs are dropped.
+        """
+        C, B, N = x.shape[0], _dims(x)[1], _dims(x)[2]
+        x = paddle.concat([x, paddle.zeros([C, B, W], dtype=x.dtype)], axis=2)
+        x = F.conv2d(x.reshape([1, C, -1, W]), weight, bias, padding=1, groups=C)
+        return paddle.slice(x.reshape([C, B, -1]), axes=[2], starts=[0], ends=[N])
 
 
 class Mlp(nn.Layer):
-    """fc1 -> GELU -> dropout -> fc2 -> dropout."""
+    """fc1 -> GELU -> dropout -> fc2 -> dropout; the output is multiplied by ``scale``."""
 
     def __init__(self, in_features, hidden_features, drop=0.0):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+    def forward(self, x, scale=None):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x))), scale))
 
 
 class XCA(nn.Layer):
@@ -161,23 +249,32 @@ class XCA(nn.Layer):
         self.num_heads = num_heads
         self.temperature = self.create_parameter(
             [num_heads, 1, 1], default_initializer=nn.initializer.Constant(1.0))
-        self.qkv = nn.Linear(dim, dim * 3, bias_attr=None if qkv_bias else False)
+        self.qkv = Linear(dim, dim * 3, bias_attr=None if qkv_bias else False)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x):
-        """(B, N, C) -> (B, N, C)."""
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape([B, N, 3, self.num_heads, C // self.num_heads])
-        qkv = qkv.transpose([2, 0, 3, 4, 1])  # (3, B, heads, d, N)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        q = F.normalize(q, axis=-1)
-        k = F.normalize(k, axis=-1)
-        attn = paddle.matmul(q, k, transpose_y=True) * self.temperature  # (B, heads, d, d)
-        attn = self.attn_drop(F.softmax(attn, axis=-1))
-        x = paddle.matmul(attn, v).transpose([0, 3, 1, 2]).reshape([B, N, C])
-        return self.proj_drop(self.proj(x))
+    def forward(self, x, scale=None):
+        """(B, N, C) -> (B, N, C); the output is multiplied by ``scale`` (C,)."""
+        B, N = _dims(x)[0], _dims(x)[1]
+        C = self.proj.weight.shape[0]
+        h = self.num_heads
+        # q, k, v per head with channels first, (B, h, d, N): one GEMM and one transpose each
+        q, k, v = (self._heads(x, i, B, N, C) for i in range(3))
+        # F.normalize(q) @ F.normalize(k)^T = diag(1/|q_i|) (q @ k^T) diag(1/|k_j|), norms over N
+        inv_q = paddle.rsqrt(paddle.clip(paddle.sum(q * q, axis=-1, keepdim=True), min=NORMALIZE_EPS ** 2))
+        inv_k = paddle.rsqrt(paddle.clip(paddle.sum(k * k, axis=-1), min=NORMALIZE_EPS ** 2))
+        attn = paddle.matmul(q, k, transpose_y=True) * (inv_q * self.temperature) * inv_k.unsqueeze(-2)
+        attn = self.attn_drop(F.softmax(attn, axis=-1))  # (B, h, d, d)
+        x = _transpose(paddle.matmul(attn, v).reshape([B, C, N]), [0, 2, 1])
+        return self.proj_drop(self.proj(x, scale))
+
+    def _heads(self, x, i, B, N, C):
+        """The i-th of q, k, v: x (B, N, C) -> (B, heads, d, N)."""
+        part = slice(i * C, (i + 1) * C)
+        bias = None if self.qkv.bias is None else self.qkv.bias[part]
+        t = _linear(x, self.qkv.weight[:, part], bias)
+        return _transpose(t, [0, 2, 1]).reshape([B, self.num_heads, C // self.num_heads, N])
 
 
 class XCABlock(nn.Layer):
@@ -198,9 +295,9 @@ class XCABlock(nn.Layer):
         self.gamma2 = _layer_scale(self, dim, eta)
 
     def forward(self, x, H, W):
-        x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
-        x = x + self.drop_path(self.gamma3 * self.local_mp(self.norm3(x), H, W))
-        x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.attn(self.norm1(x), scale=self.gamma1))
+        x = x + self.drop_path(self.local_mp(self.norm3(x), H, W, scale=self.gamma3))
+        x = x + self.drop_path(self.mlp(self.norm2(x), scale=self.gamma2))
         return x
 
 
@@ -215,21 +312,31 @@ class ClassAttention(nn.Layer):
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias_attr=None if qkv_bias else False)
+        self.qkv = Linear(dim, dim * 3, bias_attr=None if qkv_bias else False)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x):
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape([B, N, 3, self.num_heads, C // self.num_heads])
-        qkv = qkv.transpose([2, 0, 3, 1, 4])  # (3, B, heads, N, d)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn_cls = (q[:, :, 0:1] * k).sum(axis=-1) * self.scale  # (B, heads, N)
-        attn_cls = self.attn_drop(F.softmax(attn_cls, axis=-1))
-        cls_token = paddle.matmul(attn_cls.unsqueeze(2), v)  # (B, heads, 1, d)
-        cls_token = self.proj(cls_token.transpose([0, 2, 1, 3]).reshape([B, 1, C]))
-        return paddle.concat([self.proj_drop(cls_token), x[:, 1:]], axis=1)
+        C = self.proj.weight.shape[0]
+        h = self.num_heads
+        q = self._part(x[:, 0:1], 0)  # (B, 1, C): only the class token queries
+        k, v = self._part(x, 1), self._part(x, 2)  # (B, N, C)
+        # Per-head products as whole-channel GEMMs: head_of[c, j] = 1 if channel c is in head j
+        head_of = F.one_hot(paddle.arange(C) // (C // h), h)  # (C, h)
+        attn_cls = paddle.matmul(k, q.transpose([0, 2, 1]) * head_of) * self.scale  # (B, N, h)
+        attn_cls = self.attn_drop(F.softmax(attn_cls, axis=1))
+        cls_token = paddle.matmul(attn_cls, v, transpose_x=True)  # (B, h, C): each head's mix of all channels
+        cls_token = paddle.sum(cls_token * head_of.transpose([1, 0]), axis=1, keepdim=True)  # (B, 1, C)
+        cls_token = self.proj_drop(self.proj(cls_token))
+        return paddle.concat([cls_token, x[:, 1:]], axis=1)
+
+    def _part(self, x, i):
+        """The i-th of q, k, v for tokens x (B, L, C) -> (B, L, C)."""
+        C = self.proj.weight.shape[0]
+        part = slice(i * C, (i + 1) * C)
+        bias = None if self.qkv.bias is None else self.qkv.bias[part]
+        return _linear(x, self.qkv.weight[:, part], bias)
 
 
 class ClassAttentionBlock(nn.Layer):
@@ -259,7 +366,7 @@ class ClassAttentionBlock(nn.Layer):
             x = self.norm2(x)
         else:
             x = paddle.concat([self.norm2(x[:, 0:1]), x[:, 1:]], axis=1)
-        cls_token = self.gamma2 * self.mlp(x[:, 0:1])
+        cls_token = self.mlp(x[:, 0:1], scale=self.gamma2)
         return x + self.drop_path(paddle.concat([cls_token, x[:, 1:]], axis=1))
 
 
@@ -293,7 +400,7 @@ class XCiT(nn.Layer):
                                 drop_path=0.0, eta=eta, tokens_norm=tokens_norm)
             for _ in range(cls_attn_layers)])
         self.norm = nn.LayerNorm(embed_dim, epsilon=LN_EPS)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.pos_embeder = PositionalEncodingFourier(dim=embed_dim)
         self.use_pos = use_pos
         self.apply(self._init_weights)
@@ -314,11 +421,10 @@ class XCiT(nn.Layer):
 
     def forward_features(self, x):
         """(B, 3, H, W) -> final-norm class token (B, embed_dim)."""
-        B = x.shape[0]
+        B = _dims(x)[0]
         x, (Hp, Wp) = self.patch_embed(x)
         if self.use_pos:
-            pos = self.pos_embeder(B, Hp, Wp)
-            x = x + pos.flatten(2).transpose([0, 2, 1])
+            x = x + self.pos_embeder(Hp, Wp)
         x = self.pos_drop(x)
         for blk in self.blocks:
             x = blk(x, Hp, Wp)
@@ -326,7 +432,7 @@ class XCiT(nn.Layer):
         x = paddle.concat([cls_tokens, x], axis=1)
         for blk in self.cls_attn_blocks:
             x = blk(x)
-        return self.norm(x)[:, 0]
+        return self.norm(x[:, 0])  # LayerNorm is per token: only the class token's is needed
 
     def forward(self, x):
         return self.head(self.forward_features(x))
