@@ -46,12 +46,6 @@ def _select_avx2_blas_on_non_intel_cpus():
 _select_avx2_blas_on_non_intel_cpus()
 
 
-def _dims(x):
-    """x's shape: Python ints when eager; in graph mode a shape tensor, so that batch, height
-    and width stay dynamic in a ``to_static`` program."""
-    return x.shape if paddle.in_dynamic_mode() else paddle.shape(x)
-
-
 def _transpose(x, perm):
     """``paddle.transpose`` returning a dense tensor: Paddle 3's eager transpose is a strided
     view, which its CPU kernels read several times slower than a dense copy costs."""
@@ -180,7 +174,7 @@ class ConvPatchEmbed(nn.Layer):
 
     def forward(self, x):
         x = self.proj(x)
-        dims = _dims(x)
+        dims = x.shape
         return _transpose(x.flatten(2), [0, 2, 1]), (dims[2], dims[3])
 
 
@@ -197,16 +191,24 @@ class LPI(nn.Layer):
 
     def forward(self, x, H, W, scale=None):
         """(B, N, C) -> (B, N, C), with N = H * W; the output is multiplied by ``scale`` (C,)."""
-        B, N = _dims(x)[0], _dims(x)[1]
-        C = self.bn.weight.shape[0]
+        weight, bias = self.conv2.weight, self.conv2.bias
+        if scale is not None:
+            weight, bias = weight * scale.reshape([-1, 1, 1, 1]), bias * scale
+        if not paddle.in_dynamic_mode():
+            return self._graph_forward(x, H, W, weight, bias)
+        B, N, C = x.shape
         x = _transpose(x.reshape([-1, C]), [1, 0]).reshape([C, B, N])  # channel planes
         x = self._depthwise(x, self.conv1.weight, self.conv1.bias, H, W)
         x = self.bn(self.act(x).reshape([1, C, B, N])).reshape([C, B, N])  # statistics over B*N
-        weight, bias = self.conv2.weight, self.conv2.bias
-        if scale is not None:
-            weight, bias = weight * scale.reshape([C, 1, 1, 1]), bias * scale
         x = self._depthwise(x, weight, bias, H, W)
         return _transpose(x.reshape([C, -1]), [1, 0]).reshape([B, N, C])
+
+    def _graph_forward(self, x, H, W, weight2, bias2):
+        """Graph mode: the tokens as a (B, C, H, W) image; oneDNN runs the whole batch at once."""
+        B, N, C = x.shape
+        x = x.transpose([0, 2, 1]).reshape([B, C, H, W])
+        x = F.conv2d(self.bn(self.act(self.conv1(x))), weight2, bias2, padding=1, groups=C)
+        return x.reshape([B, C, N]).transpose([0, 2, 1])
 
     @staticmethod
     def _depthwise(x, weight, bias, H, W):
@@ -216,10 +218,10 @@ class LPI(nn.Layer):
         kernel sees C tall planes instead of B * C small ones (Paddle's CPU depthwise kernel
         has a large cost per plane); the separator rows' outputs are dropped.
         """
-        C, B, N = x.shape[0], _dims(x)[1], _dims(x)[2]
+        C, B, N = x.shape
         x = paddle.concat([x, paddle.zeros([C, B, W], dtype=x.dtype)], axis=2)
-        x = F.conv2d(x.reshape([1, C, -1, W]), weight, bias, padding=1, groups=C)
-        return paddle.slice(x.reshape([C, B, -1]), axes=[2], starts=[0], ends=[N])
+        x = F.conv2d(x.reshape([1, C, B * (H + 1), W]), weight, bias, padding=1, groups=C)
+        return paddle.split(x.reshape([C, B, H + 1, W]), [H, 1], axis=2)[0].reshape([C, B, N])
 
 
 class Mlp(nn.Layer):
@@ -256,25 +258,17 @@ class XCA(nn.Layer):
 
     def forward(self, x, scale=None):
         """(B, N, C) -> (B, N, C); the output is multiplied by ``scale`` (C,)."""
-        B, N = _dims(x)[0], _dims(x)[1]
-        C = self.proj.weight.shape[0]
+        N, C = x.shape[1], self.proj.weight.shape[0]
         h = self.num_heads
-        # q, k, v per head with channels first, (B, h, d, N): one GEMM and one transpose each
-        q, k, v = (self._heads(x, i, B, N, C) for i in range(3))
+        qkv = _transpose(self.qkv(x), [0, 2, 1]).reshape([0, 3 * h, C // h, N])  # channels first
+        q, k, v = paddle.split(qkv, 3, axis=1)  # (B, h, d, N)
         # F.normalize(q) @ F.normalize(k)^T = diag(1/|q_i|) (q @ k^T) diag(1/|k_j|), norms over N
         inv_q = paddle.rsqrt(paddle.clip(paddle.sum(q * q, axis=-1, keepdim=True), min=NORMALIZE_EPS ** 2))
         inv_k = paddle.rsqrt(paddle.clip(paddle.sum(k * k, axis=-1), min=NORMALIZE_EPS ** 2))
         attn = paddle.matmul(q, k, transpose_y=True) * (inv_q * self.temperature) * inv_k.unsqueeze(-2)
-        attn = self.attn_drop(F.softmax(attn, axis=-1))  # (B, h, d, d)
-        x = _transpose(paddle.matmul(attn, v).reshape([B, C, N]), [0, 2, 1])
+        attn = self.attn_drop(F.softmax(attn, axis=-1))
+        x = _transpose(paddle.matmul(attn, v).reshape([0, C, N]), [0, 2, 1])
         return self.proj_drop(self.proj(x, scale))
-
-    def _heads(self, x, i, B, N, C):
-        """The i-th of q, k, v: x (B, N, C) -> (B, heads, d, N)."""
-        part = slice(i * C, (i + 1) * C)
-        bias = None if self.qkv.bias is None else self.qkv.bias[part]
-        t = _linear(x, self.qkv.weight[:, part], bias)
-        return _transpose(t, [0, 2, 1]).reshape([B, self.num_heads, C // self.num_heads, N])
 
 
 class XCABlock(nn.Layer):
@@ -421,7 +415,7 @@ class XCiT(nn.Layer):
 
     def forward_features(self, x):
         """(B, 3, H, W) -> final-norm class token (B, embed_dim)."""
-        B = _dims(x)[0]
+        B = x.shape[0]
         x, (Hp, Wp) = self.patch_embed(x)
         if self.use_pos:
             x = x + self.pos_embeder(Hp, Wp)
