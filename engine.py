@@ -39,8 +39,9 @@ from mixup import build_mixup
 from optim import build_lr_scheduler, build_optimizer
 from port_weights.convert import find_mismatches, format_mismatches
 from teacher import build_teacher
-from utils import (AverageMeter, CheckpointError, MetricsLog, all_reduce_sum, format_seconds,
-                   get_rank, get_world_size, load_checkpoint, save_checkpoint, setup_logger, write_json)
+from utils import (AverageMeter, CheckpointError, MetricsLog, all_reduce_sum, average_batchnorm_statistics,
+                   format_seconds, get_rank, get_world_size, load_checkpoint, save_checkpoint, setup_logger,
+                   write_json)
 from xcit import build_xcit
 
 # Ops kept in float32 under AMP, besides Paddle's own list: XCA's L2 normalisation of q and k
@@ -559,6 +560,9 @@ class Trainer:
         last = {}
         for epoch in range(self.epoch, num_epochs):
             stats = self.train_one_epoch(epoch)
+            average_batchnorm_statistics(self.model)
+            if self.model_ema:
+                average_batchnorm_statistics(self.model_ema.module)
             _check_finite_weights(self.model, epoch + 1)
             self.epoch = epoch + 1
             acc_text = f', acc@1 {stats["acc1"]:.2f}%' if stats['acc1'] is not None else ''

@@ -42,6 +42,24 @@ def all_reduce_sum(values):
     return tensor.numpy()
 
 
+BATCHNORMS = (paddle.nn.BatchNorm1D, paddle.nn.BatchNorm2D, paddle.nn.BatchNorm3D, paddle.nn.SyncBatchNorm)
+
+
+def average_batchnorm_statistics(layer):
+    """Replaces the running mean and variance of every BatchNorm in ``layer`` by their mean over
+    the processes, so that every process holds the same model. (Gradients keep the parameters
+    in step; without SyncBatchNorm each process's statistics follow its own batches.)
+    """
+    world_size = get_world_size()
+    if world_size == 1:
+        return
+    for sub in layer.sublayers(include_self=True):
+        if isinstance(sub, BATCHNORMS):
+            for stat in (sub._mean, sub._variance):
+                dist.all_reduce(stat)
+                paddle.assign(stat / world_size, output=stat)
+
+
 # ---------------------------------------------------------------- logging
 
 

@@ -1,0 +1,234 @@
+"""Evaluation through the entry points: exact known-answer metrics with a golden checkpoint,
+loading rules for -pretrained, and the static-graph fast path with its dygraph fallback."""
+import json
+import os
+
+import numpy as np
+import paddle
+import pytest
+from PIL import Image
+
+from conftest import GOLDEN
+import engine
+import main_single_gpu
+from config import get_config
+from port_weights.convert import convert_file
+from transforms import build_eval_transform
+from utils import CheckpointError, setup_logger
+from xcit import build_xcit
+
+NUM_IMAGES = 40
+NUM_CLASSES = 10
+# the golden 'mini_p8_tokens_norm' architecture, on 32 px images
+GOLDEN_YAML = """\
+DATA:
+  DATASET: imagefolder
+  IMAGE_SIZE: 32
+  NUM_WORKERS: 0
+MODEL:
+  NAME: golden_mini_p8
+  NUM_CLASSES: 10
+  PATCH_SIZE: 8
+  EMBED_DIM: 64
+  DEPTH: 2
+  NUM_HEADS: 4
+  ETA: 1.0e-5
+  TOKENS_NORM: True
+REPORT_FREQ: 2
+"""
+
+
+def random_images(count, seed):
+    """Smooth random RGB images, 40x48 (resized and centre-cropped to 32x32 by evaluation)."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        coarse = rng.integers(0, 256, size=(5, 6, 3), dtype=np.uint8)
+        images.append(Image.fromarray(coarse).resize((48, 40), Image.Resampling.BILINEAR))
+    return images
+
+
+def choose_labels(logits, margin=2e-4):
+    """Known answers from the model's own ranking: image i is labelled with its top-1 class
+    (i % 3 == 0), its 3rd class (i % 3 == 1: in the top 5, not top 1) or one ranked 6th or lower
+    (i % 3 == 2, the least used so far, so that every class folder gets images). A label's logit
+    is at least ``margin`` from every other, so the answers survive rounding differences.
+    Returns labels and the expected correct@1 and correct@5 counts."""
+    order = np.argsort(-logits, axis=1)
+    counts = np.zeros(NUM_CLASSES, dtype=int)
+    labels = []
+    for i, ranked in enumerate(order):
+        clear = [c for c in ranked if np.sort(np.abs(logits[i] - logits[i][c]))[1] > margin]
+        if i % 3 == 0:
+            candidates = ranked[:1]
+        elif i % 3 == 1:
+            candidates = ranked[2:3]
+        else:
+            candidates = sorted(ranked[5:], key=lambda c: counts[c])
+        label = next(c for c in candidates if c in clear)  # StopIteration: choose another image seed
+        counts[label] += 1
+        labels.append(int(label))
+    assert counts.min() > 0, 'a class got no image; choose another image seed'
+    correct1 = sum(1 for i in range(len(labels)) if i % 3 == 0)
+    correct5 = sum(1 for i in range(len(labels)) if i % 3 != 2)
+    return np.array(labels), correct1, correct5
+
+
+@pytest.fixture(scope='module')
+def golden(tmp_path_factory):
+    """A converted golden checkpoint cut to 10 classes, and an image folder labelled from its
+    own predictions, with the expected Acc@1, Acc@5 and mean loss."""
+    root = tmp_path_factory.mktemp('golden_eval')
+    cfg = root / 'golden.yaml'
+    cfg.write_text(GOLDEN_YAML)
+    full = root / 'golden_1000.pdparams'
+    convert_file(os.path.join(GOLDEN, 'mini_p8_tokens_norm.pth'), str(full))
+    state = paddle.load(str(full))
+    state['head.weight'] = np.asarray(state['head.weight'])[:, :NUM_CLASSES]
+    state['head.bias'] = np.asarray(state['head.bias'])[:NUM_CLASSES]
+    weights = root / 'golden_10.pdparams'
+    paddle.save(state, str(weights))
+
+    config = get_config(str(cfg))
+    model = build_xcit(config)
+    model.set_state_dict(paddle.load(str(weights)))
+    model.eval()
+    images = random_images(NUM_IMAGES, seed=3)
+    transform = build_eval_transform(config)
+    with paddle.no_grad():
+        logits = model(paddle.to_tensor(np.stack([transform(im) for im in images]))).numpy().astype(np.float64)
+    labels, correct1, correct5 = choose_labels(logits)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = root / 'data' / 'val' / f'class{label}'
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f'img{i:02d}.png')
+    log_norm = np.log(np.exp(logits).sum(axis=1))
+    loss = float(np.mean(log_norm - logits[np.arange(NUM_IMAGES), labels]))
+    return dict(cfg=str(cfg), weights=str(weights), full=str(full), data=str(root / 'data'), root=root,
+                acc1=100.0 * correct1 / NUM_IMAGES, acc5=100.0 * correct5 / NUM_IMAGES, loss=loss)
+
+
+def eval_args(golden, output, *extra):
+    return ['-cfg', golden['cfg'], '-data_path', golden['data'], '-pretrained', golden['weights'],
+            '-output', str(output), '-eval', '-batch_size_eval', '6', *extra]
+
+
+def test_known_answer_accuracy_is_exact(golden, tmp_path, capsys):
+    summary = main_single_gpu.main(eval_args(golden, tmp_path, '-amp'))
+    assert summary['images'] == NUM_IMAGES
+    assert summary['acc1'] == pytest.approx(golden['acc1'], abs=1e-9)  # 14 of 40
+    assert summary['acc5'] == pytest.approx(golden['acc5'], abs=1e-9)  # 27 of 40
+    assert summary['acc1'] != summary['acc5']
+    assert summary['loss'] == pytest.approx(golden['loss'], abs=1e-4)
+    assert summary['path'] == 'static' and summary['device'] == 'cpu'
+    out = capsys.readouterr().out
+    assert '-amp has no effect on CPU' in out
+    assert 'eval model: batch 2/7' in out  # progress every REPORT_FREQ batches
+    last_line = out.strip().splitlines()[-1]
+    assert json.loads(last_line) == summary
+    assert json.loads((tmp_path / 'eval_summary.json').read_text()) == summary
+
+
+def test_training_checkpoint_as_pretrained_and_its_ema(golden, tmp_path):
+    """A training checkpoint works for -pretrained; -ema evaluates its 'model_ema' weights."""
+    plain = paddle.load(golden['weights'])
+    negated = {k: -np.asarray(v) if k.startswith('head.') else v for k, v in plain.items()}
+    checkpoint = tmp_path / 'train.pdparams'
+    paddle.save({'model': negated, 'model_ema': plain, 'epoch': 3}, str(checkpoint))
+    args = eval_args(golden, tmp_path, '-batch_size', '40')
+    args[args.index('-pretrained') + 1] = str(checkpoint)
+    ema = main_single_gpu.main(args + ['-ema'])
+    assert ema['acc1'] == pytest.approx(golden['acc1']) and ema['ema'] is True
+    model = main_single_gpu.main(args)
+    assert model['acc1'] <= 25.0  # negated logits: only labels ranked last before can be top-1 now
+
+
+def test_ema_of_a_plain_state_dict_is_an_error(golden, tmp_path):
+    with pytest.raises(CheckpointError, match=r"-ema needs EMA weights \('model_ema'\).*plain state dict"):
+        main_single_gpu.main(eval_args(golden, tmp_path, '-ema'))
+
+
+def test_eval_without_weights_is_an_error(golden, tmp_path):
+    args = eval_args(golden, tmp_path)
+    del args[args.index('-pretrained'):args.index('-pretrained') + 2]
+    with pytest.raises(engine.ConfigError, match='-eval needs weights'):
+        main_single_gpu.main(args)
+
+
+def test_fine_tuning_drops_a_head_of_another_class_count(golden, caplog):
+    config = get_config(golden['cfg'])
+    model = build_xcit(config)
+    logger = setup_logger()
+    logger.propagate = True  # let caplog see the records
+    before = model.head.weight.numpy().copy()
+    engine.load_weights(model, golden['full'], False, logger, new_head_ok=True)
+    assert 'dropping the classifier head (1000 classes) for a new one with 10 classes' in caplog.text
+    np.testing.assert_array_equal(model.head.weight.numpy(), before)
+    golden_state = paddle.load(golden['full'])
+    np.testing.assert_array_equal(model.blocks[1].attn.qkv.weight.numpy(), golden_state['blocks.1.attn.qkv.weight'])
+    with pytest.raises(CheckpointError, match=r'head\.weight +\[64, 1000\] +\[64, 10\] +shape mismatch'):
+        engine.load_weights(model, golden['full'], False, logger, new_head_ok=False)
+
+
+def test_missing_and_unexpected_keys_are_reported(golden, tmp_path, caplog):
+    state = dict(paddle.load(golden['weights']))
+    del state['norm.weight']
+    state['extra.scale'] = np.ones(3, dtype=np.float32)
+    path = tmp_path / 'partial.pdparams'
+    paddle.save(state, str(path))
+    model = build_xcit(get_config(golden['cfg']))
+    logger = setup_logger()
+    logger.propagate = True
+    engine.load_weights(model, str(path), False, logger, new_head_ok=True)
+    assert '1 model weights not in the checkpoint, left as initialised: norm.weight' in caplog.text
+    assert '1 checkpoint entries not in the model, ignored: extra.scale' in caplog.text
+
+
+class TestStaticPath:
+    """``EvalForward`` keeps the static graph only when it reproduces dygraph."""
+
+    @pytest.fixture
+    def forward(self, tmp_path):
+        path = tmp_path / 'tiny.yaml'
+        path.write_text('MODEL:\n  PATCH_SIZE: 8\n  EMBED_DIM: 32\n  DEPTH: 1\n  NUM_HEADS: 2\n  NUM_CLASSES: 5\n')
+        paddle.seed(0)
+        model = build_xcit(get_config(str(path)))
+        model.eval()
+        return engine.EvalForward(model, 32, try_static=True)
+
+    def test_static_graph_matches_and_is_used(self, forward, caplog):
+        images = paddle.randn([3, 3, 32, 32])
+        logger = setup_logger()
+        logger.propagate = True
+        forward.choose(images, logger)
+        assert forward.path == 'static'
+        with paddle.no_grad():
+            np.testing.assert_allclose(forward(images).numpy(), forward.model(images).numpy(), atol=1e-5)
+
+    def test_failure_falls_back_with_the_reason(self, forward, caplog):
+        def broken(images):
+            raise RuntimeError('unsupported op in\nconversion')
+        forward.static = broken
+        logger = setup_logger()
+        logger.propagate = True
+        forward.choose(paddle.randn([2, 3, 32, 32]), logger)
+        assert forward.path == 'dygraph'
+        assert 'static graph unavailable (RuntimeError: unsupported op in conversion)' in caplog.text
+
+    def test_different_logits_fall_back(self, forward, caplog):
+        model = forward.model
+        forward.static = lambda images: model(images) + 1e-3
+        logger = setup_logger()
+        logger.propagate = True
+        forward.choose(paddle.randn([2, 3, 32, 32]), logger)
+        assert forward.path == 'dygraph'
+        assert 'static-graph logits differ from dygraph by 1.00e-03' in caplog.text
+
+
+def test_classification_sums_counts_ties_and_uses_float64():
+    logits = np.array([[3.0, 1.0, 2.0, 0.0, -1.0, -2.0],
+                       [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]], dtype=np.float32)
+    sums = engine.classification_sums(logits, np.array([2, 5]))
+    assert sums[:2].tolist() == [1.0, 2.0] and sums[3] == 2  # label 2 ranked 2nd; a tie counts
+    expected = np.log(np.exp(logits.astype(np.float64)).sum(1)) - logits[[0, 1], [2, 5]]
+    assert sums[2] == pytest.approx(expected.sum(), abs=1e-12)

@@ -1,0 +1,184 @@
+"""Training through ``main_single_gpu.main`` on the bundled digits with a tiny XCiT: learning,
+exact resume, checkpoints and metrics, and the errors a user can run into."""
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import paddle
+import pytest
+from PIL import Image
+
+import engine
+import main_single_gpu
+from config import ConfigError
+from datasets import DataError
+from utils import CheckpointError
+
+TINY = ['MODEL.PATCH_SIZE', '8', 'MODEL.EMBED_DIM', '32', 'MODEL.DEPTH', '1', 'MODEL.NUM_HEADS', '2',
+        'MODEL.NUM_CLASSES', '10', 'DATA.IMAGE_SIZE', '32', 'DATA.BATCH_SIZE_EVAL', '180',
+        'TRAIN.WARMUP_EPOCHS', '0', 'TRAIN.LINEAR_SCALED_LR', '0', 'REPORT_FREQ', '20']
+# every source of randomness on: augmentation, repeated augmentation, mixup/cutmix, drop path, EMA
+FULL_RECIPE = ['TRAIN.BASE_LR', '1e-3', 'MODEL.DROPPATH', '0.1', 'TRAIN.MODEL_EMA_DECAY', '0.9',
+               'DATA.NUM_WORKERS', '2', 'SAVE_FREQ', '1']
+PLAIN_RECIPE = ['TRAIN.BASE_LR', '3e-3', 'TRAIN.RAND_AUGMENT', 'False', 'TRAIN.COLOR_JITTER', '0.0',
+                'TRAIN.HFLIP', '0.0', 'TRAIN.RANDOM_ERASE_PROB', '0.0', 'TRAIN.MIXUP_PROB', '0.0',
+                'TRAIN.REPEATED_AUG', 'False', 'TRAIN.MODEL_EMA', 'False', 'TRAIN.RANDOM_RESIZED_CROP_SCALE',
+                '[0.8, 1.0]', 'DATA.NUM_WORKERS', '0', 'SAVE_FREQ', '0']
+
+
+def train_args(output, *opts, epochs=2, batch=64, extra=()):
+    return ['-dataset', 'digits', '-batch_size', str(batch), '-output', str(output), *extra,
+            '-opts', *TINY, 'TRAIN.NUM_EPOCHS', str(epochs), *opts]
+
+
+def read_metrics(output):
+    return [json.loads(line) for line in (output / 'metrics.jsonl').read_text().splitlines()]
+
+
+def flat_state(state):
+    """{name: float64 array} of a state dict (nested dicts flattened with '/')."""
+    flat = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            flat.update({f'{key}/{k}': v for k, v in flat_state(value).items()})
+        elif hasattr(value, 'shape') and np.asarray(value).dtype.kind == 'f':
+            flat[key] = np.asarray(value, dtype=np.float64)
+    return flat
+
+
+def max_abs_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float(np.abs(a[k] - b[k]).max()) if a[k].size else 0.0 for k in a)
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope='module')
+def full_run(tmp_path_factory):
+    """Two epochs with the full recipe, keeping the epoch-1 checkpoint."""
+    output = tmp_path_factory.mktemp('full')
+    result = main_single_gpu.main(train_args(output, *FULL_RECIPE))
+    return output, result
+
+
+def test_resume_continues_exactly(full_run, tmp_path):
+    """2 epochs straight == 1 epoch (the run's own epoch_1 checkpoint) + resume for 1 more."""
+    output, _ = full_run
+    result = main_single_gpu.main(train_args(tmp_path, *FULL_RECIPE, extra=['-resume', str(output / 'epoch_1.pdparams')]))
+    straight = paddle.load(str(output / 'last.pdparams'))
+    resumed = paddle.load(str(tmp_path / 'last.pdparams'))
+    assert resumed['epoch'] == straight['epoch'] == 2 and resumed['step'] == straight['step']
+    for part in ('model', 'model_ema', 'optimizer'):
+        diff = max_abs_diff(flat_state(straight[part]), flat_state(resumed[part]))
+        assert diff == 0.0, f'{part}: max abs difference {diff}'
+    # the resumed run logs what the straight run logged for epoch 2 (timings aside)
+    same = ('kind', 'model', 'epoch', 'step', 'lr', 'loss', 'acc1', 'acc5')
+    epoch2 = [[{k: r.get(k) for k in same} for r in read_metrics(out) if r['epoch'] == 2] for out in (output, tmp_path)]
+    assert epoch2[0] == epoch2[1] and len(epoch2[0]) == 4
+    assert result['last_acc1'] == full_run[1]['last_acc1'] and result['best_acc1'] == full_run[1]['best_acc1']
+
+
+def test_checkpoint_and_metrics_contents(full_run):
+    output, result = full_run
+    last = paddle.load(str(output / 'last.pdparams'))
+    assert {'model', 'model_ema', 'optimizer', 'lr_scheduler', 'epoch', 'step', 'config', 'best_acc',
+            'best_epoch'} <= set(last)
+    assert 'DATASET: digits' in last['config'] and last['step'] == 2 * (1438 // 64)
+    assert any(k.startswith('blocks.0.mlp.fc1.weight_moment1') for k in last['optimizer'])  # structured names
+    assert sorted(p.name for p in output.glob('*.pdparams')) == ['best.pdparams', 'epoch_1.pdparams',
+                                                                 'epoch_2.pdparams', 'last.pdparams']
+    records = read_metrics(output)
+    keys = {'kind', 'epoch', 'step', 'lr', 'loss', 'acc1', 'acc5', 'images_per_sec', 'time'}
+    assert all(keys <= set(r) for r in records)
+    train = [r for r in records if r['kind'] == 'train']
+    val = [r for r in records if r['kind'] == 'val']
+    assert [r['step'] for r in train] == [20, 22, 42, 44]  # every REPORT_FREQ steps and at epoch end
+    assert all(r['acc1'] is None for r in train)  # mixup: no train accuracy
+    assert [(r['epoch'], r['model']) for r in val] == [(1, 'model'), (1, 'ema'), (2, 'model'), (2, 'ema')]
+    assert result['best_acc1'] == max(r['acc1'] for r in val if r['model'] == 'model')
+
+
+def test_short_training_learns(tmp_path, capsys):
+    result = main_single_gpu.main(train_args(tmp_path, *PLAIN_RECIPE, epochs=3, batch=32))
+    records = read_metrics(tmp_path)
+    train = [r for r in records if r['kind'] == 'train']
+    val = [r for r in records if r['kind'] == 'val']
+    assert train[-1]['loss'] < train[0]['loss'] - 0.5
+    assert train[-1]['acc1'] > train[0]['acc1'] + 30
+    assert val[-1]['loss'] < val[0]['loss'] - 0.3
+    assert result['last_acc1'] > 60.0  # chance: 10%
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].split(' ', 1)[1].startswith('result: best Acc@1')
+    assert 'epoch 3/3 step 40/44 lr' in out and 'images/s ETA' in out
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(full_run, tmp_path):
+    output, _ = full_run
+    last = tmp_path / 'last.pdparams'
+    shutil.copy(output / 'epoch_1.pdparams', last)
+    before = digest(last)
+    with pytest.raises(engine.TrainingDiverged, match=r'loss is nan at epoch 2, step \d+/22'):
+        main_single_gpu.main(train_args(tmp_path, *FULL_RECIPE, 'TRAIN.BASE_LR', '1e30', extra=['-resume', str(last)]))
+    assert digest(last) == before
+    assert not (tmp_path / 'best.pdparams').exists()
+
+
+def test_resume_of_another_architecture_lists_the_differences(full_run, tmp_path):
+    output, _ = full_run
+    args = train_args(tmp_path, *FULL_RECIPE, 'MODEL.EMBED_DIM', '48', extra=['-resume', str(output / 'last.pdparams')])
+    with pytest.raises(CheckpointError) as info:
+        main_single_gpu.main(args)
+    message = str(info.value)
+    assert 'another architecture' in message
+    assert 'cls_token' in message and '[1, 1, 32]' in message and '[1, 1, 48]' in message
+    assert 'shape mismatch' in message
+
+
+def test_resume_of_weights_only_file_is_an_error(full_run, tmp_path):
+    output, _ = full_run
+    weights = tmp_path / 'weights.pdparams'
+    paddle.save(paddle.load(str(output / 'last.pdparams'))['model'], str(weights))
+    with pytest.raises(CheckpointError, match='not a training checkpoint.*use -pretrained'):
+        main_single_gpu.main(train_args(tmp_path, *FULL_RECIPE, extra=['-resume', str(weights)]))
+
+
+def test_training_checkpoint_as_pretrained_for_fine_tuning(full_run, tmp_path, capsys):
+    """-pretrained -ema takes the checkpoint's EMA weights; a new class count drops the head."""
+    output, _ = full_run
+    args = train_args(tmp_path, *PLAIN_RECIPE, 'MODEL.NUM_CLASSES', '12', epochs=1,
+                      extra=['-pretrained', str(output / 'last.pdparams'), '-ema'])
+    main_single_gpu.main(args)
+    out = capsys.readouterr().out
+    assert 'dropping the classifier head (10 classes) for a new one with 12 classes' in out
+    assert f'loaded EMA weights from {output / "last.pdparams"}' in out
+
+
+def test_corrupt_image_is_named(tmp_path):
+    for split in ('train', 'val'):
+        for label in ('a', 'b'):
+            folder = tmp_path / 'data' / split / label
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new('RGB', (32, 32), (60 * i, 100, 30)).save(folder / f'{i}.png')
+    bad = tmp_path / 'data' / 'train' / 'b' / '2.png'
+    bad.write_bytes(b'not a png at all')
+    args = ['-dataset', 'imagefolder', '-data_path', str(tmp_path / 'data'), '-batch_size', '8',
+            '-output', str(tmp_path / 'out'), '-opts', *TINY, *PLAIN_RECIPE, 'TRAIN.NUM_EPOCHS', '1',
+            'DATA.NUM_WORKERS', '1']  # the failure surfaces from a worker process
+    with pytest.raises(DataError, match=f'cannot read image {bad}'):
+        main_single_gpu.main(args)
+
+
+def test_unknown_opts_key_is_rejected_by_name(tmp_path):
+    with pytest.raises(ConfigError, match='unknown config key TRAIN.NO_SUCH_KEY'):
+        main_single_gpu.main(train_args(tmp_path, 'TRAIN.NO_SUCH_KEY', '1'))
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    """ACCUM_ITER 2 with batch 32: one optimizer step per 2 batches, the same count as batch 64."""
+    result = main_single_gpu.main(train_args(tmp_path, *PLAIN_RECIPE, 'TRAIN.ACCUM_ITER', '2', 'VALIDATE_FREQ',
+                                             '0', epochs=1, batch=32))
+    assert result['steps'] == 1438 // 32 // 2
