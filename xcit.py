@@ -85,8 +85,15 @@ class Linear(nn.Linear):
 
 
 def trunc_normal_init(std=0.02):
-    """Normal(0, std) truncated to [-2, 2], the defaults of ``timm.trunc_normal_`` used officially."""
-    return nn.initializer.TruncatedNormal(mean=0.0, std=std)
+    """Normal(0, std) truncated to [-2, 2], the defaults of ``timm.trunc_normal_`` used officially.
+
+    Paddle 2.x's TruncatedNormal has no bounds and cuts at 2 std instead; for the small std
+    used here the [-2, 2] bounds never bind, so there it is a plain Normal(0, std).
+    """
+    try:
+        return nn.initializer.TruncatedNormal(mean=0.0, std=std, a=-2.0, b=2.0)
+    except TypeError:
+        return nn.initializer.Normal(mean=0.0, std=std)
 
 
 class DropPath(nn.Layer):
@@ -126,13 +133,20 @@ class PositionalEncodingFourier(nn.Layer):
         x_embed = paddle.arange(1, W + 1, dtype='float32') / (W + eps) * self.scale
         dim_t = paddle.arange(self.hidden_dim, dtype='float32')
         dim_t = self.temperature ** (2 * paddle.floor(dim_t / 2) / self.hidden_dim)
-        pos_y = self._interleave(y_embed[:, None] / dim_t)  # (H, hidden)
-        pos_x = self._interleave(x_embed[:, None] / dim_t)  # (W, hidden)
+        pos_y = self._interleave(self._angles(y_embed, dim_t))  # (H, hidden)
+        pos_x = self._interleave(self._angles(x_embed, dim_t))  # (W, hidden)
         pos_y = pos_y[:, None, :].expand([H, W, self.hidden_dim])
         pos_x = pos_x[None, :, :].expand([H, W, self.hidden_dim])
         grid = paddle.concat([pos_y, pos_x], axis=-1).reshape([-1, 2 * self.hidden_dim])
         weight = self.token_projection.weight.reshape([-1, 2 * self.hidden_dim])  # 1x1 conv as a GEMM
         return paddle.matmul(grid, weight, transpose_y=True) + self.token_projection.bias
+
+    @staticmethod
+    def _angles(coords, dim_t):
+        """coords (L,) / dim_t (hidden,) -> (L, hidden). Both sides are expanded to (L, hidden)
+        first: Paddle 2.6's oneDNN divide gets this broadcast wrong in exported models."""
+        coords = coords.unsqueeze(1).expand([-1, dim_t.shape[0]])
+        return coords / paddle.expand_as(dim_t.unsqueeze(0), coords)
 
     @staticmethod
     def _interleave(t):
@@ -415,15 +429,14 @@ class XCiT(nn.Layer):
 
     def forward_features(self, x):
         """(B, 3, H, W) -> final-norm class token (B, embed_dim)."""
-        B = x.shape[0]
         x, (Hp, Wp) = self.patch_embed(x)
         if self.use_pos:
             x = x + self.pos_embeder(Hp, Wp)
         x = self.pos_drop(x)
         for blk in self.blocks:
             x = blk(x, Hp, Wp)
-        cls_tokens = self.cls_token.expand([B, -1, -1])
-        x = paddle.concat([cls_tokens, x], axis=1)
+        # expand_as, not expand([B, ...]): Paddle 2.6's oneDNN predictor ignores a dynamic batch in expand
+        x = paddle.concat([paddle.expand_as(self.cls_token, x[:, :1]), x], axis=1)
         for blk in self.cls_attn_blocks:
             x = blk(x)
         return self.norm(x[:, 0])  # LayerNorm is per token: only the class token's is needed

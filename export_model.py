@@ -1,0 +1,180 @@
+"""Exports an XCiT to a Paddle inference model and checks it against the dygraph model.
+
+    python export_model.py -cfg configs/xcit_nano_12_p16_224.yaml \\
+        -pretrained xcit_nano_12_p16_224.pdparams -output export/xcit_nano_12_p16_224 [-image_size 224]
+
+writes ``<output>/model.json`` (the program; Paddle 3) and ``<output>/model.pdiparams`` (the
+weights). The batch size is always dynamic; height and width are dynamic too, unless
+``-image_size S`` fixes the input to S x S. Paddle 2.x writes its own format,
+``model.pdmodel``, which Paddle Lite and Paddle2ONNX read; ``--legacy-format`` asks for that
+format and needs Paddle 2.x (see ``--help``).
+
+The script then runs the exported model with ``paddle.inference`` (plain CPU kernels, and
+oneDNN when Paddle has it) and the dygraph model on the same random images, prints the
+largest logit difference and exits with status 1 when it exceeds ``TOLERANCE``.
+"""
+import argparse
+import logging
+import os
+import sys
+
+import numpy as np
+import paddle
+
+from config import ConfigError, get_config, merge_from_list
+from engine import weights_of
+from port_weights.convert import find_mismatches, format_mismatches
+from utils import CheckpointError, load_checkpoint
+from xcit import build_xcit
+
+TOLERANCE = 1e-4  # max abs logit difference between the exported and the dygraph model
+PADDLE_MAJOR = int(paddle.__version__.split('.')[0])
+PROGRAM_SUFFIXES = ('.json', '.pdmodel')
+HAS_ONEDNN = paddle.base.core.is_compiled_with_mkldnn()
+
+
+class ExportError(RuntimeError):
+    """The export cannot be written, or it does not reproduce the dygraph model."""
+
+
+def load_model(cfg_path, pretrained, image_size=None):
+    """(config, eval-mode XCiT) of ``cfg_path`` with every weight of ``pretrained``.
+
+    ``pretrained`` is a converted ``.pdparams`` or a training checkpoint (its 'model' entry).
+    Unlike training, nothing may be missing: a missing, unexpected or differently shaped
+    key raises ``CheckpointError`` with a table of them.
+    """
+    config = get_config(cfg_path)
+    if image_size:
+        config.defrost()
+        merge_from_list(config, ['DATA.IMAGE_SIZE', image_size], source='-image_size')
+        config.freeze()
+    model = build_xcit(config)
+    state = weights_of(load_checkpoint(pretrained), pretrained, use_ema=False)
+    rows = find_mismatches(state, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    if rows:
+        raise CheckpointError(f'{pretrained} does not fit the model of {cfg_path}:\n{format_mismatches(rows)}')
+    model.set_state_dict(state)
+    model.eval()
+    return config, model
+
+
+def export(model, output, image_size=None):
+    """Writes ``model`` to ``output``/model.{json or pdmodel, pdiparams}; returns the program path.
+
+    Input spec [None, 3, H, W] float32 with H = W = ``image_size``, or dynamic H and W.
+    """
+    side = image_size or None
+    spec = [paddle.static.InputSpec([None, 3, side, side], 'float32', name='image')]
+    static = paddle.jit.to_static(model, input_spec=spec, full_graph=True)
+    paddle.jit.save(static, os.path.join(output, 'model'))
+    return program_path(output)
+
+
+def program_path(model_dir):
+    """The program file of an exported model folder: model.json (Paddle 3) or model.pdmodel."""
+    for suffix in PROGRAM_SUFFIXES:
+        path = os.path.join(model_dir, 'model' + suffix)
+        if os.path.isfile(path):
+            return path
+    raise ExportError(f'{model_dir}: no exported model (model.json or model.pdmodel) found')
+
+
+class InferenceModel:
+    """An exported model run by ``paddle.inference`` on the CPU: images (B, 3, H, W) -> logits.
+
+    ``mkldnn`` selects the oneDNN kernels (when Paddle has them); ``threads`` is the math
+    library's thread count (default: all CPUs).
+    """
+
+    def __init__(self, model_dir, mkldnn=True, threads=None):
+        from paddle import inference
+        config = inference.Config(program_path(model_dir), os.path.join(model_dir, 'model.pdiparams'))
+        config.disable_gpu()
+        config.disable_glog_info()
+        config.set_cpu_math_library_num_threads(threads or os.cpu_count() or 1)
+        self.mkldnn = mkldnn and HAS_ONEDNN
+        if self.mkldnn:
+            config.enable_mkldnn()
+        self.predictor = inference.create_predictor(config)
+        self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
+        self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
+
+    @property
+    def name(self):
+        return 'paddle.inference ' + ('oneDNN' if self.mkldnn else 'CPU')
+
+    def __call__(self, images):
+        images = np.ascontiguousarray(images, dtype='float32')
+        self.input.reshape(list(images.shape))
+        self.input.copy_from_cpu(images)
+        self.predictor.run()
+        return self.output.copy_to_cpu()
+
+
+def check_inputs(size, dynamic_size, patch_size, seed=0):
+    """Random images for the check: batch 2 at size x size, and, when the exported height and
+    width are dynamic, a non-square batch of 1 whose sides are not multiples of the patch."""
+    rng = np.random.default_rng(seed)
+    shapes = [(2, 3, size, size)]
+    if dynamic_size:
+        shapes.append((1, 3, size + patch_size // 2, max(size - patch_size - 3, patch_size + 1)))
+    return [rng.standard_normal(shape).astype('float32') for shape in shapes]
+
+
+def max_difference(model, runners, inputs):
+    """Largest abs difference between the dygraph logits and each runner's: [(name, diff)]."""
+    with paddle.no_grad():
+        expected = [model(paddle.to_tensor(x)).numpy() for x in inputs]
+    return [(run.name, max(float(np.abs(run(x) - y).max()) for x, y in zip(inputs, expected)))
+            for run in runners]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('-cfg', required=True, help='model YAML config')
+    parser.add_argument('-pretrained', required=True, help='weights: a converted .pdparams or a training checkpoint')
+    parser.add_argument('-output', required=True, help='folder for model.json / model.pdmodel and model.pdiparams')
+    parser.add_argument('-image_size', type=int, default=None,
+                        help='fix the input to S x S (default: dynamic height and width)')
+    parser.add_argument('--legacy-format', action='store_true',
+                        help='write the Paddle 2.x format (model.pdmodel) for Paddle Lite and Paddle2ONNX. '
+                             'Only Paddle 2.x writes it: Paddle 3 cannot trace this model into its legacy '
+                             'program IR, and a model.json cannot be converted to .pdmodel')
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.getLogger('paddle').setLevel(logging.WARNING)
+    try:
+        if args.legacy_format and PADDLE_MAJOR >= 3:
+            raise ExportError(f'--legacy-format: Paddle {paddle.__version__} cannot write model.pdmodel. '
+                              f'Run this script with paddlepaddle 2.6 (bash scripts/test_paddle26.sh sets '
+                              f'one up in ./.venv26), whose export is the .pdmodel format.')
+        config, model = load_model(args.cfg, args.pretrained, args.image_size)
+        path = export(model, args.output, args.image_size)
+        dynamic = 'batch' if args.image_size else 'batch, height and width'
+        print(f'exported {config.MODEL.NAME} to {path} and model.pdiparams '
+              f'(input [N, 3, H, W] float32; dynamic {dynamic})')
+        inputs = check_inputs(config.DATA.IMAGE_SIZE, not args.image_size, config.MODEL.PATCH_SIZE)
+        runners = [InferenceModel(args.output, mkldnn=False)]
+        if HAS_ONEDNN:
+            runners.append(InferenceModel(args.output, mkldnn=True))
+        shapes = ', '.join(str(list(x.shape)) for x in inputs)
+        failed = []
+        for name, diff in max_difference(model, runners, inputs):
+            print(f'{name}: max |logits - dygraph logits| = {diff:.2e} on {shapes}')
+            if not diff <= TOLERANCE:  # also catches NaN
+                failed.append(f'{name} {diff:.2e}')
+        if failed:
+            raise ExportError(f'the exported model does not reproduce the dygraph model (tolerance '
+                              f'{TOLERANCE:.0e}): {"; ".join(failed)}. The files in {args.output} are not usable.')
+        print(f'OK: the exported model matches the dygraph model within {TOLERANCE:.0e}')
+    except (ConfigError, CheckpointError, ExportError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    main()
