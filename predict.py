@@ -1,0 +1,158 @@
+"""Top-5 predictions of an XCiT for image files and folders.
+
+    python predict.py -cfg configs/xcit_nano_12_p16_224.yaml -pretrained xcit_nano_12_p16_224.pdparams cat.jpg
+    python predict.py -cfg configs/xcit_nano_12_p16_224.yaml -model_dir export/xcit_nano_12_p16_224 photos/ -output top5.csv
+
+The model is the dygraph XCiT with ``-pretrained`` weights, or an exported model
+(``export_model.py``) run by ``paddle.inference`` with ``-model_dir``; images go through the
+evaluation transform of ``-cfg``. Single images are printed as a ranked list. Folders (every
+image file below them, sorted) and ``-output`` give a CSV instead: path, the top-5 class
+indices, their names and their probabilities, to ``-output`` or stdout. Class names come from
+``-class_names`` (one per line, in class-index order), by default the bundled ImageNet-1k list
+for 1000-class models. A file that cannot be read as an image is reported on stderr and
+skipped; the exit status is then 1.
+"""
+import argparse
+import csv
+import os
+import sys
+
+import numpy as np
+import paddle
+from PIL import Image
+
+from config import ConfigError, get_config
+from datasets import IMG_EXTENSIONS
+from export_model import ExportError, InferenceModel, load_model
+from transforms import build_eval_transform
+from utils import CheckpointError
+
+TOP_K = 5
+IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'imagenet_classes.txt')
+
+
+def read_class_names(path, num_classes):
+    """Class names from ``path`` (one per line), or the class indices as text when ``path`` is None."""
+    if path is None:
+        return [str(i) for i in range(num_classes)]
+    with open(path, encoding='utf-8') as f:
+        names = [line.strip() for line in f if line.strip()]
+    if len(names) != num_classes:
+        raise ConfigError(f'{path}: {len(names)} class names, but the model has {num_classes} classes')
+    return names
+
+
+def image_paths(inputs):
+    """(path, from_folder) for each input file and each image file below each input folder."""
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(root, name) for root, _, files in os.walk(item)
+                           for name in files if name.lower().endswith(IMG_EXTENSIONS))
+            paths += [(path, True) for path in found]
+        else:
+            paths.append((item, False))
+    return paths
+
+
+def load_image(path, transform):
+    """The transformed image, or raises OSError naming the problem."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return transform(img)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise OSError(f'{path}: cannot read the image ({type(e).__name__}: {e})') from e
+
+
+def top_k(logits, k=TOP_K):
+    """Softmax probabilities of the k best classes: (indices (B, k), probabilities (B, k))."""
+    logits = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    indices = np.argsort(-probs, axis=1, kind='stable')[:, :k]
+    return indices, np.take_along_axis(probs, indices, axis=1)
+
+
+def build_predictor(args):
+    """(config, callable images (B, 3, S, S) float32 -> logits (B, classes) ndarray)."""
+    if args.model_dir:
+        return get_config(args.cfg), InferenceModel(args.model_dir)
+    config, model = load_model(args.cfg, args.pretrained)
+
+    def run(images):
+        with paddle.no_grad():
+            return model(paddle.to_tensor(images)).numpy()
+    return config, run
+
+
+def csv_header(k=TOP_K):
+    return (['path'] + [f'index_{i + 1}' for i in range(k)] + [f'name_{i + 1}' for i in range(k)]
+            + [f'prob_{i + 1}' for i in range(k)])
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('inputs', nargs='+', metavar='IMAGE_OR_FOLDER')
+    parser.add_argument('-cfg', required=True, help='model YAML config (its DATA section sets the transform)')
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument('-pretrained', help='weights for the dygraph model (.pdparams or training checkpoint)')
+    weights.add_argument('-model_dir', help='folder of a model exported by export_model.py')
+    parser.add_argument('-output', default=None, help='write the CSV here (default: stdout)')
+    parser.add_argument('-class_names', default=None,
+                        help='class names, one per line (default: ImageNet-1k names for 1000 classes)')
+    parser.add_argument('-batch_size', type=int, default=16)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        config, predict = build_predictor(args)
+        num_classes = config.MODEL.NUM_CLASSES
+        default_names = IMAGENET_CLASSES if num_classes == 1000 else None
+        names = read_class_names(args.class_names or default_names, num_classes)
+    except (ConfigError, CheckpointError, ExportError, OSError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(1)
+    transform = build_eval_transform(config)
+    paths = image_paths(args.inputs)
+    if not paths:
+        print(f'error: no image files ({", ".join(IMG_EXTENSIONS)}) in {", ".join(args.inputs)}', file=sys.stderr)
+        sys.exit(1)
+    as_csv = args.output is not None or any(from_folder for _, from_folder in paths)
+    out = open(args.output, 'w', newline='', encoding='utf-8') if args.output else sys.stdout
+    writer = csv.writer(out) if as_csv else None
+    if writer:
+        writer.writerow(csv_header())
+    failed = 0
+    for start in range(0, len(paths), args.batch_size):
+        batch, images = [], []
+        for path, _ in paths[start:start + args.batch_size]:
+            try:
+                images.append(load_image(path, transform))
+                batch.append(path)
+            except OSError as e:
+                print(f'error: {e}', file=sys.stderr)
+                failed += 1
+        if not batch:
+            continue
+        indices, probs = top_k(predict(np.stack(images)))
+        for path, idx, prob in zip(batch, indices, probs):
+            if writer:
+                writer.writerow([path] + [int(i) for i in idx] + [names[i] for i in idx]
+                                + [f'{p:.6f}' for p in prob])
+            else:
+                print(path)
+                for rank, (i, p) in enumerate(zip(idx, prob), 1):
+                    print(f'  {rank}. {names[i]} ({i}): {p:.4f}')
+    if args.output:
+        out.close()
+        print(f'wrote {len(paths) - failed} predictions to {args.output}', file=sys.stderr)
+    if failed:
+        print(f'error: {failed} of {len(paths)} files could not be read', file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    main()
