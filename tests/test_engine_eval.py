@@ -2,13 +2,15 @@
 loading rules for -pretrained, and the static-graph fast path with its dygraph fallback."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import paddle
 import pytest
 from PIL import Image
 
-from conftest import GOLDEN
+from conftest import GOLDEN, ROOT
 import engine
 import main_single_gpu
 from config import get_config
@@ -232,3 +234,18 @@ def test_classification_sums_counts_ties_and_uses_float64():
     assert sums[:2].tolist() == [1.0, 2.0] and sums[3] == 2  # label 2 ranked 2nd; a tie counts
     expected = np.log(np.exp(logits.astype(np.float64)).sum(1)) - logits[[0, 1], [2, 5]]
     assert sums[2] == pytest.approx(expected.sum(), abs=1e-12)
+
+
+def test_two_processes_report_the_same_metrics_as_one(golden, tmp_path):
+    """Shards of 20 images in batches of 6 (the last ones partial): every image counted once."""
+    one = main_single_gpu.main(eval_args(golden, tmp_path / 'one'))
+    done = subprocess.run([sys.executable, os.path.join(ROOT, 'main_multi_gpu.py'), '-ngpus', '2',
+                           *eval_args(golden, tmp_path / 'two')],
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads(done.stdout.strip().splitlines()[-1])
+    assert two['processes'] == 2 and one['processes'] == 1
+    assert two['images'] == one['images'] == NUM_IMAGES
+    assert (two['acc1'], two['acc5']) == (one['acc1'], one['acc5']) == (golden['acc1'], golden['acc5'])
+    assert two['loss'] == pytest.approx(one['loss'], abs=2e-6)
+    assert two['path'] == 'static'

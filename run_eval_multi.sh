@@ -1,0 +1,28 @@
+#!/bin/sh
+# Evaluates converted XCiT weights on the ImageNet-1k validation set with several GPUs.
+# Each setting below can be overridden from the environment; on a machine without a GPU,
+# NGPUS is the number of CPU processes, e.g. the digits demo model on 2 CPU processes:
+#   NGPUS=2 DATASET=digits CONFIG=configs/demo/xcit_nano_12_p8_digits.yaml \
+#       PRETRAINED=output/demo/best.pdparams sh run_eval_multi.sh
+# Further arguments are passed on, e.g. `sh run_eval_multi.sh -ema` or `-opts KEY VALUE`.
+CONFIG=${CONFIG:-./configs/xcit_nano_12_p16_224.yaml}
+DATASET=${DATASET:-imagenet2012}
+DATA_PATH=${DATA_PATH:-/dataset/imagenet}
+BATCH_SIZE=${BATCH_SIZE:-128}  # per process
+PRETRAINED=${PRETRAINED:-./xcit_nano_12_p16_224.pdparams}
+CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1,2,3}
+NGPUS=${NGPUS:--1}  # -1: every visible GPU (2 processes on CPU)
+OUTPUT=${OUTPUT:-./output/eval}
+PYTHON=${PYTHON:-python}
+export CUDA_VISIBLE_DEVICES
+
+exec "$PYTHON" "$(dirname "$0")/main_multi_gpu.py" \
+    -cfg="$CONFIG" \
+    -dataset="$DATASET" \
+    -data_path="$DATA_PATH" \
+    -batch_size_eval="$BATCH_SIZE" \
+    -pretrained="$PRETRAINED" \
+    -ngpus="$NGPUS" \
+    -output="$OUTPUT" \
+    -eval \
+    "$@"

@@ -1,0 +1,30 @@
+#!/bin/sh
+# Trains XCiT on ImageNet-1k with several GPUs (the official recipe of the config).
+# Each setting below can be overridden from the environment; on a machine without a GPU,
+# NGPUS is the number of CPU processes, e.g. the digits demo on 2 CPU processes:
+#   NGPUS=2 DATASET=digits CONFIG=configs/demo/xcit_nano_12_p8_digits.yaml BATCH_SIZE=32 \
+#       OUTPUT=output/demo sh run_train_multi.sh
+# PRETRAINED (optional) starts from converted weights (fine-tuning); RESUME continues a run.
+# Further arguments are passed on, e.g. `sh run_train_multi.sh -amp -opts TRAIN.NUM_EPOCHS 300`.
+CONFIG=${CONFIG:-./configs/xcit_nano_12_p16_224.yaml}
+DATASET=${DATASET:-imagenet2012}
+DATA_PATH=${DATA_PATH:-/dataset/imagenet}
+BATCH_SIZE=${BATCH_SIZE:-128}  # per process; the learning rate scales with the global batch
+PRETRAINED=${PRETRAINED:-}
+RESUME=${RESUME:-}
+CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1,2,3}
+NGPUS=${NGPUS:--1}  # -1: every visible GPU (2 processes on CPU)
+OUTPUT=${OUTPUT:-./output/train}
+PYTHON=${PYTHON:-python}
+export CUDA_VISIBLE_DEVICES
+
+if [ -n "$RESUME" ]; then set -- -resume="$RESUME" "$@"; fi
+if [ -n "$PRETRAINED" ]; then set -- -pretrained="$PRETRAINED" "$@"; fi
+exec "$PYTHON" "$(dirname "$0")/main_multi_gpu.py" \
+    -cfg="$CONFIG" \
+    -dataset="$DATASET" \
+    -data_path="$DATA_PATH" \
+    -batch_size="$BATCH_SIZE" \
+    -ngpus="$NGPUS" \
+    -output="$OUTPUT" \
+    "$@"

@@ -1,0 +1,114 @@
+"""The command line and the shell scripts, with 2 CPU processes (gloo): evaluation and training
+agree with a single process, and bad input ends the program with one clear error line."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import pytest
+
+from conftest import ROOT
+import main_single_gpu
+from config import get_config
+from xcit import build_xcit
+
+TINY_YAML = """\
+DATA:
+  DATASET: digits
+  IMAGE_SIZE: 32
+  NUM_WORKERS: 0
+MODEL:
+  NUM_CLASSES: 10
+  PATCH_SIZE: 8
+  EMBED_DIM: 32
+  DEPTH: 1
+  NUM_HEADS: 2
+TRAIN:
+  NUM_EPOCHS: 1
+  WARMUP_EPOCHS: 0
+  BASE_LR: 2.0e-3
+  LINEAR_SCALED_LR: 64  # peak lr = BASE_LR * global batch / 64
+  RAND_AUGMENT: False
+  RANDOM_ERASE_PROB: 0.0
+  MIXUP_PROB: 0.0
+  REPEATED_AUG: False
+  MODEL_EMA: False
+SAVE_FREQ: 0
+REPORT_FREQ: 10
+"""
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    """A tiny digits config and random weights for it."""
+    root = tmp_path_factory.mktemp('multi')
+    cfg = root / 'tiny.yaml'
+    cfg.write_text(TINY_YAML)
+    paddle.seed(1)
+    weights = root / 'tiny.pdparams'
+    paddle.save(build_xcit(get_config(str(cfg))).state_dict(), str(weights))
+    return root, str(cfg), str(weights)
+
+
+def run_script(script, env, cwd):
+    """Runs one of the repository's shell scripts with ``sh`` and extra environment settings."""
+    env = {**os.environ, 'PYTHON': sys.executable, **env}
+    done = subprocess.run(['sh', os.path.join(ROOT, script)], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_eval_script_with_two_cpu_processes_matches_one_process(tiny, tmp_path):
+    root, cfg, weights = tiny
+    done = run_script('run_eval_multi.sh', dict(NGPUS='2', DATASET='digits', CONFIG=cfg, PRETRAINED=weights,
+                                                BATCH_SIZE='100', OUTPUT=str(tmp_path / 'two')), cwd=tmp_path)
+    two = json.loads(done.stdout.strip().splitlines()[-1])
+    one = main_single_gpu.main(['-cfg', cfg, '-pretrained', weights, '-eval', '-batch_size_eval', '64',
+                                '-output', str(tmp_path / 'one')])
+    assert two['processes'] == 2 and two['images'] == one['images'] == 359  # the digits validation split
+    assert (two['acc1'], two['acc5']) == (one['acc1'], one['acc5'])
+    assert two['loss'] == pytest.approx(one['loss'], abs=2e-6)
+    assert json.loads((tmp_path / 'two' / 'eval_summary.json').read_text()) == two
+
+
+def test_train_script_with_two_cpu_processes_matches_one_process(tiny, tmp_path):
+    """2 processes x 32 images follow 1 process x 64 images: the same global batches, the same
+    (world-size scaled) learning rate, gradients averaged. Not bit for bit: in training mode
+    BatchNorm normalises over each process's 32 images instead of 64."""
+    root, cfg, _ = tiny
+    run_script('run_train_multi.sh', dict(NGPUS='2', DATASET='digits', CONFIG=cfg, BATCH_SIZE='32',
+                                          OUTPUT=str(tmp_path / 'two')), cwd=tmp_path)
+    log = (tmp_path / 'two' / 'log.txt').read_text()
+    assert 'the 2 processes hold the same weights up to 0.0e+00' in log
+    one = main_single_gpu.main(['-cfg', cfg, '-batch_size', '64', '-output', str(tmp_path / 'one')])
+    runs = [paddle.load(str(tmp_path / run / 'last.pdparams')) for run in ('one', 'two')]
+    assert runs[0]['step'] == runs[1]['step'] == 1438 // 64
+    assert runs[0]['lr_scheduler'] == runs[1]['lr_scheduler']
+    paddle.seed(0)  # SEED: the initial weights of both runs
+    start = build_xcit(get_config(cfg)).state_dict()
+    trainable = [k for k, v in start.items() if not v.stop_gradient]
+    # per tensor: |difference between the runs| relative to how far training moved the weights
+    relative = {k: np.linalg.norm(np.asarray(runs[0]['model'][k]) - np.asarray(runs[1]['model'][k])) /
+                np.linalg.norm(np.asarray(runs[0]['model'][k]) - start[k].numpy()) for k in trainable}
+    worst = max(relative, key=relative.get)
+    print(f'1 vs 2 processes: largest relative weight difference {relative[worst]:.3f} ({worst}), '
+          f'median {np.median(list(relative.values())):.3f}')
+    assert relative[worst] < 0.4 and np.median(list(relative.values())) < 0.15
+    val = [json.loads(line) for line in (tmp_path / 'two' / 'metrics.jsonl').read_text().splitlines()][-1]
+    assert val['kind'] == 'val' and abs(val['acc1'] - one['last_acc1']) < 5.0
+
+
+@pytest.mark.parametrize('opts,message', [
+    (['TRAIN.NO_SUCH_KEY', '1'], 'error: -opts: unknown config key TRAIN.NO_SUCH_KEY'),
+    (['TRAIN.NUM_EPOCHS', 'many'], 'error: -opts: TRAIN.NUM_EPOCHS must be int'),
+])
+def test_bad_command_line_is_one_error_line(tiny, tmp_path, opts, message):
+    root, cfg, _ = tiny
+    done = subprocess.run([sys.executable, os.path.join(ROOT, 'main_multi_gpu.py'), '-cfg', cfg, '-ngpus', '2',
+                           '-output', str(tmp_path), '-opts', *opts], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(message)
+    assert 'Traceback' not in done.stderr
