@@ -435,8 +435,10 @@ class XCiT(nn.Layer):
         x = self.pos_drop(x)
         for blk in self.blocks:
             x = blk(x, Hp, Wp)
-        # expand_as, not expand([B, ...]): Paddle 2.6's oneDNN predictor ignores a dynamic batch in expand
-        x = paddle.concat([paddle.expand_as(self.cls_token, x[:, :1]), x], axis=1)
+        # In graph mode the batch comes from paddle.shape: with the size that to_static's x.shape
+        # gives, Paddle 2.6's oneDNN predictor leaves the class token unexpanded.
+        batch = x.shape[0] if paddle.in_dynamic_mode() else paddle.shape(x)[0]
+        x = paddle.concat([self.cls_token.expand([batch, -1, -1]), x], axis=1)
         for blk in self.cls_attn_blocks:
             x = blk(x)
         return self.norm(x[:, 0])  # LayerNorm is per token: only the class token's is needed

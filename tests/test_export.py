@@ -1,0 +1,105 @@
+"""export_model.py: round trip through paddle.inference, the mismatch check, bad input.
+
+A tiny XCiT (2 blocks, 32 channels, 5 classes) keeps each export to a few seconds.
+"""
+import os
+
+import numpy as np
+import paddle
+import pytest
+import yaml
+
+import export_model
+from config import get_config
+from export_model import InferenceModel, main
+from xcit import build_xcit
+
+TINY = {'DATA': {'IMAGE_SIZE': 48},
+        'MODEL': {'NAME': 'xcit_tiny_test', 'EMBED_DIM': 32, 'DEPTH': 2, 'NUM_HEADS': 2, 'NUM_CLASSES': 5,
+                  'TOKENS_NORM': True, 'ETA': 0.5}}
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    """(config path, weights path, the dygraph model with those weights in eval mode)."""
+    folder = tmp_path_factory.mktemp('tiny')
+    cfg = str(folder / 'tiny.yaml')
+    with open(cfg, 'w', encoding='utf-8') as f:
+        yaml.safe_dump(TINY, f)
+    paddle.seed(1)
+    model = build_xcit(get_config(cfg))
+    for name, value in model.state_dict().items():  # no identity layer scales or BN statistics
+        if name.endswith(('gamma1', 'gamma2', 'gamma3', '_mean', '_variance', 'temperature')):
+            value.set_value(paddle.rand(value.shape) + 0.5)
+    weights = str(folder / 'tiny.pdparams')
+    paddle.save(model.state_dict(), weights)
+    model.eval()
+    return cfg, weights, model
+
+
+def logits(model, x):
+    with paddle.no_grad():
+        return model(paddle.to_tensor(x)).numpy()
+
+
+def test_dynamic_export_runs_any_batch_and_size(tiny, tmp_path, capsys):
+    cfg, weights, model = tiny
+    main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path)])
+    out = capsys.readouterr().out
+    assert 'dynamic batch, height and width' in out and 'OK: the exported model matches' in out
+    program = 'model.json' if export_model.PADDLE_MAJOR >= 3 else 'model.pdmodel'
+    assert os.path.isfile(tmp_path / program) and os.path.isfile(tmp_path / 'model.pdiparams')
+    exported = InferenceModel(str(tmp_path))
+    for shape in [(3, 3, 48, 48), (1, 3, 70, 37)]:
+        x = np.random.default_rng(0).standard_normal(shape).astype('float32')
+        np.testing.assert_allclose(exported(x), logits(model, x), atol=1e-4, rtol=0)
+
+
+def test_fixed_size_export(tiny, tmp_path, capsys):
+    cfg, weights, model = tiny
+    main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path), '-image_size', '64'])
+    assert 'dynamic batch)' in capsys.readouterr().out
+    x = np.random.default_rng(1).standard_normal((4, 3, 64, 64)).astype('float32')
+    np.testing.assert_allclose(InferenceModel(str(tmp_path), mkldnn=False)(x), logits(model, x), atol=1e-4, rtol=0)
+
+
+def test_mismatch_between_exported_and_dygraph_fails(tiny, tmp_path, monkeypatch, capsys):
+    cfg, weights, _ = tiny
+    call = InferenceModel.__call__
+    monkeypatch.setattr(InferenceModel, '__call__', lambda self, x: call(self, x) + 1e-3)
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path), '-image_size', '32'])
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    assert 'max |logits - dygraph logits| = 1.00e-03' in captured.out
+    assert 'does not reproduce the dygraph model (tolerance 1e-04)' in captured.err
+
+
+def test_legacy_format_needs_paddle_2(tiny, tmp_path, capsys):
+    cfg, weights, model = tiny
+    argv = ['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path), '-image_size', '32', '--legacy-format']
+    if export_model.PADDLE_MAJOR >= 3:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 1
+        assert 'cannot write model.pdmodel' in capsys.readouterr().err
+        assert not os.listdir(tmp_path)
+    else:
+        main(argv)
+        assert sorted(os.listdir(tmp_path))[:2] == ['model.pdiparams', 'model.pdiparams.info']
+        assert os.path.isfile(tmp_path / 'model.pdmodel')
+
+
+def test_checkpoint_that_does_not_fit_is_named(tiny, tmp_path, capsys):
+    cfg, weights, _ = tiny
+    state = paddle.load(weights)
+    del state['blocks.1.attn.temperature']
+    state['head.weight'] = paddle.zeros([32, 7])
+    broken = str(tmp_path / 'broken.pdparams')
+    paddle.save(state, broken)
+    with pytest.raises(SystemExit):
+        main(['-cfg', cfg, '-pretrained', broken, '-output', str(tmp_path / 'out')])
+    err = capsys.readouterr().err
+    assert f'error: {broken} does not fit the model' in err
+    assert 'blocks.1.attn.temperature' in err and 'missing from checkpoint' in err
+    assert 'head.weight' in err and 'shape mismatch' in err

@@ -1,0 +1,107 @@
+"""predict.py on generated images: ranked output, CSV for folders, unreadable files, exported models."""
+import csv
+import io
+
+import numpy as np
+import paddle
+import pytest
+import yaml
+from PIL import Image
+
+from config import get_config
+from export_model import export
+from predict import main, top_k
+from transforms import build_eval_transform
+from xcit import build_xcit
+
+NAMES = ['ant', 'bee', 'cat', 'dog', 'eel']
+TINY = {'DATA': {'IMAGE_SIZE': 32, 'CROP_PCT': 0.875},
+        'MODEL': {'EMBED_DIM': 32, 'DEPTH': 1, 'NUM_HEADS': 2, 'NUM_CLASSES': len(NAMES)}}
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    """Config, weights, class names, images (two RGB JPEGs, a grayscale PNG in a subfolder,
+    a corrupt .jpg and a text file) and the model's expected top-5 for each readable image."""
+    root = tmp_path_factory.mktemp('predict')
+    cfg = str(root / 'tiny.yaml')
+    with open(cfg, 'w', encoding='utf-8') as f:
+        yaml.safe_dump(TINY, f)
+    names = root / 'names.txt'
+    names.write_text('\n'.join(NAMES) + '\n', encoding='utf-8')
+    paddle.seed(3)
+    config = get_config(cfg)
+    model = build_xcit(config)
+    model.head.bias.set_value(paddle.to_tensor([0.0, 2.0, -1.0, 0.5, 1.0]))  # distinct probabilities
+    weights = str(root / 'tiny.pdparams')
+    paddle.save(model.state_dict(), weights)
+    model.eval()
+    images = root / 'images'
+    (images / 'sub').mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, size in [('a.jpg', (40, 50)), ('b.jpg', (64, 33))]:
+        Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(images / name)
+    Image.fromarray(rng.integers(0, 256, (36, 36), dtype=np.uint8)).save(images / 'sub' / 'c.png')
+    (images / 'broken.jpg').write_bytes(b'this is not a JPEG')
+    (images / 'notes.txt').write_text('not an image')
+    transform = build_eval_transform(config)
+    expected = {}
+    for path in [images / 'a.jpg', images / 'b.jpg', images / 'sub' / 'c.png']:
+        with Image.open(path) as img:
+            x = transform(img)[None]
+        with paddle.no_grad():
+            expected[str(path)] = top_k(model(paddle.to_tensor(x)).numpy())
+    return {'cfg': cfg, 'weights': weights, 'names': str(names), 'images': images, 'expected': expected,
+            'model': model, 'root': root}
+
+
+def test_single_images_print_ranked_top5(setup, capsys):
+    a = str(setup['images'] / 'a.jpg')
+    main(['-cfg', setup['cfg'], '-pretrained', setup['weights'], '-class_names', setup['names'], a])
+    lines = capsys.readouterr().out.splitlines()
+    indices, probs = setup['expected'][a]
+    assert lines[0] == a
+    assert lines[1:] == [f'  {rank}. {NAMES[i]} ({i}): {p:.4f}'
+                         for rank, (i, p) in enumerate(zip(indices[0], probs[0]), 1)]
+    assert np.all(np.diff(probs[0]) <= 0) and probs[0].sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_folder_gives_csv_and_reports_unreadable_files(setup, capsys):
+    out = setup['root'] / 'top5.csv'
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-cfg', setup['cfg'], '-pretrained', setup['weights'], '-class_names', setup['names'],
+              '-output', str(out), '-batch_size', '2', str(setup['images'])])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert f"error: {setup['images'] / 'broken.jpg'}: cannot read the image" in err
+    assert 'error: 1 of 4 files could not be read' in err and 'notes.txt' not in err
+    rows = list(csv.reader(io.StringIO(out.read_text(encoding='utf-8'))))
+    assert rows[0] == (['path'] + [f'index_{i}' for i in range(1, 6)] + [f'name_{i}' for i in range(1, 6)]
+                       + [f'prob_{i}' for i in range(1, 6)])
+    assert [row[0] for row in rows[1:]] == sorted(setup['expected'])
+    for row in rows[1:]:
+        indices, probs = setup['expected'][row[0]]
+        assert [int(v) for v in row[1:6]] == list(indices[0])
+        assert row[6:11] == [NAMES[i] for i in indices[0]]
+        np.testing.assert_allclose([float(v) for v in row[11:16]], probs[0], atol=1e-6)
+
+
+def test_exported_model_gives_the_same_predictions(setup, capsys):
+    model_dir = setup['root'] / 'exported'
+    export(setup['model'], str(model_dir))
+    main(['-cfg', setup['cfg'], '-model_dir', str(model_dir), '-class_names', setup['names'],
+          str(setup['images'] / 'sub')])
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    c = str(setup['images'] / 'sub' / 'c.png')
+    indices, probs = setup['expected'][c]
+    assert rows[1][0] == c and [int(v) for v in rows[1][1:6]] == list(indices[0])
+    np.testing.assert_allclose([float(v) for v in rows[1][11:16]], probs[0], atol=1e-5)
+
+
+def test_wrong_number_of_class_names_is_an_error(setup, tmp_path, capsys):
+    names = tmp_path / 'three.txt'
+    names.write_text('a\nb\nc\n')
+    with pytest.raises(SystemExit):
+        main(['-cfg', setup['cfg'], '-pretrained', setup['weights'], '-class_names', str(names),
+              str(setup['images'] / 'a.jpg')])
+    assert f'error: {names}: 3 class names, but the model has 5 classes' in capsys.readouterr().err

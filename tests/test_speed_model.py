@@ -1,0 +1,175 @@
+"""The rearranged (fast) layers of xcit.py against straightforward references written here.
+
+Each reference follows the official PyTorch code op by op; outputs, input gradients and
+parameter gradients must agree to float32 rounding, in eval and train mode, eagerly and
+under ``paddle.jit.to_static``.
+"""
+import copy
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+import xcit
+
+B, H, W, C, HEADS = 3, 5, 7, 24, 3
+N = H * W
+ATOL = 2e-5
+
+
+def randomize(layer, seed):
+    """Non-trivial values for every parameter and BatchNorm statistic of ``layer``."""
+    rng = np.random.default_rng(seed)
+    for name, value in layer.state_dict().items():
+        noise = rng.standard_normal(value.shape).astype('float32')
+        if name.endswith('_variance') or name.endswith('temperature'):
+            noise = np.abs(noise) + 0.5
+        value.set_value(noise * (0.3 if value.ndim > 1 else 1.0))
+    return layer
+
+
+def ref_xca(m, x):
+    """Official XCA: q, k, v as (B, h, d, N), F.normalize along N, softmax over channels."""
+    b, n, c = x.shape
+    qkv = F.linear(x, m.qkv.weight, m.qkv.bias).reshape([b, n, 3, m.num_heads, c // m.num_heads])
+    q, k, v = qkv.transpose([2, 0, 3, 4, 1]).unbind(0)
+    attn = paddle.matmul(F.normalize(q, axis=-1), F.normalize(k, axis=-1), transpose_y=True) * m.temperature
+    out = paddle.matmul(F.softmax(attn, axis=-1), v).transpose([0, 3, 1, 2]).reshape([b, n, c])
+    return F.linear(out, m.proj.weight, m.proj.bias)
+
+
+def ref_lpi(m, x, h, w):
+    """Official LPI: one (B, C, H, W) image per sample."""
+    b, n, c = x.shape
+    x = x.transpose([0, 2, 1]).reshape([b, c, h, w])
+    x = m.conv2(m.bn(m.act(m.conv1(x))))
+    return x.reshape([b, c, n]).transpose([0, 2, 1])
+
+
+def ref_class_attention(m, x):
+    """Official class attention: the class token's q against every token's k, per head."""
+    b, n, c = x.shape
+    qkv = F.linear(x, m.qkv.weight, m.qkv.bias).reshape([b, n, 3, m.num_heads, c // m.num_heads])
+    q, k, v = qkv.transpose([2, 0, 3, 1, 4]).unbind(0)
+    attn = F.softmax((q[:, :, 0:1] * k).sum(axis=-1) * m.scale, axis=-1)
+    cls = paddle.matmul(attn.unsqueeze(2), v).transpose([0, 2, 1, 3]).reshape([b, 1, c])
+    return paddle.concat([F.linear(cls, m.proj.weight, m.proj.bias), x[:, 1:]], axis=1)
+
+
+def ref_positional_encoding(m, h, w):
+    """Official Fourier encoding: the (1, 2*hidden, H, W) grid through the 1x1 conv, as tokens."""
+    eps, hidden = 1e-6, m.hidden_dim
+    y = paddle.arange(1, h + 1, dtype='float32').unsqueeze(1).expand([h, w]) / (h + eps) * m.scale
+    x = paddle.arange(1, w + 1, dtype='float32').unsqueeze(0).expand([h, w]) / (w + eps) * m.scale
+    dim_t = m.temperature ** (2 * paddle.floor(paddle.arange(hidden, dtype='float32') / 2) / hidden)
+    pos_x, pos_y = x.unsqueeze(-1) / dim_t, y.unsqueeze(-1) / dim_t
+    pos_x = paddle.stack([pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()], axis=-1).flatten(2)
+    pos_y = paddle.stack([pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()], axis=-1).flatten(2)
+    grid = paddle.concat([pos_y, pos_x], axis=-1).transpose([2, 0, 1]).unsqueeze(0)
+    return m.token_projection(grid).flatten(2).transpose([0, 2, 1])[0]
+
+
+def outputs_and_grads(fn, layer, x):
+    """fn(x)'s value, then the gradients of sum(fn(x) * fixed weights) w.r.t. x and every parameter."""
+    x = paddle.to_tensor(x, stop_gradient=False)
+    out = fn(x)
+    probe = paddle.to_tensor(np.random.default_rng(9).standard_normal(out.shape).astype('float32'))
+    (out * probe).sum().backward()
+    grads = {'input': x.grad.numpy()}
+    grads.update({name: p.grad.numpy() for name, p in layer.named_parameters() if p.grad is not None})
+    layer.clear_gradients()
+    return out.numpy(), grads
+
+
+def assert_same(fast, ref):
+    np.testing.assert_allclose(fast[0], ref[0], atol=ATOL, rtol=1e-5)
+    assert fast[1].keys() == ref[1].keys()
+    for name in ref[1]:
+        np.testing.assert_allclose(fast[1][name], ref[1][name], atol=ATOL, rtol=1e-4, err_msg=name)
+
+
+def tokens(seed=0, n=N):
+    return np.random.default_rng(seed).standard_normal((B, n, C)).astype('float32')
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_xca_with_folded_scale_matches_official(training):
+    m = randomize(xcit.XCA(C, HEADS), 1)
+    m.train() if training else m.eval()
+    scale = paddle.to_tensor(np.linspace(0.5, 1.5, C).astype('float32'))
+    fast = outputs_and_grads(lambda x: m(x, scale=scale), m, tokens())
+    ref = outputs_and_grads(lambda x: ref_xca(m, x) * scale, m, tokens())
+    assert_same(fast, ref)
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_lpi_on_stacked_planes_matches_official(training):
+    m = randomize(xcit.LPI(C), 2)
+    r = copy.deepcopy(m)
+    for layer in (m, r):
+        layer.train() if training else layer.eval()
+    scale = paddle.to_tensor(np.linspace(1.5, 0.5, C).astype('float32'))
+    fast = outputs_and_grads(lambda x: m(x, H, W, scale=scale), m, tokens())
+    ref = outputs_and_grads(lambda x: ref_lpi(r, x, H, W) * scale, r, tokens())
+    assert_same(fast, ref)
+    # train mode updates the running statistics from the same batch statistics
+    np.testing.assert_allclose(m.bn._mean.numpy(), r.bn._mean.numpy(), atol=1e-6)
+    np.testing.assert_allclose(m.bn._variance.numpy(), r.bn._variance.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_class_attention_matches_official(training):
+    m = randomize(xcit.ClassAttention(C, HEADS), 3)
+    m.train() if training else m.eval()
+    assert_same(outputs_and_grads(m, m, tokens(n=N + 1)),
+                outputs_and_grads(lambda x: ref_class_attention(m, x), m, tokens(n=N + 1)))
+
+
+def test_linear_scale_is_folded_exactly():
+    m = randomize(xcit.Linear(C, 2 * C), 4)
+    x, scale = paddle.to_tensor(tokens()), paddle.to_tensor(np.linspace(-1, 1, 2 * C).astype('float32'))
+    np.testing.assert_allclose(m(x, scale).numpy(), (F.linear(x, m.weight, m.bias) * scale).numpy(),
+                               atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize('h,w', [(14, 14), (3, 11)])
+def test_positional_encoding_matches_official(h, w):
+    m = randomize(xcit.PositionalEncodingFourier(dim=C), 5)
+    np.testing.assert_allclose(m(h, w).numpy(), ref_positional_encoding(m, h, w).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize('side', [40, None])
+def test_to_static_program_equals_eager_model(side):
+    """The graph-mode code paths (F.linear, the (B, C, H, W) LPI) against the eager ones."""
+    model = randomize(xcit.XCiT(embed_dim=C, depth=2, num_heads=HEADS, num_classes=4, tokens_norm=True), 6)
+    model.eval()
+    static = paddle.jit.to_static(model, input_spec=[paddle.static.InputSpec([None, 3, side, side], 'float32')],
+                                  full_graph=True)
+    shapes = [(2, 3, 40, 40)] if side else [(2, 3, 40, 40), (1, 3, 35, 61)]
+    for shape in shapes:
+        x = paddle.to_tensor(np.random.default_rng(7).standard_normal(shape).astype('float32'))
+        with paddle.no_grad():
+            np.testing.assert_allclose(static(x).numpy(), model(x).numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_training_step_gradients_are_finite_and_match_between_modes():
+    """One training step of the whole model: eager gradients equal to_static gradients."""
+    paddle.seed(0)
+    model = randomize(xcit.XCiT(embed_dim=C, depth=1, num_heads=HEADS, num_classes=4), 8)
+    twin = copy.deepcopy(model)
+    model.train()
+    twin.train()
+    x = paddle.to_tensor(np.random.default_rng(8).standard_normal((2, 3, 32, 48)).astype('float32'))
+    labels = paddle.to_tensor([1, 3])
+    static = paddle.jit.to_static(twin, input_spec=[paddle.static.InputSpec([None, 3, None, None], 'float32')],
+                                  full_graph=True)
+    for net in (model, static):
+        F.cross_entropy(net(x), labels).backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        if p.stop_gradient:  # BatchNorm statistics
+            continue
+        assert np.all(np.isfinite(p.grad.numpy())), name
+        np.testing.assert_allclose(p.grad.numpy(), q.grad.numpy(), atol=1e-5, rtol=1e-4, err_msg=name)
+    np.testing.assert_allclose(model.blocks[0].local_mp.bn._variance.numpy(),
+                               twin.blocks[0].local_mp.bn._variance.numpy(), atol=1e-5)
