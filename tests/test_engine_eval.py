@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import paddle
@@ -122,7 +123,7 @@ def test_known_answer_accuracy_is_exact(golden, tmp_path, capsys):
     assert summary['acc5'] == pytest.approx(golden['acc5'], abs=1e-9)  # 27 of 40
     assert summary['acc1'] != summary['acc5']
     assert summary['loss'] == pytest.approx(golden['loss'], abs=1e-4)
-    assert summary['path'] == 'static' and summary['device'] == 'cpu'
+    assert summary['path'] in ('static', 'dygraph') and summary['device'] == 'cpu'  # the faster one
     out = capsys.readouterr().out
     assert '-amp has no effect on CPU' in out
     assert 'eval model: batch 2/7' in out  # progress every REPORT_FREQ batches
@@ -198,14 +199,28 @@ class TestStaticPath:
         model.eval()
         return engine.EvalForward(model, 32, try_static=True)
 
-    def test_static_graph_matches_and_is_used(self, forward, caplog):
+    def test_static_graph_is_used_when_it_matches_and_is_faster(self, forward, caplog, monkeypatch):
         images = paddle.randn([3, 3, 32, 32])
+        with paddle.no_grad():
+            expected = forward.model(images).numpy()
+        dygraph = forward.model.forward
+        monkeypatch.setattr(forward.model, 'forward', lambda x: (time.sleep(0.2), dygraph(x))[1])
         logger = setup_logger()
         logger.propagate = True
         forward.choose(images, logger)
         assert forward.path == 'static'
+        assert 'static graph matches dygraph (max abs logit diff' in caplog.text and 'and is faster' in caplog.text
         with paddle.no_grad():
-            np.testing.assert_allclose(forward(images).numpy(), forward.model(images).numpy(), atol=1e-5)
+            np.testing.assert_allclose(forward(images).numpy(), expected, atol=1e-5)
+
+    def test_slower_static_graph_is_not_used(self, forward, caplog):
+        static = forward.static
+        forward.static = lambda x: (time.sleep(0.2), static(x))[1]
+        logger = setup_logger()
+        logger.propagate = True
+        forward.choose(paddle.randn([2, 3, 32, 32]), logger)
+        assert forward.path == 'dygraph'
+        assert 'but is not faster' in caplog.text
 
     def test_failure_falls_back_with_the_reason(self, forward, caplog):
         def broken(images):
@@ -248,4 +263,3 @@ def test_two_processes_report_the_same_metrics_as_one(golden, tmp_path):
     assert two['images'] == one['images'] == NUM_IMAGES
     assert (two['acc1'], two['acc5']) == (one['acc1'], one['acc5']) == (golden['acc1'], golden['acc5'])
     assert two['loss'] == pytest.approx(one['loss'], abs=2e-6)
-    assert two['path'] == 'static'
