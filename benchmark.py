@@ -1,0 +1,265 @@
+"""Throughput, latency and peak memory of XCiT on the CPU, and how they scale with resolution.
+
+    python benchmark.py -cfg configs/xcit_nano_12_p16_224.yaml --batch 1 16 --sizes 224 384
+    python benchmark.py -cfg configs/xcit_nano_12_p16_224.yaml --scaling --plot docs/scaling.png
+
+Paths: ``dygraph`` (the eager model under ``paddle.no_grad``), ``static``
+(``paddle.jit.to_static``) and ``infer`` (``paddle.jit.save`` + ``paddle.inference`` with
+oneDNN). Weights are random: speed does not depend on them.
+
+Every measurement runs in a fresh subprocess (``--threads`` OpenMP/math threads), so that
+memory figures do not mix: after one warm-up batch, the median over ``--reps`` timed batches
+gives latency (ms per batch) and throughput (images/s). Peak memory is the process's resident
+set high-water mark (``VmHWM`` of /proc/self/status, or ``ru_maxrss`` where there is no
+/proc) minus its resident size once the model is built (``VmRSS`` before the first batch):
+the memory the forward passes need on top of the weights and the libraries.
+
+``--scaling`` runs one model at batch 1 from 224 up to 1024 pixels (stopping at the first size
+that fails, e.g. out of memory), fits time and memory per image against the number of tokens
+by least squares, prints the slopes and the ratios (1024 / 224) next to the token ratio, and
+draws both against the tokens in a PNG.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PATHS = ('dygraph', 'static', 'infer')
+SCALING_SIZES = (224, 320, 448, 576, 704, 832, 1024)
+
+
+# ---------------------------------------------------------------- one measurement (subprocess)
+
+
+def memory_kb(field):
+    """``field`` (VmRSS, VmHWM) of /proc/self/status in kB, or None without /proc."""
+    try:
+        with open('/proc/self/status', encoding='ascii') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_kb():
+    """Resident set high-water mark of this process in kB."""
+    peak = memory_kb('VmHWM')
+    if peak is None:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if sys.platform == 'darwin':  # bytes there, kB on Linux
+            peak //= 1024
+    return peak
+
+
+def build_runner(cfg, path, batch, size, threads):
+    """A callable running one batch of random images through ``path``; the model is built."""
+    import numpy as np
+    import paddle
+    from config import get_config
+    from xcit import build_xcit
+
+    paddle.set_device('cpu')
+    model = build_xcit(get_config(cfg))
+    model.eval()
+    images = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype('float32')
+    spec = [paddle.static.InputSpec([None, 3, size, size], 'float32')]
+    if path == 'infer':
+        from export_model import InferenceModel
+        folder = tempfile.mkdtemp()
+        paddle.jit.save(paddle.jit.to_static(model, input_spec=spec, full_graph=True), os.path.join(folder, 'model'))
+        predictor = InferenceModel(folder, mkldnn=True, threads=threads)
+        return lambda: predictor(images)
+    net = paddle.jit.to_static(model, input_spec=spec, full_graph=True) if path == 'static' else model
+    x = paddle.to_tensor(images)
+
+    def run():
+        with paddle.no_grad():
+            return net(x).numpy()
+    return run
+
+
+def measure(cfg, path, batch, size, threads, reps):
+    """Runs in the worker process: the dict of one measurement."""
+    run = build_runner(cfg, path, batch, size, threads)
+    base = memory_kb('VmRSS')
+    run()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    latency = statistics.median(times)
+    peak = peak_kb()
+    return {'cfg': os.path.basename(cfg), 'path': path, 'batch': batch, 'size': size, 'threads': threads,
+            'ms_per_batch': latency * 1e3, 'images_per_s': batch / latency,
+            'peak_mb': (peak - base) / 1024 if base is not None else None, 'total_peak_mb': peak / 1024}
+
+
+def run_worker(cfg, path, batch, size, threads, reps):
+    """One measurement in a fresh process: its dict, or {'error': ...}."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), GLOG_minloglevel='2')
+    cmd = [sys.executable, os.path.abspath(__file__), '--worker', json.dumps([cfg, path, batch, size, threads, reps])]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE)
+    lines = [line for line in done.stdout.splitlines() if line.startswith('{')]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ['no output'])[-1]
+        return {'cfg': os.path.basename(cfg), 'path': path, 'batch': batch, 'size': size,
+                'error': f'exit {done.returncode}: {tail}'}
+    return json.loads(lines[-1])
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def machine():
+    """'N CPUs, <model name>, paddle <version>'."""
+    model = 'unknown CPU'
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8') as f:
+            model = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), model)
+    except OSError:
+        pass
+    import paddle
+    return f'{os.cpu_count()} CPUs, {model}, paddle {paddle.__version__}'
+
+
+def format_table(rows):
+    header = f'{"config":32s} {"path":8s} {"batch":>5s} {"size":>5s} {"img/s":>8s} {"ms/batch":>9s} {"peak MB":>8s}'
+    lines = [header, '-' * len(header)]
+    for r in rows:
+        if 'error' in r:
+            lines.append(f'{r["cfg"]:32s} {r["path"]:8s} {r["batch"]:5d} {r["size"]:5d}  failed: {r["error"]}')
+        else:
+            peak = f'{r["peak_mb"]:8.0f}' if r['peak_mb'] is not None else f'{"-":>8s}'
+            lines.append(f'{r["cfg"]:32s} {r["path"]:8s} {r["batch"]:5d} {r["size"]:5d} '
+                         f'{r["images_per_s"]:8.1f} {r["ms_per_batch"]:9.1f} {peak}')
+    return '\n'.join(lines)
+
+
+def tokens(size, patch):
+    return math.ceil(size / patch) ** 2
+
+
+def least_squares(xs, ys):
+    """(intercept, slope) of the least-squares line y = a + b x."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
+def scaling_summary(rows, patch):
+    """Per-image time/memory fits against tokens and the (largest / smallest size) ratios."""
+    ok = [r for r in rows if 'error' not in r]
+    n = [tokens(r['size'], patch) for r in ok]
+    ms = [r['ms_per_batch'] / r['batch'] for r in ok]
+    mb = [r['peak_mb'] / r['batch'] for r in ok]
+    first, last = 0, len(ok) - 1
+    token_ratio = n[last] / n[first]
+    return {'sizes': [r['size'] for r in ok], 'tokens': n, 'ms_per_image': ms, 'mb_per_image': mb,
+            'time_fit': least_squares(n, ms), 'memory_fit': least_squares(n, mb),
+            'token_ratio': token_ratio, 'time_ratio': ms[last] / ms[first], 'memory_ratio': mb[last] / mb[first]}
+
+
+def draw_scaling(summary, title, path):
+    """PNG of ms/image and MB/image against tokens: points, least-squares lines, axes."""
+    from PIL import Image, ImageDraw
+    width, height, pad = 1000, 430, 60
+    img = Image.new('RGB', (width, height), 'white')
+    draw = ImageDraw.Draw(img)
+    draw.text((pad, 10), title, fill='black')
+    panels = [('time per image (ms)', summary['ms_per_image'], summary['time_fit'], (31, 119, 180)),
+              ('peak memory per image (MB)', summary['mb_per_image'], summary['memory_fit'], (214, 39, 40))]
+    n = summary['tokens']
+    for i, (label, ys, (a, b), colour) in enumerate(panels):
+        left, right = pad + i * width // 2, (i + 1) * width // 2 - 20
+        top, bottom = 50, height - 50
+        x_max, y_max = max(n) * 1.05, max(max(ys), a + b * max(n)) * 1.1
+        y_min = min(0.0, a)
+
+        def px(x, y):
+            return (left + (right - left) * x / x_max, bottom - (bottom - top) * (y - y_min) / (y_max - y_min))
+        draw.line([(left, top), (left, bottom), (right, bottom)], fill='black')
+        for k in range(5):
+            xv, yv = x_max * k / 4, y_min + (y_max - y_min) * k / 4
+            draw.text((px(xv, y_min)[0] - 10, bottom + 5), f'{xv:.0f}', fill='black')
+            draw.text((left - 45, px(0, yv)[1] - 6), f'{yv:.3g}', fill='black')
+        draw.line([px(0, a), px(x_max, a + b * x_max)], fill=(150, 150, 150), width=2)
+        for x, y in zip(n, ys):
+            cx, cy = px(x, y)
+            draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
+        draw.text((left + 10, top - 18), f'{label}: fit {a:.3g} + {b:.3g} x tokens', fill=colour)
+        draw.text(((left + right) // 2 - 20, bottom + 22), 'tokens', fill='black')
+    img.save(path)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('-cfg', nargs='+', default=[os.path.join(HERE, 'configs', 'xcit_nano_12_p16_224.yaml')],
+                        help='model configs (default: xcit_nano_12_p16_224)')
+    parser.add_argument('--batch', type=int, nargs='+', default=[1, 16])
+    parser.add_argument('--sizes', type=int, nargs='+', default=None, help='input sides (default: the config\'s)')
+    parser.add_argument('--paths', nargs='+', choices=PATHS, default=list(PATHS))
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--reps', type=int, default=5, help='timed batches per measurement')
+    parser.add_argument('--scaling', action='store_true',
+                        help=f'batch 1 at {", ".join(map(str, SCALING_SIZES))} with the first -cfg and --paths')
+    parser.add_argument('--plot', default='scaling.png', help='PNG written by --scaling')
+    parser.add_argument('--json', default=None, help='also write the measurements to this JSON file')
+    parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        sys.path.insert(0, HERE)
+        print(json.dumps(measure(*json.loads(args.worker))))
+        return
+    print(f'machine: {machine()}; {args.threads} threads')
+    rows = []
+    if args.scaling:
+        from config import get_config
+        cfg, path = args.cfg[0], args.paths[0]
+        for size in SCALING_SIZES:
+            reps = max(3, args.reps if size <= 448 else 3)
+            row = run_worker(cfg, path, 1, size, args.threads, reps)
+            rows.append(row)
+            print(format_table([row]).splitlines()[-1], flush=True)
+            if 'error' in row:
+                break
+        summary = scaling_summary(rows, get_config(cfg).MODEL.PATCH_SIZE)
+        draw_scaling(summary, f'{os.path.basename(cfg)} ({path}, batch 1, {args.threads} threads): '
+                              f'{summary["sizes"][0]} to {summary["sizes"][-1]} pixels', args.plot)
+        print(f'time per image   = {summary["time_fit"][0]:.3g} ms + {summary["time_fit"][1] * 1e3:.4g} us x tokens')
+        print(f'memory per image = {summary["memory_fit"][0]:.3g} MB + {summary["memory_fit"][1] * 1e3:.4g} kB x tokens')
+        print(f'{summary["sizes"][-1]} / {summary["sizes"][0]} pixels: tokens x{summary["token_ratio"]:.1f}, '
+              f'time per image x{summary["time_ratio"]:.1f} ({summary["time_ratio"] / summary["token_ratio"]:.2f} '
+              f'of the token ratio), peak memory per image x{summary["memory_ratio"]:.1f} '
+              f'({summary["memory_ratio"] / summary["token_ratio"]:.2f} of the token ratio); plot: {args.plot}')
+    else:
+        from config import get_config
+        for cfg in args.cfg:
+            for size in args.sizes or [get_config(cfg).DATA.IMAGE_SIZE]:
+                for batch in args.batch:
+                    for path in args.paths:
+                        rows.append(run_worker(cfg, path, batch, size, args.threads, args.reps))
+        print(format_table(rows))
+    if args.json:
+        with open(args.json, 'w', encoding='utf-8') as f:
+            json.dump({'machine': machine(), 'threads': args.threads, 'rows': rows}, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
