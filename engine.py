@@ -44,10 +44,14 @@ from utils import (AverageMeter, CheckpointError, MetricsLog, all_reduce_sum, av
                    write_json)
 from xcit import build_xcit
 
-# Ops kept in float32 under AMP, besides Paddle's own list: XCA's L2 normalisation of q and k
-# (p_norm, its epsilon clamp 'maximum', the division), class attention's q.k reduction ('sum')
-# and the softmaxes (already float32 by default; listed so the intent does not hinge on it).
-AMP_BLACK_LIST = frozenset({'p_norm', 'maximum', 'divide', 'sum', 'softmax'})
+# AMP (float16, level O1) op lists for xcit.py's layers. White: its Linear layers compute
+# x @ W + b as one 'addmm', which Paddle would otherwise leave in float32. Black (float32): XCA's
+# L2 normalisation of q and k along the tokens ('multiply', 'sum', 'clip', 'rsqrt'), the
+# attention products that use it ('matmul': q k^T is formed before the normalisation is applied,
+# and a sum over thousands of tokens can overflow float16) and the softmaxes. These attention
+# products cost about 1 / (3 * heads) of the Linear layers' GEMMs.
+AMP_WHITE_LIST = frozenset({'addmm'})
+AMP_BLACK_LIST = frozenset({'multiply', 'sum', 'clip', 'rsqrt', 'matmul', 'softmax'})
 STATIC_TOLERANCE = 1e-4  # max abs logit difference accepted from the static-graph evaluation
 HEAD_KEYS = ('head.weight', 'head.bias')
 
@@ -116,6 +120,21 @@ def exit_on_user_error(fn, *args):
         sys.exit(1)
 
 
+def check_weight_options(config):
+    """Raises ``ConfigError`` for combinations of -pretrained, -resume, -ema and -eval that
+    would leave one of them without effect."""
+    pretrained, resume = config.MODEL.PRETRAINED, config.MODEL.RESUME
+    if pretrained and resume:
+        raise ConfigError('-pretrained and -resume exclude each other: -resume restores the weights '
+                          '(and when training the optimizer, schedule and epoch) from its checkpoint')
+    if config.EVAL and not (pretrained or resume):
+        raise ConfigError('-eval needs weights to evaluate: give -pretrained (a converted .pdparams '
+                          'or a training checkpoint) or -resume')
+    if config.EMA_EVAL and not pretrained and not (config.EVAL and resume):
+        raise ConfigError('-ema selects the EMA weights of the -pretrained checkpoint (with -eval also of '
+                          '-resume); when training, -resume restores both the model and its EMA')
+
+
 # ---------------------------------------------------------------- set-up
 
 
@@ -130,11 +149,11 @@ def setup_device():
 
 
 def autocast(enabled):
-    """float16 autocast (level O1, ``AMP_BLACK_LIST`` kept in float32), or nothing."""
+    """float16 autocast (level O1 with ``AMP_WHITE_LIST`` / ``AMP_BLACK_LIST``), or nothing."""
     if not enabled:
         return contextlib.nullcontext()
-    return paddle.amp.auto_cast(enable=True, custom_black_list=set(AMP_BLACK_LIST), level='O1',
-                                dtype='float16')
+    return paddle.amp.auto_cast(enable=True, custom_white_list=set(AMP_WHITE_LIST),
+                                custom_black_list=set(AMP_BLACK_LIST), level='O1', dtype='float16')
 
 
 def weights_of(checkpoint, path, use_ema):
@@ -145,8 +164,14 @@ def weights_of(checkpoint, path, use_ema):
         if not isinstance(checkpoint.get('model_ema'), dict):
             kind = 'training checkpoint' if is_training_checkpoint else 'plain state dict'
             raise CheckpointError(f"{path}: -ema needs EMA weights ('model_ema'), but this {kind} has none")
-        return checkpoint['model_ema']
-    return checkpoint['model'] if is_training_checkpoint else checkpoint
+        state = checkpoint['model_ema']
+    else:
+        state = checkpoint['model'] if is_training_checkpoint else checkpoint
+    not_arrays = [name for name, value in state.items() if not hasattr(value, 'shape')]
+    if not_arrays:
+        raise CheckpointError(f'{path}: not a state dict (nor a training checkpoint with one under \'model\'): '
+                              f'entries {", ".join(map(repr, not_arrays[:5]))} are not arrays')
+    return state
 
 
 def _shapes(state):
@@ -162,19 +187,20 @@ def load_weights(model, path, use_ema, logger, new_head_ok):
     """
     state = dict(weights_of(load_checkpoint(path), path, use_ema))
     expected = _shapes(model.state_dict())
+    dropped = []
     if new_head_ok:
-        differing = [k for k in HEAD_KEYS if k in state and k in expected and tuple(state[k].shape) != expected[k]]
-        if differing:
+        dropped = [k for k in HEAD_KEYS if k in state and k in expected and tuple(state[k].shape) != expected[k]]
+        if dropped:
             logger.info(f'{path}: dropping the classifier head ({state["head.weight"].shape[-1]} classes) '
                         f'for a new one with {model.num_classes} classes, freshly initialised')
-            for key in differing:
+            for key in dropped:
                 del state[key]
     rows = find_mismatches(state, expected)
     mismatched = [row for row in rows if row[1] is not None and row[2] is not None]
     if mismatched:
         raise CheckpointError(f'{path} does not fit the model ({len(mismatched)} shape mismatches):\n'
                               f'{format_mismatches(mismatched)}')
-    missing = [row[0] for row in rows if row[1] is None and row[0] not in HEAD_KEYS]
+    missing = [row[0] for row in rows if row[1] is None and row[0] not in dropped]
     unexpected = [row[0] for row in rows if row[2] is None]
     if missing:
         logger.warning(f'{path}: {len(missing)} model weights not in the checkpoint, left as initialised: '
@@ -221,8 +247,10 @@ class EvalForward:
     The choice is made once, on the first batch: the static function must compile, run, match
     dygraph within ``STATIC_TOLERANCE`` and take less time than dygraph on that batch (both
     timed on a second call, after warm-up); otherwise evaluation stays in dygraph and the reason
-    is logged. The compiled function uses the model's current weights, so later evaluations of
-    the same (training) model reuse it. ``path`` names the choice.
+    is logged. With a single batch per process compiling cannot pay off (the check alone runs
+    that batch in dygraph), so dygraph is chosen directly. The compiled function uses the
+    model's current weights, so later evaluations of the same (training) model reuse it.
+    ``path`` names the choice.
     """
 
     def __init__(self, model, image_size, try_static):
@@ -233,10 +261,14 @@ class EvalForward:
             self.static = paddle.jit.to_static(model.forward, input_spec=[spec], full_graph=True)
         self.path = None
 
-    def choose(self, images, logger):
-        """Sets ``path`` to 'static' or 'dygraph' by trying the static function on ``images``."""
+    def choose(self, images, num_batches, logger):
+        """Sets ``path`` to 'static' or 'dygraph' by trying the static function on ``images``,
+        the first of ``num_batches``."""
         self.path = 'dygraph'
         if self.static is None:
+            return
+        if num_batches < 2:
+            logger.info('one batch per process: evaluating in dygraph (a static graph cannot pay off)')
             return
         try:
             fast = self.static(images)
@@ -284,7 +316,7 @@ def evaluate(forward, loader, logger, use_amp=False, report_freq=50, name='model
     steady_start, steady_images = start, 0
     for i, (images, labels) in enumerate(loader):
         if forward.path is None:
-            forward.choose(images, logger)
+            forward.choose(images, num_batches, logger)
         with autocast(use_amp):
             logits = forward(images)
         sums += classification_sums(logits.astype('float32').numpy(), labels.numpy())
@@ -309,9 +341,6 @@ def run_evaluation(config, device, use_amp, logger):
     """``-eval``: evaluates the -pretrained (or -resume) weights; returns the summary dict, which
     also goes to ``<SAVE>/eval_summary.json`` and is printed as the last line (JSON)."""
     source = config.MODEL.PRETRAINED or config.MODEL.RESUME
-    if not source:
-        raise ConfigError('-eval needs weights to evaluate: give -pretrained (a converted .pdparams '
-                          'or a training checkpoint) or -resume')
     rank, world_size = get_rank(), get_world_size()
     dataset = build_dataset(config, 'val')
     loader = build_dataloader(config, dataset, 'val', rank, world_size)
@@ -370,11 +399,8 @@ class Trainer:
         train = config.TRAIN
         paddle.seed(config.SEED)  # the same initial weights on every rank
         model = build_xcit(config)
-        if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
+        if config.MODEL.PRETRAINED:
             load_weights(model, config.MODEL.PRETRAINED, config.EMA_EVAL, logger, new_head_ok=True)
-        elif config.EMA_EVAL and not config.MODEL.RESUME:
-            raise ConfigError('-ema selects the EMA weights of -pretrained (or with -eval, of -resume); '
-                              'no -pretrained given')
         if device.startswith('gpu') and self.world_size > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         paddle.seed(config.SEED + self.rank)
@@ -621,6 +647,7 @@ def run(config):
 
     In a multi-process run, ``paddle.distributed.init_parallel_env()`` must have been called.
     """
+    check_weight_options(config)
     rank, world_size = get_rank(), get_world_size()
     logger = setup_logger(config.SAVE, rank)
     device = setup_device()

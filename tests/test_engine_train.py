@@ -182,3 +182,14 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     result = main_single_gpu.main(train_args(tmp_path, *PLAIN_RECIPE, 'TRAIN.ACCUM_ITER', '2', 'VALIDATE_FREQ',
                                              '0', epochs=1, batch=32))
     assert result['steps'] == 1438 // 32 // 2
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['-pretrained', 'a.pdparams', '-resume', 'b.pdparams'], '-pretrained and -resume exclude each other'),
+    (['-ema'], '-ema selects the EMA weights of the -pretrained checkpoint'),
+    (['-ema', '-resume', 'b.pdparams'], 'when training, -resume restores both the model and its EMA'),
+    (['-eval'], '-eval needs weights to evaluate'),
+])
+def test_weight_options_that_would_have_no_effect_are_errors(tmp_path, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        main_single_gpu.main(train_args(tmp_path, extra=flags))
