@@ -277,12 +277,26 @@ class XCA(nn.Layer):
         qkv = _transpose(self.qkv(x), [0, 2, 1]).reshape([0, 3 * h, C // h, N])  # channels first
         q, k, v = paddle.split(qkv, 3, axis=1)  # (B, h, d, N)
         # F.normalize(q) @ F.normalize(k)^T = diag(1/|q_i|) (q @ k^T) diag(1/|k_j|), norms over N
-        inv_q = paddle.rsqrt(paddle.clip(paddle.sum(q * q, axis=-1, keepdim=True), min=NORMALIZE_EPS ** 2))
-        inv_k = paddle.rsqrt(paddle.clip(paddle.sum(k * k, axis=-1), min=NORMALIZE_EPS ** 2))
-        attn = paddle.matmul(q, k, transpose_y=True) * (inv_q * self.temperature) * inv_k.unsqueeze(-2)
+        inv_q, inv_k = (paddle.rsqrt(paddle.clip(paddle.sum(t * t, axis=-1), min=NORMALIZE_EPS ** 2)) for t in (q, k))
+        inv_q = inv_q * self.temperature.squeeze(-1)
+        attn = self._rescale(paddle.matmul(q, k, transpose_y=True), inv_q, inv_k)  # (B, h, d, d)
         attn = self.attn_drop(F.softmax(attn, axis=-1))
         x = _transpose(paddle.matmul(attn, v).reshape([0, C, N]), [0, 2, 1])
         return self.proj_drop(self.proj(x, scale))
+
+
+    def _rescale(self, attn, row, col):
+        """attn (B, h, d, d) * row (B, h, d) per row * col (B, h, d) per column.
+
+        Where no gradient can be needed (eager under ``paddle.no_grad``, or an eval-mode
+        program) as matmuls with diagonal matrices: the same products plus exact zeros, which
+        oneDNN runs several times faster than broadcast multiplies. ``paddle.diag_embed`` has
+        no gradient, hence the multiplies otherwise.
+        """
+        needs_grad = paddle.is_grad_enabled() if paddle.in_dynamic_mode() else self.training
+        if needs_grad:
+            return attn * row.unsqueeze(-1) * col.unsqueeze(-2)
+        return paddle.matmul(paddle.diag_embed(row), paddle.matmul(attn, paddle.diag_embed(col)))
 
 
 class XCABlock(nn.Layer):
