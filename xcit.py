@@ -342,8 +342,11 @@ class ClassAttention(nn.Layer):
     def forward(self, x):
         C = self.proj.weight.shape[0]
         h = self.num_heads
-        q = self._part(x[:, 0:1], 0)  # (B, 1, C): only the class token queries
-        k, v = self._part(x, 1), self._part(x, 2)  # (B, N, C)
+        cls, patches = paddle.split(x, [1, -1], axis=1)  # split, not slices: cheaper gradients
+        weights = paddle.split(self.qkv.weight, 3, axis=1)
+        biases = [None] * 3 if self.qkv.bias is None else paddle.split(self.qkv.bias, 3)
+        q = _linear(cls, weights[0], biases[0])  # (B, 1, C): only the class token queries
+        k, v = _linear(x, weights[1], biases[1]), _linear(x, weights[2], biases[2])  # (B, N, C)
         # Per-head products as whole-channel GEMMs: head_of[c, j] = 1 if channel c is in head j
         head_of = F.one_hot(paddle.arange(C) // (C // h), h)  # (C, h)
         attn_cls = paddle.matmul(k, q.transpose([0, 2, 1]) * head_of) * self.scale  # (B, N, h)
@@ -351,14 +354,7 @@ class ClassAttention(nn.Layer):
         cls_token = paddle.matmul(attn_cls, v, transpose_x=True)  # (B, h, C): each head's mix of all channels
         cls_token = paddle.sum(cls_token * head_of.transpose([1, 0]), axis=1, keepdim=True)  # (B, 1, C)
         cls_token = self.proj_drop(self.proj(cls_token))
-        return paddle.concat([cls_token, x[:, 1:]], axis=1)
-
-    def _part(self, x, i):
-        """The i-th of q, k, v for tokens x (B, L, C) -> (B, L, C)."""
-        C = self.proj.weight.shape[0]
-        part = slice(i * C, (i + 1) * C)
-        bias = None if self.qkv.bias is None else self.qkv.bias[part]
-        return _linear(x, self.qkv.weight[:, part], bias)
+        return paddle.concat([cls_token, patches], axis=1)
 
 
 class ClassAttentionBlock(nn.Layer):
@@ -386,10 +382,13 @@ class ClassAttentionBlock(nn.Layer):
         x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
         if self.tokens_norm:
             x = self.norm2(x)
+            cls, patches = paddle.split(x, [1, -1], axis=1)
         else:
-            x = paddle.concat([self.norm2(x[:, 0:1]), x[:, 1:]], axis=1)
-        cls_token = self.mlp(x[:, 0:1], scale=self.gamma2)
-        return x + self.drop_path(paddle.concat([cls_token, x[:, 1:]], axis=1))
+            cls, patches = paddle.split(x, [1, -1], axis=1)
+            cls = self.norm2(cls)
+            x = paddle.concat([cls, patches], axis=1)
+        cls_token = self.mlp(cls, scale=self.gamma2)
+        return x + self.drop_path(paddle.concat([cls_token, patches], axis=1))
 
 
 def _layer_scale(layer, dim, eta):
