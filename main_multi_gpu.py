@@ -12,6 +12,8 @@ See ``python main_multi_gpu.py -h`` and ``engine.py``.
 import os
 import sys
 
+import numpy  # noqa: F401  before paddle: with PaddlePaddle 2.6, gloo processes that import
+# paddle first fail to decode PNG images in DataLoader threads ("codec configuration error")
 import paddle
 import paddle.distributed as dist
 

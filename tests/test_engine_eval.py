@@ -207,18 +207,24 @@ class TestStaticPath:
         monkeypatch.setattr(forward.model, 'forward', lambda x: (time.sleep(0.2), dygraph(x))[1])
         logger = setup_logger()
         logger.propagate = True
-        forward.choose(images, logger)
+        forward.choose(images, 2, logger)
         assert forward.path == 'static'
         assert 'static graph matches dygraph (max abs logit diff' in caplog.text and 'and is faster' in caplog.text
         with paddle.no_grad():
             np.testing.assert_allclose(forward(images).numpy(), expected, atol=1e-5)
 
     def test_slower_static_graph_is_not_used(self, forward, caplog):
-        static = forward.static
-        forward.static = lambda x: (time.sleep(0.2), static(x))[1]
+        static, calls = forward.static, []
+
+        def slow_after_the_check(x):
+            calls.append(x)
+            if len(calls) > 1:
+                time.sleep(1.0)
+            return static(x)
+        forward.static = slow_after_the_check
         logger = setup_logger()
         logger.propagate = True
-        forward.choose(paddle.randn([2, 3, 32, 32]), logger)
+        forward.choose(paddle.randn([2, 3, 32, 32]), 2, logger)
         assert forward.path == 'dygraph'
         assert 'but is not faster' in caplog.text
 
@@ -228,16 +234,23 @@ class TestStaticPath:
         forward.static = broken
         logger = setup_logger()
         logger.propagate = True
-        forward.choose(paddle.randn([2, 3, 32, 32]), logger)
+        forward.choose(paddle.randn([2, 3, 32, 32]), 2, logger)
         assert forward.path == 'dygraph'
         assert 'static graph unavailable (RuntimeError: unsupported op in conversion)' in caplog.text
+
+    def test_single_batch_stays_in_dygraph(self, forward, caplog):
+        logger = setup_logger()
+        logger.propagate = True
+        forward.static = lambda x: pytest.fail('the static graph was tried')
+        forward.choose(paddle.randn([2, 3, 32, 32]), 1, logger)
+        assert forward.path == 'dygraph' and 'one batch per process' in caplog.text
 
     def test_different_logits_fall_back(self, forward, caplog):
         model = forward.model
         forward.static = lambda images: model(images) + 1e-3
         logger = setup_logger()
         logger.propagate = True
-        forward.choose(paddle.randn([2, 3, 32, 32]), logger)
+        forward.choose(paddle.randn([2, 3, 32, 32]), 2, logger)
         assert forward.path == 'dygraph'
         assert 'static-graph logits differ from dygraph by 1.00e-03' in caplog.text
 
