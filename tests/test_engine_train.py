@@ -1,6 +1,8 @@
 """Training through ``main_single_gpu.main`` on the bundled digits with a tiny XCiT: learning,
 exact resume, checkpoints and metrics, and the errors a user can run into."""
+import contextlib
 import hashlib
+import io
 import json
 import shutil
 
@@ -52,6 +54,14 @@ def max_abs_diff(a, b):
     return max(float(np.abs(a[k] - b[k]).max()) if a[k].size else 0.0 for k in a)
 
 
+@contextlib.contextmanager
+def capture_stdout():
+    """Collects what is printed (the engine's log lines) in a StringIO."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        yield buffer
+
+
 def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -101,16 +111,25 @@ def test_checkpoint_and_metrics_contents(full_run):
     assert result['best_acc1'] == max(r['acc1'] for r in val if r['model'] == 'model')
 
 
-def test_short_training_learns(tmp_path, capsys):
-    result = main_single_gpu.main(train_args(tmp_path, *PLAIN_RECIPE, epochs=3, batch=32))
-    records = read_metrics(tmp_path)
+@pytest.fixture(scope='module')
+def plain_run(tmp_path_factory):
+    """Three epochs without mixup, EMA or strong augmentation; returns the output folder, the
+    result and what was printed."""
+    output = tmp_path_factory.mktemp('plain')
+    with capture_stdout() as out:
+        result = main_single_gpu.main(train_args(output, *PLAIN_RECIPE, epochs=3, batch=32))
+    return output, result, out.getvalue()
+
+
+def test_short_training_learns(plain_run):
+    output, result, out = plain_run
+    records = read_metrics(output)
     train = [r for r in records if r['kind'] == 'train']
     val = [r for r in records if r['kind'] == 'val']
     assert train[-1]['loss'] < train[0]['loss'] - 0.5
     assert train[-1]['acc1'] > train[0]['acc1'] + 30
     assert val[-1]['loss'] < val[0]['loss'] - 0.3
     assert result['last_acc1'] > 60.0  # chance: 10%
-    out = capsys.readouterr().out
     assert out.strip().splitlines()[-1].split(' ', 1)[1].startswith('result: best Acc@1')
     assert 'epoch 3/3 step 40/44 lr' in out and 'images/s ETA' in out
 
@@ -193,3 +212,22 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
 def test_weight_options_that_would_have_no_effect_are_errors(tmp_path, flags, message):
     with pytest.raises(ConfigError, match=message):
         main_single_gpu.main(train_args(tmp_path, extra=flags))
+
+
+def test_distillation_from_a_frozen_xcit_teacher(plain_run, tmp_path):
+    """Hard distillation with alpha 1 trains on the teacher's answers only: a teacher whose head
+    is rolled by one class (it answers c + 1 for c) pulls a student that starts as the unrolled
+    model away from the true labels."""
+    output, start, _ = plain_run
+    teacher_cfg = tmp_path / 'teacher.yaml'
+    teacher_cfg.write_text('MODEL:\n  PATCH_SIZE: 8\n  EMBED_DIM: 32\n  DEPTH: 1\n  NUM_HEADS: 2\n')
+    weights = paddle.load(str(output / 'last.pdparams'))['model']
+    weights['head.weight'] = np.roll(np.asarray(weights['head.weight']), 1, axis=1)
+    weights['head.bias'] = np.roll(np.asarray(weights['head.bias']), 1)
+    teacher_weights = tmp_path / 'teacher.pdparams'
+    paddle.save(weights, str(teacher_weights))
+    distill = ['TRAIN.DISTILLATION_TYPE', 'hard', 'TRAIN.DISTILLATION_ALPHA', '1.0', 'TRAIN.SMOOTHING', '0.0',
+               'TRAIN.TEACHER_MODEL', str(teacher_cfg), 'TRAIN.TEACHER_PRETRAINED', str(teacher_weights)]
+    result = main_single_gpu.main(train_args(tmp_path / 'out', *PLAIN_RECIPE, *distill, epochs=1,
+                                             extra=['-pretrained', str(output / 'last.pdparams')]))
+    assert start['last_acc1'] > 60.0 and result['last_acc1'] < start['last_acc1'] / 2
