@@ -183,7 +183,7 @@ def draw_scaling(summary, title, path):
         left, right = pad + i * width // 2, (i + 1) * width // 2 - 20
         top, bottom = 50, height - 50
         x_max, y_max = max(n) * 1.05, max(max(ys), a + b * max(n)) * 1.1
-        y_min = min(0.0, a)
+        y_min = 0.0
 
         def px(x, y):
             return (left + (right - left) * x / x_max, bottom - (bottom - top) * (y - y_min) / (y_max - y_min))
@@ -191,8 +191,9 @@ def draw_scaling(summary, title, path):
         for k in range(5):
             xv, yv = x_max * k / 4, y_min + (y_max - y_min) * k / 4
             draw.text((px(xv, y_min)[0] - 10, bottom + 5), f'{xv:.0f}', fill='black')
-            draw.text((left - 45, px(0, yv)[1] - 6), f'{yv:.3g}', fill='black')
-        draw.line([px(0, a), px(x_max, a + b * x_max)], fill=(150, 150, 150), width=2)
+            draw.text((left - 45, px(0, yv)[1] - 6), f'{yv:.0f}', fill='black')
+        x_start = max(0.0, -a / b) if b > 0 else 0.0  # the fit line where it is above 0
+        draw.line([px(x_start, a + b * x_start), px(x_max, a + b * x_max)], fill=(150, 150, 150), width=2)
         for x, y in zip(n, ys):
             cx, cy = px(x, y)
             draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
@@ -233,7 +234,7 @@ def main(argv=None):
         from config import get_config
         cfg, path = args.cfg[0], args.paths[0]
         for size in SCALING_SIZES:
-            reps = max(3, args.reps if size <= 448 else 3)
+            reps = args.reps
             row = run_worker(cfg, path, 1, size, args.threads, reps)
             rows.append(row)
             print(format_table([row]).splitlines()[-1], flush=True)
