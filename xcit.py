@@ -53,6 +53,10 @@ def _transpose(x, perm):
     return x.contiguous() if paddle.in_dynamic_mode() and hasattr(x, 'contiguous') else x
 
 
+def _float32(x):
+    return x if x.dtype == paddle.float32 else x.astype('float32')
+
+
 def _linear(x, weight, bias=None):
     """(..., in) @ weight (in, out) + bias (out,) -> (..., out).
 
@@ -276,8 +280,10 @@ class XCA(nn.Layer):
         h = self.num_heads
         qkv = _transpose(self.qkv(x), [0, 2, 1]).reshape([0, 3 * h, C // h, N])  # channels first
         q, k, v = paddle.split(qkv, 3, axis=1)  # (B, h, d, N)
-        # F.normalize(q) @ F.normalize(k)^T = diag(1/|q_i|) (q @ k^T) diag(1/|k_j|), norms over N
-        inv_q, inv_k = (paddle.rsqrt(paddle.clip(paddle.sum(t * t, axis=-1), min=NORMALIZE_EPS ** 2)) for t in (q, k))
+        # F.normalize(q) @ F.normalize(k)^T = diag(1/|q_i|) (q @ k^T) diag(1/|k_j|), norms over N,
+        # in float32 also under float16 autocast (squares overflow float16)
+        inv_q, inv_k = (paddle.rsqrt(paddle.clip(paddle.sum(t * t, axis=-1), min=NORMALIZE_EPS ** 2))
+                        for t in (_float32(q), _float32(k)))
         inv_q = inv_q * self.temperature.squeeze(-1)
         attn = self._rescale(paddle.matmul(q, k, transpose_y=True), inv_q, inv_k)  # (B, h, d, d)
         attn = self.attn_drop(F.softmax(attn, axis=-1))
