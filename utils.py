@@ -24,10 +24,6 @@ def get_world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def is_main_process():
-    return get_rank() == 0
-
-
 def all_reduce_sum(values):
     """Sums a list of numbers over all processes; returns a float64 ndarray of the same length.
 

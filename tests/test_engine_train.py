@@ -13,6 +13,7 @@ from PIL import Image
 
 import engine
 import main_single_gpu
+import utils
 from config import ConfigError
 from datasets import DataError
 from utils import CheckpointError
@@ -231,3 +232,18 @@ def test_distillation_from_a_frozen_xcit_teacher(plain_run, tmp_path):
     result = main_single_gpu.main(train_args(tmp_path / 'out', *PLAIN_RECIPE, *distill, epochs=1,
                                              extra=['-pretrained', str(output / 'last.pdparams')]))
     assert start['last_acc1'] > 60.0 and result['last_acc1'] < start['last_acc1'] / 2
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    path = tmp_path / 'last.pdparams'
+    utils.save_checkpoint({'epoch': 1}, str(path))
+
+    def crash(state, target):
+        with open(target, 'wb') as f:
+            f.write(b'half a checkpoint')
+        raise OSError('disk full')
+    monkeypatch.setattr(utils.paddle, 'save', crash)
+    with pytest.raises(OSError, match='disk full'):
+        utils.save_checkpoint({'epoch': 2}, str(path))
+    assert utils.load_checkpoint(str(path)) == {'epoch': 1}
+    assert [p.name for p in tmp_path.iterdir()] == ['last.pdparams']
