@@ -578,14 +578,16 @@ class Trainer:
 
     def replica_difference(self):
         """Max abs difference between the ranks' weights (0.0 with one process)."""
+        worst = 0.0
         if self.world_size == 1:
-            return 0.0
-        flat = paddle.concat([v.astype('float64').flatten() for v in self.model.state_dict().values()
-                              if paddle.is_floating_point(v)])
-        high, low = flat.clone(), flat.clone()
-        paddle.distributed.all_reduce(high, op=paddle.distributed.ReduceOp.MAX)
-        paddle.distributed.all_reduce(low, op=paddle.distributed.ReduceOp.MIN)
-        return float((high - low).max())
+            return worst
+        for value in self.model.state_dict().values():
+            if paddle.is_floating_point(value):
+                high, low = value.clone(), value.clone()
+                paddle.distributed.all_reduce(high, op=paddle.distributed.ReduceOp.MAX)
+                paddle.distributed.all_reduce(low, op=paddle.distributed.ReduceOp.MIN)
+                worst = max(worst, float((high - low).max()))
+        return worst
 
     def fit(self):
         """Trains from ``self.epoch`` to TRAIN.NUM_EPOCHS; returns the result dict."""
