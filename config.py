@@ -22,7 +22,6 @@ _C.DATA.BATCH_SIZE_EVAL = 128  # per process, for evaluation
 _C.DATA.DATA_PATH = ''
 _C.DATA.DATASET = 'imagenet2012'  # imagenet2012, imagefolder or digits
 _C.DATA.IMAGE_SIZE = 224  # input side in pixels, training and evaluation
-_C.DATA.IMAGE_CHANNELS = 3
 _C.DATA.CROP_PCT = 1.0  # eval: resize the shorter side to IMAGE_SIZE / CROP_PCT, then centre-crop
 _C.DATA.INTERPOLATION = 'bicubic'
 _C.DATA.NUM_WORKERS = 2
@@ -31,7 +30,6 @@ _C.DATA.IMAGENET_STD = [0.229, 0.224, 0.225]
 
 # model settings
 _C.MODEL = CN()
-_C.MODEL.TYPE = 'XCiT'
 _C.MODEL.NAME = 'xcit_nano_12_p16_224'
 _C.MODEL.PRETRAINED = ''  # a converted .pdparams or a training checkpoint
 _C.MODEL.RESUME = ''  # a training checkpoint to continue from
@@ -52,7 +50,6 @@ _C.MODEL.DROPPATH = 0.0
 
 # training settings: the official XCiT / DeiT recipe
 _C.TRAIN = CN()
-_C.TRAIN.LAST_EPOCH = 0
 _C.TRAIN.NUM_EPOCHS = 400
 _C.TRAIN.WARMUP_EPOCHS = 5
 _C.TRAIN.WEIGHT_DECAY = 0.05
@@ -94,7 +91,6 @@ _C.TRAIN.TEACHER_PRETRAINED = ''  # the teacher's converted .pdparams
 
 # misc
 _C.SAVE = './output'
-_C.TAG = 'default'
 _C.SAVE_FREQ = 1  # epochs between saved checkpoints
 _C.REPORT_FREQ = 50  # steps between log lines
 _C.VALIDATE_FREQ = 1  # epochs between evaluations
@@ -103,7 +99,6 @@ _C.EVAL = False
 _C.AMP = False
 _C.EMA_EVAL = False  # evaluate the EMA weights of a training checkpoint
 _C.NGPUS = -1  # processes for main_multi_gpu.py; -1: all visible GPUs, or 2 on CPU
-_C.LOCAL_RANK = 0
 
 
 class ConfigError(ValueError):
@@ -216,16 +211,13 @@ _ARG_KEYS = {
     'batch_size': 'DATA.BATCH_SIZE',
     'batch_size_eval': 'DATA.BATCH_SIZE_EVAL',
     'image_size': 'DATA.IMAGE_SIZE',
-    'num_classes': 'MODEL.NUM_CLASSES',
     'pretrained': 'MODEL.PRETRAINED',
     'resume': 'MODEL.RESUME',
-    'last_epoch': 'TRAIN.LAST_EPOCH',
     'output': 'SAVE',
     'ngpus': 'NGPUS',
     'eval': 'EVAL',
     'amp': 'AMP',
     'ema': 'EMA_EVAL',
-    'teacher_model': 'TRAIN.TEACHER_PRETRAINED',
 }
 
 
