@@ -91,7 +91,7 @@ _C.TRAIN.TEACHER_PRETRAINED = ''  # the teacher's converted .pdparams
 
 # misc
 _C.SAVE = './output'
-_C.SAVE_FREQ = 1  # epochs between saved checkpoints
+_C.SAVE_FREQ = 10  # epochs between kept epoch_N.pdparams snapshots (last.pdparams is written every epoch); 0: none
 _C.REPORT_FREQ = 50  # steps between log lines
 _C.VALIDATE_FREQ = 1  # epochs between evaluations
 _C.SEED = 0

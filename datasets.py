@@ -219,15 +219,23 @@ def collate(samples):
 
 
 class DataLoader(paddle.io.DataLoader):
-    """``paddle.io.DataLoader`` whose worker failures still name the bad file.
+    """``paddle.io.DataLoader`` whose failures still name the bad file.
 
-    Paddle re-raises a worker's exception in its reader thread, so this process only gets a
-    generic ``SystemError``. The samples of the pass are then loaded again here, from the first
-    batch not yet delivered: loading is deterministic, so this raises the original error (e.g.
-    a ``DataError`` with the file name); if nothing fails, the ``SystemError`` is raised.
+    With ``num_workers=0`` batches are loaded right here, so a loading error propagates as it
+    is (Paddle's own single-process loader runs a reader thread that dies silently on an error
+    and leaves the consumer waiting forever). With workers, Paddle re-raises a worker's
+    exception in its reader thread, so this process only gets a generic ``SystemError``. The
+    samples of the pass are then loaded again here, from the first batch not yet delivered:
+    loading is deterministic, so this raises the original error (e.g. a ``DataError`` with the
+    file name); if nothing fails, the ``SystemError`` is raised.
     """
 
     def __iter__(self):
+        if self.num_workers == 0:
+            for indices in self.batch_sampler:
+                batch = self.collate_fn([self.dataset[index] for index in indices])
+                yield [paddle.to_tensor(array) for array in batch]
+            return
         batches = super().__iter__()
         delivered = 0
         while True:

@@ -138,10 +138,11 @@ def test_missing_and_undecodable_images_name_file_and_line(imagenet):
         dataset[2]
 
 
-def test_worker_errors_keep_the_file_name(imagenet):
+@pytest.mark.parametrize('workers', [0, 1])
+def test_loader_errors_keep_the_file_name(imagenet, workers):
     write_list(imagenet, 'val_list.txt', ['val/v1.JPEG 1', 'val/missing.jpg 2'])
     config = imagenet_config(imagenet)
-    config.DATA.NUM_WORKERS = 1
+    config.DATA.NUM_WORKERS = workers
     loader = build_dataloader(config, build_dataset(config, 'val'), 'val')
     with pytest.raises(DataError, match=r'missing.jpg \(.*val_list.txt line 2\)'):
         list(loader)
