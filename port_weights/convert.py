@@ -34,7 +34,8 @@ from port_weights.safe_load import CheckpointError, read_checkpoint  # noqa: E40
 from xcit import build_xcit  # noqa: E402
 
 __all__ = ['CheckpointError', 'load_checkpoint_arrays', 'from_timm_layout', 'convert_state_dict',
-           'model_shapes', 'find_mismatches', 'format_mismatches', 'count_parameters', 'write_pdparams',
+           'model_shapes', 'find_mismatches', 'format_mismatches', 'check_fits', 'count_parameters',
+           'write_pdparams',
            'convert_file', 'main']
 
 CHECKPOINT_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors')
@@ -173,19 +174,31 @@ def format_mismatches(rows):
                      for a, b, c, d in table)
 
 
+def check_fits(arrays, expected, what):
+    """Raises ``CheckpointError`` starting with ``what`` and listing the differences (the
+    ``format_mismatches`` table) unless ``arrays`` has exactly the names and shapes of ``expected``."""
+    rows = find_mismatches(arrays, expected)
+    if rows:
+        raise CheckpointError(f'{what} ({len(rows)} problems):\n{format_mismatches(rows)}')
+
+
 def count_parameters(arrays):
     """Number of trainable values: every entry except BatchNorm statistics."""
     return sum(int(np.prod(v.shape)) for k, v in arrays.items() if not k.endswith(BN_BUFFERS))
 
 
 def write_pdparams(arrays, dst):
-    """``paddle.save`` to a temporary file beside ``dst``, then renamed onto it atomically."""
+    """``paddle.save`` to a temporary file beside ``dst``, then renamed onto it atomically.
+
+    Raises ``CheckpointError`` when ``dst`` cannot be written."""
     folder = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f'.{os.path.basename(dst)}.{os.getpid()}.tmp')
     try:
+        os.makedirs(folder, exist_ok=True)
         paddle.save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
         os.replace(tmp, dst)
+    except OSError as e:
+        raise CheckpointError(f'{dst}: cannot write: {e.strerror or e}') from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -205,14 +218,8 @@ def convert_file(src, dst, cfg_path=None, dtype='float32'):
             expected = model_shapes(get_config(cfg_path))
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
-        rows = find_mismatches(arrays, expected)
-        if rows:
-            raise CheckpointError(f'{src} does not fit the model of {cfg_path} '
-                                  f'({len(rows)} problems):\n{format_mismatches(rows)}')
-    try:
-        write_pdparams(arrays, dst)
-    except OSError as e:
-        raise CheckpointError(f'{dst}: cannot write: {e.strerror or e}') from None
+        check_fits(arrays, expected, f'{src} does not fit the model of {cfg_path}')
+    write_pdparams(arrays, dst)
     return ConversionResult(src, dst, len(arrays), count_parameters(arrays), ignored)
 
 

@@ -18,9 +18,8 @@ if ROOT not in sys.path:
 
 import paddle  # noqa: E402
 
-from port_weights.convert import (CheckpointError, convert_state_dict, count_parameters,  # noqa: E402
-                                  find_mismatches, format_mismatches, load_checkpoint_arrays,
-                                  write_pdparams)
+from port_weights.convert import (CheckpointError, check_fits, convert_state_dict,  # noqa: E402
+                                  count_parameters, load_checkpoint_arrays, write_pdparams)
 from regnet import regnety_160  # noqa: E402
 
 __all__ = ['regnety_160_shapes', 'convert_regnet_file', 'main']
@@ -45,14 +44,8 @@ def convert_regnet_file(src, dst, dtype='float32'):
     if HEAD_WEIGHT not in arrays or arrays[HEAD_WEIGHT].ndim != 2:
         raise CheckpointError(f'{src}: no 2-D {HEAD_WEIGHT}: not a regnety_160 checkpoint')
     num_classes = arrays[HEAD_WEIGHT].shape[1]
-    rows = find_mismatches(arrays, regnety_160_shapes(num_classes))
-    if rows:
-        raise CheckpointError(f'{src} does not fit regnety_160 ({len(rows)} problems):\n'
-                              f'{format_mismatches(rows)}')
-    try:
-        write_pdparams(arrays, dst)
-    except OSError as e:
-        raise CheckpointError(f'{dst}: cannot write: {e.strerror or e}') from None
+    check_fits(arrays, regnety_160_shapes(num_classes), f'{src} does not fit regnety_160')
+    write_pdparams(arrays, dst)
     return count_parameters(arrays)
 
 
