@@ -75,7 +75,8 @@ def build_runner(cfg, path, batch, size, threads):
     if path == 'infer':
         from export_model import InferenceModel
         folder = tempfile.mkdtemp()
-        paddle.jit.save(paddle.jit.to_static(model, input_spec=spec, full_graph=True), os.path.join(folder, 'model'))
+        static = paddle.jit.to_static(model, input_spec=spec, full_graph=True)
+        paddle.jit.save(static, os.path.join(folder, 'model'))
         predictor = InferenceModel(folder, mkldnn=True, threads=threads)
         return lambda: predictor(images)
     net = paddle.jit.to_static(model, input_spec=spec, full_graph=True) if path == 'static' else model
@@ -107,7 +108,8 @@ def measure(cfg, path, batch, size, threads, reps):
 def run_worker(cfg, path, batch, size, threads, reps):
     """One measurement in a fresh process: its dict, or {'error': ...}."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), GLOG_minloglevel='2')
-    cmd = [sys.executable, os.path.abspath(__file__), '--worker', json.dumps([cfg, path, batch, size, threads, reps])]
+    job = json.dumps([cfg, path, batch, size, threads, reps])
+    cmd = [sys.executable, os.path.abspath(__file__), '--worker', job]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE)
     lines = [line for line in done.stdout.splitlines() if line.startswith('{')]
     if done.returncode != 0 or not lines:
@@ -133,7 +135,8 @@ def machine():
 
 
 def format_table(rows):
-    header = f'{"config":32s} {"path":8s} {"batch":>5s} {"size":>5s} {"img/s":>8s} {"ms/batch":>9s} {"peak MB":>8s}'
+    header = (f'{"config":32s} {"path":8s} {"batch":>5s} {"size":>5s} '
+              f'{"img/s":>8s} {"ms/batch":>9s} {"peak MB":>8s}')
     lines = [header, '-' * len(header)]
     for r in rows:
         if 'error' in r:
@@ -243,12 +246,14 @@ def main(argv=None):
         summary = scaling_summary(rows, get_config(cfg).MODEL.PATCH_SIZE)
         draw_scaling(summary, f'{os.path.basename(cfg)} ({path}, batch 1, {args.threads} threads): '
                               f'{summary["sizes"][0]} to {summary["sizes"][-1]} pixels', args.plot)
-        print(f'time per image   = {summary["time_fit"][0]:.3g} ms + {summary["time_fit"][1] * 1e3:.4g} us x tokens')
-        print(f'memory per image = {summary["memory_fit"][0]:.3g} MB + {summary["memory_fit"][1] * 1e3:.4g} kB x tokens')
-        print(f'{summary["sizes"][-1]} / {summary["sizes"][0]} pixels: tokens x{summary["token_ratio"]:.1f}, '
-              f'time per image x{summary["time_ratio"]:.1f} ({summary["time_ratio"] / summary["token_ratio"]:.2f} '
-              f'of the token ratio), peak memory per image x{summary["memory_ratio"]:.1f} '
-              f'({summary["memory_ratio"] / summary["token_ratio"]:.2f} of the token ratio); plot: {args.plot}')
+        (a, b), (c, e) = summary['time_fit'], summary['memory_fit']
+        token_ratio, time_ratio, memory_ratio = (summary[k] for k in ('token_ratio', 'time_ratio', 'memory_ratio'))
+        print(f'time per image   = {a:.3g} ms + {b * 1e3:.4g} us x tokens')
+        print(f'memory per image = {c:.3g} MB + {e * 1e3:.4g} kB x tokens')
+        print(f'{summary["sizes"][-1]} / {summary["sizes"][0]} pixels: tokens x{token_ratio:.1f}, '
+              f'time per image x{time_ratio:.1f} ({time_ratio / token_ratio:.2f} of the token ratio), '
+              f'peak memory per image x{memory_ratio:.1f} ({memory_ratio / token_ratio:.2f} of the token ratio); '
+              f'plot: {args.plot}')
     else:
         from config import get_config
         for cfg in args.cfg:

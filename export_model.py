@@ -133,8 +133,10 @@ def max_difference(model, runners, inputs):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('-cfg', required=True, help='model YAML config')
-    parser.add_argument('-pretrained', required=True, help='weights: a converted .pdparams or a training checkpoint')
-    parser.add_argument('-output', required=True, help='folder for model.json / model.pdmodel and model.pdiparams')
+    parser.add_argument('-pretrained', required=True,
+                        help='weights: a converted .pdparams or a training checkpoint')
+    parser.add_argument('-output', required=True,
+                        help='folder for model.json / model.pdmodel and model.pdiparams')
     parser.add_argument('-image_size', type=int, default=None,
                         help='fix the input to S x S (default: dynamic height and width)')
     parser.add_argument('--legacy-format', action='store_true',

@@ -1,7 +1,8 @@
 """Top-5 predictions of an XCiT for image files and folders.
 
     python predict.py -cfg configs/xcit_nano_12_p16_224.yaml -pretrained xcit_nano_12_p16_224.pdparams cat.jpg
-    python predict.py -cfg configs/xcit_nano_12_p16_224.yaml -model_dir export/xcit_nano_12_p16_224 photos/ -output top5.csv
+    python predict.py -cfg configs/xcit_nano_12_p16_224.yaml -model_dir export/xcit_nano_12_p16_224 \
+        photos/ -output top5.csv
 
 The model is the dygraph XCiT with ``-pretrained`` weights, or an exported model
 (``export_model.py``) run by ``paddle.inference`` with ``-model_dir``; images go through the

@@ -238,8 +238,10 @@ class LPI(nn.Layer):
         """
         C, B, N = x.shape
         x = paddle.concat([x, paddle.zeros([C, B, W], dtype=x.dtype)], axis=2)
-        x = F.conv2d(x.reshape([1, C, B * (H + 1), W]), weight, bias, padding=1, groups=C)
-        return paddle.split(x.reshape([C, B, H + 1, W]), [H, 1], axis=2)[0].reshape([C, B, N])
+        x = F.conv2d(x.reshape([1, C, B * (H + 1), W]), weight, padding=1, groups=C)
+        x = paddle.split(x.reshape([C, B, H + 1, W]), [H, 1], axis=2)[0]
+        # the bias on (C, B * N): Paddle broadcasts a (C, 1) column fast, a (1, C, 1, 1) one slowly
+        return (x.reshape([C, B * N]) + bias.reshape([C, 1])).reshape([C, B, N])
 
 
 class Mlp(nn.Layer):
@@ -289,7 +291,6 @@ class XCA(nn.Layer):
         attn = self.attn_drop(F.softmax(attn, axis=-1))
         x = _transpose(paddle.matmul(attn, v).reshape([0, C, N]), [0, 2, 1])
         return self.proj_drop(self.proj(x, scale))
-
 
     def _rescale(self, attn, row, col):
         """attn (B, h, d, d) * row (B, h, d) per row * col (B, h, d) per column.

@@ -14,9 +14,10 @@ if [ ! -f "$STAMP" ]; then
     touch "$STAMP"
 fi
 cd "$ROOT"
-TESTS=(tests/test_model.py tests/test_parity.py tests/test_convert.py tests/test_export.py tests/test_speed_model.py)
+TESTS=(tests/test_model.py tests/test_parity.py tests/test_convert.py tests/test_export.py
+       tests/test_speed_model.py)
 for optional in tests/test_engine_eval.py; do
     if [ -f "$optional" ]; then TESTS+=("$optional"); fi
 done
-"$VENV/bin/python" -c 'import numpy, paddle; print(f"[paddle 2.6] paddle {paddle.__version__}, numpy {numpy.__version__}")'
+"$VENV/bin/python" -c 'import numpy, paddle; print("[paddle 2.6]", paddle.__version__, numpy.__version__)'
 "$VENV/bin/python" -m pytest -q "${TESTS[@]}" "$@"
