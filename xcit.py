@@ -18,6 +18,7 @@ import os
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
+from paddle.autograd import PyLayer
 
 __all__ = ['XCiT', 'build_xcit']
 
@@ -57,19 +58,47 @@ def _float32(x):
     return x if x.dtype == paddle.float32 else x.astype('float32')
 
 
+class _AddmmFunction(PyLayer):
+    """``bias + x @ weight`` for 2-D x whose backward is three GEMMs.
+
+    Paddle's own addmm gradient reduces the bias gradient with a slow single-threaded kernel
+    (as long as the two GEMMs together for wide layers); here it is ``ones(1, M) @ grad``.
+    Under autocast the GEMMs run in the gradient's dtype and each gradient is returned in
+    its input's dtype; inputs that need no gradient get none.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.inputs = [(t.dtype, t.stop_gradient) for t in (x, weight, bias)]
+        return paddle.addmm(bias, x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = (t if t.dtype == grad.dtype else t.astype(grad.dtype) for t in ctx.saved_tensor())
+        grads = (lambda: paddle.matmul(grad, weight, transpose_y=True),
+                 lambda: paddle.matmul(x, grad, transpose_x=True),
+                 lambda: paddle.matmul(paddle.ones([1, grad.shape[0]], grad.dtype), grad).reshape([-1]))
+        return tuple(None if stop_gradient else compute().astype(dtype)
+                     for compute, (dtype, stop_gradient) in zip(grads, ctx.inputs))
+
+
 def _linear(x, weight, bias=None):
     """(..., in) @ weight (in, out) + bias (out,) -> (..., out).
 
     Eager: ``paddle.addmm`` adds the bias inside the GEMM call, several times cheaper on
-    Paddle's CPU kernels than a separate broadcast add. Graph mode: matmul + add, which the
-    inference passes fuse into one fc op.
+    Paddle's CPU kernels than a separate broadcast add, with GEMM-only gradients when they are
+    needed. Graph mode: matmul + add, which the inference passes fuse into one fc op.
     """
     if bias is None:
         return paddle.matmul(x, weight)
     if not paddle.in_dynamic_mode():
         return F.linear(x, weight, bias)
     shape = list(x.shape)
-    out = paddle.addmm(bias, x.reshape([-1, shape[-1]]), weight)
+    x = x.reshape([-1, shape[-1]])
+    needs_grad = paddle.is_grad_enabled() and not (x.stop_gradient and weight.stop_gradient
+                                                   and bias.stop_gradient)
+    out = _AddmmFunction.apply(x, weight, bias) if needs_grad else paddle.addmm(bias, x, weight)
     return out.reshape(shape[:-1] + [weight.shape[1]])
 
 
@@ -112,8 +141,8 @@ class DropPath(nn.Layer):
             return x
         keep = 1.0 - self.drop_prob
         shape = [x.shape[0]] + [1] * (x.ndim - 1)
-        mask = paddle.floor(keep + paddle.rand(shape, dtype=x.dtype))
-        return x / keep * mask
+        # one broadcast multiply by the per-sample factor 0 or 1 / keep
+        return x * (paddle.floor(keep + paddle.rand(shape, dtype=x.dtype)) / keep)
 
 
 class PositionalEncodingFourier(nn.Layer):
@@ -284,7 +313,7 @@ class XCA(nn.Layer):
         q, k, v = paddle.split(qkv, 3, axis=1)  # (B, h, d, N)
         # F.normalize(q) @ F.normalize(k)^T = diag(1/|q_i|) (q @ k^T) diag(1/|k_j|), norms over N,
         # in float32 also under float16 autocast (squares overflow float16)
-        inv_q, inv_k = (paddle.rsqrt(paddle.clip(paddle.sum(t * t, axis=-1), min=NORMALIZE_EPS ** 2))
+        inv_q, inv_k = (paddle.rsqrt(paddle.clip(paddle.sum(paddle.square(t), axis=-1), min=NORMALIZE_EPS ** 2))
                         for t in (_float32(q), _float32(k)))
         inv_q = inv_q * self.temperature.squeeze(-1)
         attn = self._rescale(paddle.matmul(q, k, transpose_y=True), inv_q, inv_k)  # (B, h, d, d)

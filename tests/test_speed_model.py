@@ -133,6 +133,30 @@ def test_linear_scale_is_folded_exactly():
                                atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize('frozen', [None, 'x', 'weight', 'bias'])
+def test_linear_gradients_are_those_of_matmul_plus_bias(frozen):
+    """The GEMM-only backward of xcit._linear: same gradients, none for frozen inputs."""
+    rng = np.random.default_rng(6)
+    inputs = {name: paddle.to_tensor(rng.standard_normal(shape).astype('float32'))
+              for name, shape in (('x', (B, N, C)), ('weight', (C, 2 * C)), ('bias', (2 * C,)))}
+    grad = paddle.to_tensor(rng.standard_normal((B, N, 2 * C)).astype('float32'))
+
+    def gradients(fn):
+        for name, t in inputs.items():
+            t.clear_gradient()
+            t.stop_gradient = name == frozen
+        fn(inputs['x'], inputs['weight'], inputs['bias']).backward(grad)
+        return {name: None if t.grad is None else t.grad.numpy() for name, t in inputs.items()}
+
+    ours = gradients(xcit._linear)
+    reference = gradients(lambda x, w, b: paddle.matmul(x, w) + b)
+    for name in inputs:
+        if name == frozen:
+            assert ours[name] is None
+        else:
+            np.testing.assert_allclose(ours[name], reference[name], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize('h,w', [(14, 14), (3, 11)])
 def test_positional_encoding_matches_official(h, w):
     m = randomize(xcit.PositionalEncodingFourier(dim=C), 5)
