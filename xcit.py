@@ -313,7 +313,7 @@ class XCA(nn.Layer):
         q, k, v = paddle.split(qkv, 3, axis=1)  # (B, h, d, N)
         # F.normalize(q) @ F.normalize(k)^T = diag(1/|q_i|) (q @ k^T) diag(1/|k_j|), norms over N,
         # in float32 also under float16 autocast (squares overflow float16)
-        inv_q, inv_k = (paddle.rsqrt(paddle.clip(paddle.sum(paddle.square(t), axis=-1), min=NORMALIZE_EPS ** 2))
+        inv_q, inv_k = (paddle.rsqrt(paddle.clip(paddle.sum(t * t, axis=-1), min=NORMALIZE_EPS ** 2))
                         for t in (_float32(q), _float32(k)))
         inv_q = inv_q * self.temperature.squeeze(-1)
         attn = self._rescale(paddle.matmul(q, k, transpose_y=True), inv_q, inv_k)  # (B, h, d, d)
