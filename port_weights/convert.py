@@ -33,7 +33,8 @@ from config import ConfigError, get_config  # noqa: E402
 from port_weights.safe_load import CheckpointError, read_checkpoint  # noqa: E402
 from xcit import build_xcit  # noqa: E402
 
-__all__ = ['CheckpointError', 'load_checkpoint_arrays', 'from_timm_layout', 'convert_state_dict',
+__all__ = ['CheckpointError', 'load_checkpoint_arrays', 'from_timm_layout', 'strip_wrapper_prefix',
+           'convert_state_dict',
            'model_shapes', 'find_mismatches', 'format_mismatches', 'check_fits', 'count_parameters',
            'write_pdparams',
            'convert_file', 'main']
@@ -43,6 +44,7 @@ STATE_DICT_KEYS = ('model', 'state_dict')  # where training checkpoints keep the
 BN_RENAMES = {'running_mean': '_mean', 'running_var': '_variance'}
 DROPPED_LEAVES = {'num_batches_tracked'}  # a torch BatchNorm counter, not a weight
 BN_BUFFERS = ('._mean', '._variance')
+WRAPPER_PREFIX = 'module.'  # torch DataParallel / DistributedDataParallel saves
 TIMM_SPLIT_QKV = re.compile(r'^(?P<prefix>cls_attn_blocks\.\d+\.attn)\.(?P<part>[qkv])\.(?P<leaf>weight|bias)$')
 
 ConversionResult = namedtuple('ConversionResult', 'src dst tensors parameters ignored')
@@ -108,6 +110,13 @@ def from_timm_layout(arrays):
     return out
 
 
+def strip_wrapper_prefix(arrays):
+    """Drops the ``module.`` prefix that torch's (Distributed)DataParallel adds to every key."""
+    if arrays and all(name.startswith(WRAPPER_PREFIX) for name in arrays):
+        return {name[len(WRAPPER_PREFIX):]: value for name, value in arrays.items()}
+    return arrays
+
+
 def paddle_name(name):
     """The Paddle state-dict name of a torch one, or None for entries Paddle does not have."""
     prefix, _, leaf = name.rpartition('.')
@@ -125,12 +134,13 @@ def is_linear_weight(name, ndim):
 def convert_state_dict(arrays, dtype='float32'):
     """Official or timm torch state dict -> Paddle state dict (name -> array).
 
+    A ``module.`` prefix on every key (a DataParallel-wrapped save) is removed first.
     Linear weights [out, in] become [in, out], BatchNorm statistics are renamed, counters
     dropped, floating arrays cast to ``dtype``. Arrays are not copied when nothing changes
     (transposes are views), so shape-only stand-ins such as ``np.broadcast_to`` cost nothing.
     """
     converted = {}
-    for name, value in from_timm_layout(arrays).items():
+    for name, value in from_timm_layout(strip_wrapper_prefix(arrays)).items():
         target = paddle_name(name)
         if target is None:
             continue

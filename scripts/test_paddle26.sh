@@ -15,9 +15,6 @@ if [ ! -f "$STAMP" ]; then
 fi
 cd "$ROOT"
 TESTS=(tests/test_model.py tests/test_parity.py tests/test_convert.py tests/test_export.py
-       tests/test_speed_model.py)
-for optional in tests/test_engine_eval.py; do
-    if [ -f "$optional" ]; then TESTS+=("$optional"); fi
-done
+       tests/test_speed_model.py tests/test_engine_eval.py)
 "$VENV/bin/python" -c 'import numpy, paddle; print("[paddle 2.6]", paddle.__version__, numpy.__version__)'
 "$VENV/bin/python" -m pytest -q "${TESTS[@]}" "$@"

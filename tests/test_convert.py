@@ -91,6 +91,13 @@ def test_linear_weights_transposed_batchnorm_renamed_counters_dropped():
     assert all(v.dtype == np.float16 for v in convert_state_dict(arrays, 'float16').values())
 
 
+def test_dataparallel_module_prefix_is_stripped_only_when_every_key_has_it():
+    arrays = {'module.head.weight': np.ones((2, 3), np.float32), 'module.cls_token': np.ones((1, 1, 3), np.float32)}
+    assert sorted(convert_state_dict(arrays)) == ['cls_token', 'head.weight']
+    arrays['other.module.x'] = np.ones(1, np.float32)
+    assert 'module.cls_token' in convert_state_dict(arrays)
+
+
 def test_timm_class_attention_qkv_concatenated_in_q_k_v_order():
     arrays = {f'cls_attn_blocks.0.attn.{p}.{leaf}': np.full(shape, i, np.float32)
               for i, p in enumerate('qkv') for leaf, shape in [('weight', (2, 2)), ('bias', (2,))]}
