@@ -2,6 +2,7 @@
 
     python benchmark.py -cfg configs/xcit_nano_12_p16_224.yaml --batch 1 16 --sizes 224 384
     python benchmark.py -cfg configs/xcit_nano_12_p16_224.yaml --scaling --plot docs/scaling.png
+    python benchmark.py -cfg configs/xcit_nano_12_p16_224.yaml --scaling --paths dygraph --sizes 224 448 896
 
 Paths: ``dygraph`` (the eager model under ``paddle.no_grad``), ``static``
 (``paddle.jit.to_static``) and ``infer`` (``paddle.jit.save`` + ``paddle.inference`` with
@@ -14,10 +15,11 @@ set high-water mark (``VmHWM`` of /proc/self/status, or ``ru_maxrss`` where ther
 /proc) minus its resident size once the model is built (``VmRSS`` before the first batch):
 the memory the forward passes need on top of the weights and the libraries.
 
-``--scaling`` runs one model at batch 1 from 224 up to 1024 pixels (stopping at the first size
-that fails, e.g. out of memory), fits time and memory per image against the number of tokens
-by least squares, prints the slopes and the ratios (1024 / 224) next to the token ratio, and
-draws both against the tokens in a PNG.
+``--scaling`` runs one model and path at one batch size (default 1) from 224 up to 1024
+pixels, or over ``--sizes`` (stopping at the first size that fails, e.g. out of memory), fits
+time and memory per image against the number of tokens by least squares, prints the slopes
+and the ratios (largest / smallest size) next to the token ratio, and draws both against the
+tokens in a PNG.
 """
 import argparse
 import json
@@ -212,17 +214,29 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('-cfg', nargs='+', default=[os.path.join(HERE, 'configs', 'xcit_nano_12_p16_224.yaml')],
                         help='model configs (default: xcit_nano_12_p16_224)')
-    parser.add_argument('--batch', type=int, nargs='+', default=[1, 16])
-    parser.add_argument('--sizes', type=int, nargs='+', default=None, help='input sides (default: the config\'s)')
-    parser.add_argument('--paths', nargs='+', choices=PATHS, default=list(PATHS))
+    parser.add_argument('--batch', type=int, nargs='+', default=None,
+                        help='batch sizes (default: 1 16; with --scaling one size, default 1)')
+    parser.add_argument('--sizes', type=int, nargs='+', default=None,
+                        help=f'input sides (default: the config\'s; with --scaling {" ".join(map(str, SCALING_SIZES))})')
+    parser.add_argument('--paths', nargs='+', choices=PATHS, default=None,
+                        help='compute paths (default: all; with --scaling one path, default infer)')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--reps', type=int, default=5, help='timed batches per measurement')
     parser.add_argument('--scaling', action='store_true',
-                        help=f'batch 1 at {", ".join(map(str, SCALING_SIZES))} with the first -cfg and --paths')
+                        help='time and memory per image against tokens for one config, path and batch size')
     parser.add_argument('--plot', default='scaling.png', help='PNG written by --scaling')
     parser.add_argument('--json', default=None, help='also write the measurements to this JSON file')
     parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.scaling:
+        for name, values in (('-cfg', args.cfg), ('--paths', args.paths), ('--batch', args.batch)):
+            if values is not None and len(values) > 1:
+                parser.error(f'--scaling takes one value of {name}, got {" ".join(map(str, values))}')
+        args.batch, args.paths = args.batch or [1], args.paths or ['infer']
+        args.sizes = args.sizes or list(SCALING_SIZES)
+    else:
+        args.batch, args.paths = args.batch or [1, 16], args.paths or list(PATHS)
+    return args
 
 
 def main(argv=None):
@@ -235,16 +249,17 @@ def main(argv=None):
     rows = []
     if args.scaling:
         from config import get_config
-        cfg, path = args.cfg[0], args.paths[0]
-        for size in SCALING_SIZES:
-            reps = args.reps
-            row = run_worker(cfg, path, 1, size, args.threads, reps)
+        (cfg,), (path,), (batch,) = args.cfg, args.paths, args.batch
+        for size in args.sizes:
+            row = run_worker(cfg, path, batch, size, args.threads, args.reps)
             rows.append(row)
             print(format_table([row]).splitlines()[-1], flush=True)
             if 'error' in row:
                 break
+        if sum('error' not in r for r in rows) < 2:
+            sys.exit('--scaling: fewer than two sizes could be measured; nothing to fit')
         summary = scaling_summary(rows, get_config(cfg).MODEL.PATCH_SIZE)
-        draw_scaling(summary, f'{os.path.basename(cfg)} ({path}, batch 1, {args.threads} threads): '
+        draw_scaling(summary, f'{os.path.basename(cfg)} ({path}, batch {batch}, {args.threads} threads): '
                               f'{summary["sizes"][0]} to {summary["sizes"][-1]} pixels', args.plot)
         (a, b), (c, e) = summary['time_fit'], summary['memory_fit']
         token_ratio, time_ratio, memory_ratio = (summary[k] for k in ('token_ratio', 'time_ratio', 'memory_ratio'))

@@ -1,0 +1,65 @@
+"""benchmark.py: the table and --scaling modes end to end on a tiny XCiT, and the fit."""
+import json
+
+import pytest
+import yaml
+from PIL import Image
+
+import benchmark
+
+TINY = {'DATA': {'IMAGE_SIZE': 32},
+        'MODEL': {'NAME': 'xcit_bench_test', 'EMBED_DIM': 32, 'DEPTH': 1, 'NUM_HEADS': 2, 'NUM_CLASSES': 5}}
+
+
+@pytest.fixture(scope='module')
+def cfg(tmp_path_factory):
+    path = tmp_path_factory.mktemp('bench') / 'tiny.yaml'
+    path.write_text(yaml.safe_dump(TINY), encoding='utf-8')
+    return str(path)
+
+
+def test_table_measures_every_path_batch_and_size(cfg, tmp_path, capsys):
+    out = tmp_path / 'rows.json'
+    benchmark.main(['-cfg', cfg, '--batch', '1', '2', '--sizes', '48', '--reps', '1',
+                    '--threads', '1', '--json', str(out)])
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())['rows']
+    assert [(r['path'], r['batch'], r['size']) for r in rows] == [
+        (path, batch, 48) for batch in (1, 2) for path in ('dygraph', 'static', 'infer')]
+    for r in rows:
+        assert 'error' not in r, r
+        assert r['images_per_s'] > 0 and r['ms_per_batch'] > 0 and r['peak_mb'] is not None
+        assert r['images_per_s'] == pytest.approx(r['batch'] / r['ms_per_batch'] * 1e3)
+    assert printed.count('tiny.yaml') == len(rows)
+    assert 'machine: ' in printed and 'img/s' in printed
+
+
+def test_scaling_fits_draws_and_reports_the_ratios(cfg, tmp_path, capsys):
+    plot = tmp_path / 'scaling.png'
+    benchmark.main(['-cfg', cfg, '--scaling', '--paths', 'dygraph', '--sizes', '32', '64', '96',
+                    '--reps', '1', '--threads', '1', '--plot', str(plot)])
+    printed = capsys.readouterr().out
+    assert 'time per image   = ' in printed and 'memory per image = ' in printed
+    assert '96 / 32 pixels: tokens x9.0' in printed  # 6 x 6 against 2 x 2 tokens
+    assert sum(line.startswith('tiny.yaml') and ' dygraph ' in line for line in printed.splitlines()) == 3
+    assert Image.open(plot).size == (1000, 430)
+
+
+@pytest.mark.parametrize('flags', [['--paths', 'dygraph', 'infer'], ['--batch', '1', '2']])
+def test_scaling_refuses_more_than_one_path_or_batch(cfg, flags, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(['-cfg', cfg, '--scaling', *flags])
+    assert '--scaling takes one value of ' + flags[0] in capsys.readouterr().err
+
+
+def test_least_squares_and_summary():
+    assert benchmark.least_squares([1, 2, 3], [5, 7, 9]) == pytest.approx((3, 2))
+    rows = [{'size': s, 'batch': 2, 'ms_per_batch': 2 * (10 + 0.5 * (s // 16) ** 2),
+             'peak_mb': 2 * (20 + 0.01 * (s // 16) ** 2)} for s in (224, 448, 896)]
+    rows.append({'size': 1024, 'batch': 2, 'error': 'exit 1: out of memory'})
+    summary = benchmark.scaling_summary(rows, patch=16)
+    assert summary['sizes'] == [224, 448, 896] and summary['tokens'] == [196, 784, 3136]
+    assert summary['time_fit'] == pytest.approx((10, 0.5))
+    assert summary['memory_fit'] == pytest.approx((20, 0.01))
+    assert summary['token_ratio'] == 16
+    assert summary['time_ratio'] == pytest.approx((10 + 0.5 * 3136) / (10 + 0.5 * 196))
