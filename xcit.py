@@ -58,13 +58,17 @@ def _float32(x):
     return x if x.dtype == paddle.float32 else x.astype('float32')
 
 
+def _as_dtype(x, dtype):
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
 class _AddmmFunction(PyLayer):
     """``bias + x @ weight`` for 2-D x whose backward is three GEMMs.
 
-    Paddle's own addmm gradient reduces the bias gradient with a slow single-threaded kernel
-    (as long as the two GEMMs together for wide layers); here it is ``ones(1, M) @ grad``.
-    Under autocast the GEMMs run in the gradient's dtype and each gradient is returned in
-    its input's dtype; inputs that need no gradient get none.
+    Paddle's own addmm gradient sums the bias gradient with a slow single-threaded kernel (for
+    the MLP layers that took as long as the two GEMMs together); here it is ``ones(1, M) @ grad``.
+    Under autocast the GEMMs run in the gradient's dtype and each gradient is returned in its
+    input's dtype; inputs that need no gradient get none.
     """
 
     @staticmethod
@@ -75,12 +79,14 @@ class _AddmmFunction(PyLayer):
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = (t if t.dtype == grad.dtype else t.astype(grad.dtype) for t in ctx.saved_tensor())
-        grads = (lambda: paddle.matmul(grad, weight, transpose_y=True),
-                 lambda: paddle.matmul(x, grad, transpose_x=True),
-                 lambda: paddle.matmul(paddle.ones([1, grad.shape[0]], grad.dtype), grad).reshape([-1]))
-        return tuple(None if stop_gradient else compute().astype(dtype)
-                     for compute, (dtype, stop_gradient) in zip(grads, ctx.inputs))
+        x, weight = (_as_dtype(t, grad.dtype) for t in ctx.saved_tensor())
+        (x_dtype, x_frozen), (weight_dtype, weight_frozen), (bias_dtype, bias_frozen) = ctx.inputs
+        grad_x = None if x_frozen else _as_dtype(paddle.matmul(grad, weight, transpose_y=True), x_dtype)
+        grad_weight = None if weight_frozen else _as_dtype(paddle.matmul(x, grad, transpose_x=True),
+                                                           weight_dtype)
+        grad_bias = None if bias_frozen else _as_dtype(
+            paddle.matmul(paddle.ones([1, grad.shape[0]], grad.dtype), grad).reshape([-1]), bias_dtype)
+        return grad_x, grad_weight, grad_bias
 
 
 def _linear(x, weight, bias=None):
