@@ -157,6 +157,41 @@ def test_linear_gradients_are_those_of_matmul_plus_bias(frozen):
             np.testing.assert_allclose(ours[name], reference[name], atol=1e-5, rtol=1e-5)
 
 
+def layer_norm_gradients_float64(x, weight, grad, epsilon):
+    """Gradients of LayerNorm over the last axis w.r.t. x, weight and bias, in float64."""
+    x, weight, grad = (np.asarray(t, np.float64) for t in (x, weight, grad))
+    centred = x - x.mean(-1, keepdims=True)
+    rstd = 1 / np.sqrt((centred ** 2).mean(-1, keepdims=True) + epsilon)
+    x_hat, g = centred * rstd, grad * weight
+    grad_x = (g - g.mean(-1, keepdims=True) - x_hat * (g * x_hat).mean(-1, keepdims=True)) * rstd
+    return {'x': grad_x, 'weight': (grad * x_hat).reshape(-1, x.shape[-1]).sum(0),
+            'bias': grad.reshape(-1, x.shape[-1]).sum(0)}
+
+
+@pytest.mark.parametrize('frozen', [None, 'x', 'weight', 'bias'])
+def test_layer_norm_forward_is_paddles_and_gradients_are_exact(frozen):
+    """xcit.LayerNorm: Paddle's forward; gradients as float64 math, none for frozen inputs.
+
+    (Paddle's own layer_norm gradient w.r.t. x is wrong when only the weight is frozen.)
+    """
+    rng = np.random.default_rng(7)
+    m = randomize(xcit.LayerNorm(C, epsilon=xcit.LN_EPS), 8)
+    x = paddle.to_tensor(3 * rng.standard_normal((B, N, C)).astype('float32') + 1)
+    grad = rng.standard_normal((B, N, C)).astype('float32')
+    inputs = {'x': x, 'weight': m.weight, 'bias': m.bias}
+    for name, t in inputs.items():
+        t.stop_gradient = name == frozen
+    out = m(x)
+    out.backward(paddle.to_tensor(grad))
+    np.testing.assert_array_equal(out.numpy(), F.layer_norm(x, [C], m.weight, m.bias, xcit.LN_EPS).numpy())
+    expected = layer_norm_gradients_float64(x.numpy(), m.weight.numpy(), grad, xcit.LN_EPS)
+    for name, t in inputs.items():
+        if name == frozen:
+            assert t.grad is None
+        else:
+            np.testing.assert_allclose(t.grad.numpy(), expected[name], atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize('h,w', [(14, 14), (3, 11)])
 def test_positional_encoding_matches_official(h, w):
     m = randomize(xcit.PositionalEncodingFourier(dim=C), 5)
