@@ -54,12 +54,17 @@ def _transpose(x, perm):
     return x.contiguous() if paddle.in_dynamic_mode() and hasattr(x, 'contiguous') else x
 
 
-def _float32(x):
-    return x if x.dtype == paddle.float32 else x.astype('float32')
-
-
 def _as_dtype(x, dtype):
     return x if x.dtype == dtype else x.astype(dtype)
+
+
+def _float32(x):
+    return _as_dtype(x, paddle.float32)
+
+
+def _needs_grad(*tensors):
+    """Eager autograd will want a gradient of at least one of ``tensors``."""
+    return paddle.is_grad_enabled() and not all(t.stop_gradient for t in tensors)
 
 
 class _AddmmFunction(PyLayer):
@@ -108,9 +113,9 @@ class _LayerNormFunction(PyLayer):
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = (_as_dtype(t, paddle.float32) for t in ctx.saved_tensor())
+        x, weight = (_float32(t) for t in ctx.saved_tensor())
         shape, C = x.shape, x.shape[-1]
-        x, grad = x.reshape([-1, C]), _as_dtype(grad, paddle.float32).reshape([-1, C])
+        x, grad = x.reshape([-1, C]), _float32(grad).reshape([-1, C])
         row_mean = paddle.full([C, 1], 1.0 / C, 'float32')  # (M, C) @ row_mean = per-row mean
         centred = x - paddle.matmul(x, row_mean)
         rstd = paddle.rsqrt(paddle.matmul(centred * centred, row_mean) + ctx.epsilon)  # (M, 1)
@@ -134,8 +139,7 @@ class LayerNorm(nn.LayerNorm):
     the CPU is ``_LayerNormFunction``'s."""
 
     def forward(self, x):
-        if (paddle.in_dynamic_mode() and paddle.is_grad_enabled() and x.place.is_cpu_place()
-                and not (x.stop_gradient and self.weight.stop_gradient and self.bias.stop_gradient)):
+        if paddle.in_dynamic_mode() and x.place.is_cpu_place() and _needs_grad(x, self.weight, self.bias):
             return _LayerNormFunction.apply(x, self.weight, self.bias, self._epsilon)
         return F.layer_norm(x, self._normalized_shape, self.weight, self.bias, self._epsilon)
 
@@ -153,9 +157,10 @@ def _linear(x, weight, bias=None):
         return F.linear(x, weight, bias)
     shape = list(x.shape)
     x = x.reshape([-1, shape[-1]])
-    needs_grad = paddle.is_grad_enabled() and not (x.stop_gradient and weight.stop_gradient
-                                                   and bias.stop_gradient)
-    out = _AddmmFunction.apply(x, weight, bias) if needs_grad else paddle.addmm(bias, x, weight)
+    if _needs_grad(x, weight, bias):
+        out = _AddmmFunction.apply(x, weight, bias)
+    else:
+        out = paddle.addmm(bias, x, weight)
     return out.reshape(shape[:-1] + [weight.shape[1]])
 
 

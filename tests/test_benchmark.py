@@ -52,6 +52,13 @@ def test_scaling_refuses_more_than_one_path_or_batch(cfg, flags, capsys):
     assert '--scaling takes one value of ' + flags[0] in capsys.readouterr().err
 
 
+def test_scaling_needs_two_measured_sizes(cfg, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(['-cfg', cfg, '--scaling', '--paths', 'dygraph', '--sizes', '32', '--reps', '1',
+                        '--threads', '1'])
+    assert 'fewer than two sizes could be measured' in str(exit_info.value)
+
+
 def test_least_squares_and_summary():
     assert benchmark.least_squares([1, 2, 3], [5, 7, 9]) == pytest.approx((3, 2))
     rows = [{'size': s, 'batch': 2, 'ms_per_batch': 2 * (10 + 0.5 * (s // 16) ** 2),
