@@ -12,8 +12,11 @@ code runs eagerly and under ``paddle.jit.to_static`` with dynamic batch, height 
 
 Shapes use B = batch, C = channels (embed dim), N = tokens, H/W = token grid.
 """
+import ctypes
+import ctypes.util
 import math
 import os
+import platform
 
 import paddle
 import paddle.nn as nn
@@ -45,6 +48,33 @@ def _select_avx2_blas_on_non_intel_cpus():
 
 
 _select_avx2_blas_on_non_intel_cpus()
+
+
+def _reuse_freed_memory_for_large_tensors():
+    """Lets glibc's malloc serve Paddle's large CPU tensors from memory it already holds.
+
+    Paddle's CPU allocator takes every tensor from ``posix_memalign`` and frees it when it dies.
+    With glibc's defaults a tensor of a few MB is a fresh ``mmap`` (or heap memory that ``free``
+    just gave back), so each first write page-faults: a 19 MB add took 6 ms instead of 1 ms, and
+    eager elementwise ops, GELU and the GEMM outputs of a forward pass spent most of their time
+    there. Raising the mmap and trim thresholds to 1 GiB keeps such memory in the process for
+    the next tensor. It only changes where memory comes from, never a result. Settings made
+    through ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES`` are kept.
+    """
+    if any(k in os.environ for k in ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'GLIBC_TUNABLES')):
+        return
+    if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c'))
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    for option in (m_mmap_threshold, m_trim_threshold):
+        libc.mallopt(option, 1 << 30)
+
+
+_reuse_freed_memory_for_large_tensors()
 
 
 def _transpose(x, perm):

@@ -5,6 +5,10 @@ parameter gradients must agree to float32 rounding, in eval and train mode, eage
 under ``paddle.jit.to_static``.
 """
 import copy
+import os
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import paddle
@@ -16,6 +20,7 @@ import xcit
 B, H, W, C, HEADS = 3, 5, 7, 24, 3
 N = H * W
 ATOL = 2e-5
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def randomize(layer, seed):
@@ -232,3 +237,34 @@ def test_training_step_gradients_are_finite_and_match_between_modes():
         np.testing.assert_allclose(p.grad.numpy(), q.grad.numpy(), atol=1e-5, rtol=1e-4, err_msg=name)
     np.testing.assert_allclose(model.blocks[0].local_mp.bn._variance.numpy(),
                                twin.blocks[0].local_mp.bn._variance.numpy(), atol=1e-5)
+
+
+FAULTS_PER_ADD = """
+import resource, sys
+import numpy as np, paddle
+import xcit
+x = paddle.to_tensor(np.ones((3136, 1536), 'float32'))  # 19 MB, an MLP activation of xcit_small
+with paddle.no_grad():
+    for _ in range(3):
+        x + x
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        x + x
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+"""
+
+
+def faults_per_large_add(env=None):
+    """Minor page faults per eager ``x + x`` of a 19 MB tensor, in a fresh process."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(('MALLOC_', 'GLIBC_TUNABLES'))}
+    done = subprocess.run([sys.executable, '-c', FAULTS_PER_ADD], capture_output=True, text=True,
+                          env={**environ, **(env or {})}, cwd=ROOT, check=True)
+    return float(done.stdout.split()[-1])
+
+
+@pytest.mark.skipif(platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc', reason='glibc malloc only')
+def test_large_tensors_reuse_freed_memory_unless_malloc_is_configured():
+    pages = 3136 * 1536 * 4 // 4096
+    assert faults_per_large_add() < pages / 4  # importing xcit: the output reuses freed memory
+    # a user's own malloc setting is kept: glibc's 128 kB defaults fault in every page again
+    assert faults_per_large_add({'MALLOC_MMAP_THRESHOLD_': '131072'}) > pages / 2
