@@ -98,25 +98,30 @@ def _needs_grad(*tensors):
 
 
 class _AddmmFunction(PyLayer):
-    """``bias + x @ weight`` for 2-D x whose backward is three GEMMs.
+    """``bias + x @ weight`` for x (..., in) whose backward is three GEMMs on 2-D views.
 
     Paddle's own addmm gradient sums the bias gradient with a slow single-threaded kernel (for
     the MLP layers that took as long as the two GEMMs together); here it is ``ones(1, M) @ grad``.
+    The reshapes to and from 2-D happen inside, so autograd records one node, not three.
     Under autocast the GEMMs run in the gradient's dtype and each gradient is returned in its
     input's dtype; inputs that need no gradient get none.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
         ctx.inputs = [(t.dtype, t.stop_gradient) for t in (x, weight, bias)]
-        return paddle.addmm(bias, x, weight)
+        ctx.x_shape = list(x.shape)
+        x = x.reshape([-1, ctx.x_shape[-1]])
+        ctx.save_for_backward(x, weight)
+        return paddle.addmm(bias, x, weight).reshape(ctx.x_shape[:-1] + [weight.shape[1]])
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = (_as_dtype(t, grad.dtype) for t in ctx.saved_tensor())
+        grad = grad.reshape([-1, weight.shape[1]])
         (x_dtype, x_frozen), (weight_dtype, weight_frozen), (bias_dtype, bias_frozen) = ctx.inputs
-        grad_x = None if x_frozen else _as_dtype(paddle.matmul(grad, weight, transpose_y=True), x_dtype)
+        grad_x = None if x_frozen else _as_dtype(
+            paddle.matmul(grad, weight, transpose_y=True).reshape(ctx.x_shape), x_dtype)
         grad_weight = None if weight_frozen else _as_dtype(paddle.matmul(x, grad, transpose_x=True),
                                                            weight_dtype)
         grad_bias = None if bias_frozen else _as_dtype(
@@ -185,13 +190,10 @@ def _linear(x, weight, bias=None):
         return paddle.matmul(x, weight)
     if not paddle.in_dynamic_mode():
         return F.linear(x, weight, bias)
-    shape = list(x.shape)
-    x = x.reshape([-1, shape[-1]])
     if _needs_grad(x, weight, bias):
-        out = _AddmmFunction.apply(x, weight, bias)
-    else:
-        out = paddle.addmm(bias, x, weight)
-    return out.reshape(shape[:-1] + [weight.shape[1]])
+        return _AddmmFunction.apply(x, weight, bias)
+    shape = list(x.shape)
+    return paddle.addmm(bias, x.reshape([-1, shape[-1]]), weight).reshape(shape[:-1] + [weight.shape[1]])
 
 
 class Linear(nn.Linear):
