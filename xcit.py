@@ -169,6 +169,40 @@ class _LayerNormFunction(PyLayer):
         return grad_x, grad_weight, grad_bias
 
 
+class _DepthwiseInputGradient(PyLayer):
+    """Passes ``out`` = 3x3 depthwise convolution (padding 1) of ``x``, computed from a detached x,
+    through and gives x its gradient: the output gradient convolved with the flipped kernel.
+
+    Paddle's CPU kernel for that gradient takes about twice as long as the convolution itself;
+    the weight's gradient still comes from Paddle's kernel through ``out``.
+    """
+
+    @staticmethod
+    def forward(ctx, out, x, weight):
+        ctx.save_for_backward(weight)
+        ctx.inputs = [(t.dtype, t.stop_gradient) for t in (out, x)]
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensor()
+        (_, out_frozen), (x_dtype, x_frozen) = ctx.inputs
+        flipped = _as_dtype(paddle.flip(weight, [2, 3]), grad.dtype)
+        grad_x = None if x_frozen else _as_dtype(F.conv2d(grad, flipped, padding=1, groups=weight.shape[0]),
+                                                 x_dtype)
+        return None if out_frozen else grad, grad_x, None
+
+
+def _depthwise_conv3x3(x, weight):
+    """3x3 depthwise convolution with padding 1 of x (1, C, R, W) -> (1, C, R, W), no bias; on the
+    CPU with the faster input gradient of ``_DepthwiseInputGradient`` when one is needed."""
+    groups = weight.shape[0]
+    if not (x.place.is_cpu_place() and _needs_grad(x)):
+        return F.conv2d(x, weight, padding=1, groups=groups)
+    out = F.conv2d(x.detach(), weight, padding=1, groups=groups)
+    return _DepthwiseInputGradient.apply(out, x, weight.detach())
+
+
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` over the last axis (same parameters, same forward) whose gradient on
     the CPU is ``_LayerNormFunction``'s."""
@@ -361,7 +395,7 @@ class LPI(nn.Layer):
         """
         C, B, N = x.shape
         x = paddle.concat([x, paddle.zeros([C, B, W], dtype=x.dtype)], axis=2)
-        x = F.conv2d(x.reshape([1, C, B * (H + 1), W]), weight, padding=1, groups=C)
+        x = _depthwise_conv3x3(x.reshape([1, C, B * (H + 1), W]), weight)
         x = paddle.split(x.reshape([C, B, H + 1, W]), [H, 1], axis=2)[0]
         # the bias on (C, B * N): Paddle broadcasts a (C, 1) column fast, a (1, C, 1, 1) one slowly
         return (x.reshape([C, B * N]) + bias.reshape([C, 1])).reshape([C, B, N])
