@@ -109,19 +109,18 @@ class _AddmmFunction(PyLayer):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.inputs = [(t.dtype, t.stop_gradient) for t in (x, weight, bias)]
-        ctx.x_shape = list(x.shape)
-        x = x.reshape([-1, ctx.x_shape[-1]])
         ctx.save_for_backward(x, weight)
-        return paddle.addmm(bias, x, weight).reshape(ctx.x_shape[:-1] + [weight.shape[1]])
+        ctx.inputs = [(t.dtype, t.stop_gradient) for t in (x, weight, bias)]
+        return _addmm(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = (_as_dtype(t, grad.dtype) for t in ctx.saved_tensor())
-        grad = grad.reshape([-1, weight.shape[1]])
+        x_shape = x.shape
+        x, grad = x.reshape([-1, x_shape[-1]]), grad.reshape([-1, weight.shape[1]])
         (x_dtype, x_frozen), (weight_dtype, weight_frozen), (bias_dtype, bias_frozen) = ctx.inputs
         grad_x = None if x_frozen else _as_dtype(
-            paddle.matmul(grad, weight, transpose_y=True).reshape(ctx.x_shape), x_dtype)
+            paddle.matmul(grad, weight, transpose_y=True).reshape(x_shape), x_dtype)
         grad_weight = None if weight_frozen else _as_dtype(paddle.matmul(x, grad, transpose_x=True),
                                                            weight_dtype)
         grad_bias = None if bias_frozen else _as_dtype(
@@ -226,6 +225,11 @@ def _linear(x, weight, bias=None):
         return F.linear(x, weight, bias)
     if _needs_grad(x, weight, bias):
         return _AddmmFunction.apply(x, weight, bias)
+    return _addmm(x, weight, bias)
+
+
+def _addmm(x, weight, bias):
+    """``bias + x @ weight`` for x (..., in) through the 2-D ``paddle.addmm`` -> (..., out)."""
     shape = list(x.shape)
     return paddle.addmm(bias, x.reshape([-1, shape[-1]]), weight).reshape(shape[:-1] + [weight.shape[1]])
 
