@@ -57,9 +57,10 @@ def _reuse_freed_memory_for_large_tensors():
     With glibc's defaults a tensor of a few MB is a fresh ``mmap`` (or heap memory that ``free``
     just gave back), so each first write page-faults: a 19 MB add took 6 ms instead of 1 ms, and
     eager elementwise ops, GELU and the GEMM outputs of a forward pass spent most of their time
-    there. Raising the mmap and trim thresholds to 1 GiB keeps such memory in the process for
-    the next tensor. It only changes where memory comes from, never a result. Settings made
-    through ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES`` are kept.
+    there. Raising the mmap and trim thresholds to 1 GiB (the mmap one to 32 MiB where glibc
+    accepts no more) keeps such memory in the process for the next tensor. It only changes
+    where memory comes from, never a result. Settings made through ``MALLOC_MMAP_THRESHOLD_``,
+    ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES`` are kept.
     """
     if any(k in os.environ for k in ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'GLIBC_TUNABLES')):
         return
@@ -70,8 +71,9 @@ def _reuse_freed_memory_for_large_tensors():
     except OSError:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    for option in (m_mmap_threshold, m_trim_threshold):
-        libc.mallopt(option, 1 << 30)
+    if not libc.mallopt(m_mmap_threshold, 1 << 30):
+        libc.mallopt(m_mmap_threshold, 32 << 20)  # the most that older glibc accepts (HEAP_MAX_SIZE / 2)
+    libc.mallopt(m_trim_threshold, 1 << 30)
 
 
 _reuse_freed_memory_for_large_tensors()
