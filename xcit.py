@@ -181,17 +181,16 @@ class _DepthwiseInputGradient(PyLayer):
     @staticmethod
     def forward(ctx, out, x, weight):
         ctx.save_for_backward(weight)
-        ctx.inputs = [(t.dtype, t.stop_gradient) for t in (out, x)]
+        ctx.out_frozen, ctx.x_frozen, ctx.x_dtype = out.stop_gradient, x.stop_gradient, x.dtype
         return out.clone()
 
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensor()
-        (_, out_frozen), (x_dtype, x_frozen) = ctx.inputs
         flipped = _as_dtype(paddle.flip(weight, [2, 3]), grad.dtype)
-        grad_x = None if x_frozen else _as_dtype(F.conv2d(grad, flipped, padding=1, groups=weight.shape[0]),
-                                                 x_dtype)
-        return None if out_frozen else grad, grad_x, None
+        grad_x = None if ctx.x_frozen else _as_dtype(
+            F.conv2d(grad, flipped, padding=1, groups=weight.shape[0]), ctx.x_dtype)
+        return None if ctx.out_frozen else grad, grad_x, None
 
 
 def _depthwise_conv3x3(x, weight):
