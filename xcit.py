@@ -79,11 +79,14 @@ def _reuse_freed_memory_for_large_tensors():
 _reuse_freed_memory_for_large_tensors()
 
 
-def _transpose(x, perm):
-    """``paddle.transpose`` returning a dense tensor: Paddle 3's eager transpose is a strided
-    view, which its CPU kernels read several times slower than a dense copy costs."""
-    x = paddle.transpose(x, perm)
+def _dense(x):
+    """x as a dense tensor: Paddle 3's eager transposes and slices are strided views, which its
+    CPU kernels read several times slower than a dense copy costs."""
     return x.contiguous() if paddle.in_dynamic_mode() and hasattr(x, 'contiguous') else x
+
+
+def _transpose(x, perm):
+    return _dense(paddle.transpose(x, perm))
 
 
 def _as_dtype(x, dtype):
@@ -170,37 +173,84 @@ class _LayerNormFunction(PyLayer):
         return grad_x, grad_weight, grad_bias
 
 
-class _DepthwiseInputGradient(PyLayer):
-    """Passes ``out`` = 3x3 depthwise convolution (padding 1) of ``x``, computed from a detached x,
-    through and gives x its gradient: the output gradient convolved with the flipped kernel.
+def _row_taps(weight, W):
+    """3x3 depthwise kernels (C, 1, 3, 3) -> banded matrices (3, C, W, W), one per kernel row dy:
+    ``row @ taps[dy, c]`` correlates a row of W pixels of channel c with that kernel row, zero
+    padding at both ends. Each entry is one weight or zero, so the matrices are exact."""
+    C = weight.shape[0]
+    ones = paddle.ones([W - 1], weight.dtype)
+    shifts = paddle.stack([paddle.diag(ones, offset=1), paddle.eye(W, dtype=weight.dtype),
+                           paddle.diag(ones, offset=-1)])  # (dx, W, W): pixel j feeds output i = j - dx + 1
+    kernel_rows = _transpose(weight.reshape([C, 3, 3]), [1, 0, 2]).reshape([3 * C, 3])  # (dy * C + c, dx)
+    return paddle.matmul(kernel_rows, shifts.reshape([3, W * W])).reshape([3, C, W, W])
 
-    Paddle's CPU kernel for that gradient takes about twice as long as the convolution itself;
-    the weight's gradient still comes from Paddle's kernel through ``out``.
+
+def _row_windows(x):
+    """Channel planes x (C, B, H, W) -> three views (C, B * (H + 1), W) of x with a zero row above
+    each image: window dy's row b * (H + 1) + y is image b's row y + dy - 1 (zero outside the image)
+    for y < H; rows y = H straddle two images."""
+    C, B, H, W = x.shape
+    rows = B * (H + 1)
+    # a zero row on top of every image, and a zero channel after the last for its last windows
+    flat = F.pad(x, [0, 1, 0, 0, 1, 0, 0, 0]).reshape([-1, W])
+    return [flat[dy:dy + C * rows].reshape([C, rows, W]) for dy in range(3)]
+
+
+def _banded_depthwise(x, taps):
+    """Depthwise 3x3 correlation (padding 1) of channel planes x (C, B, H, W) with the banded
+    ``taps`` (3, C, W, W) of ``_row_taps`` -> (C, B, H, W), a strided view in Paddle 3: three
+    batched GEMMs over channels."""
+    C, B, H, W = x.shape
+    windows = _row_windows(x)
+    out = paddle.matmul(windows[0], taps[0])
+    out = out + paddle.matmul(windows[1], taps[1])
+    out = out + paddle.matmul(windows[2], taps[2])
+    return out.reshape([C, B, H + 1, W])[:, :, :H]
+
+
+class _BandedDepthwiseFunction(PyLayer):
+    """``_banded_depthwise(x, taps) + bias`` whose backward is GEMMs as well.
+
+    The input gradient is the same correlation of the output gradient with the flipped kernel
+    (taps in reverse row order, each transposed); the taps' gradient is windows^T @ gradient.
+    Each gradient comes in its input's dtype, none for inputs that need none.
     """
 
     @staticmethod
-    def forward(ctx, out, x, weight):
-        ctx.save_for_backward(weight)
-        ctx.out_frozen, ctx.x_frozen, ctx.x_dtype = out.stop_gradient, x.stop_gradient, x.dtype
-        return out.clone()
+    def forward(ctx, x, taps, bias):
+        ctx.save_for_backward(x, taps)
+        ctx.inputs = [(t.dtype, t.stop_gradient) for t in (x, taps, bias)]
+        return _banded_depthwise(x, taps) + bias.reshape([-1, 1, 1, 1])
 
     @staticmethod
     def backward(ctx, grad):
-        (weight,) = ctx.saved_tensor()
-        flipped = _as_dtype(paddle.flip(weight, [2, 3]), grad.dtype)
-        grad_x = None if ctx.x_frozen else _as_dtype(
-            F.conv2d(grad, flipped, padding=1, groups=weight.shape[0]), ctx.x_dtype)
-        return None if ctx.out_frozen else grad, grad_x, None
+        x, taps = (_as_dtype(t, grad.dtype) for t in ctx.saved_tensor())
+        C, B, H, W = x.shape
+        (x_dtype, x_frozen), (taps_dtype, taps_frozen), (bias_dtype, bias_frozen) = ctx.inputs
+        grad_x = grad_taps = grad_bias = None
+        if not x_frozen:
+            flipped = paddle.flip(taps, [0]).transpose([0, 1, 3, 2])
+            grad_x = _as_dtype(_dense(_banded_depthwise(grad, flipped)), x_dtype)
+        if not taps_frozen:
+            # the output gradient in the windows' row layout, zero on the rows the forward drops
+            rows_grad = F.pad(grad, [0, 0, 0, 0, 0, 1, 0, 0]).reshape([C, -1, W])
+            grad_taps = paddle.stack([paddle.matmul(window, rows_grad, transpose_x=True)
+                                      for window in _row_windows(x)])
+            grad_taps = _as_dtype(grad_taps, taps_dtype)
+        if not bias_frozen:
+            grad_bias = paddle.matmul(grad.reshape([C, -1]), paddle.ones([B * H * W, 1], grad.dtype))
+            grad_bias = _as_dtype(grad_bias.reshape([C]), bias_dtype)
+        return grad_x, grad_taps, grad_bias
 
 
-def _depthwise_conv3x3(x, weight):
-    """3x3 depthwise convolution with padding 1 of x (1, C, R, W) -> (1, C, R, W), no bias; on the
-    CPU with the faster input gradient of ``_DepthwiseInputGradient`` when one is needed."""
-    groups = weight.shape[0]
-    if not (x.place.is_cpu_place() and _needs_grad(x)):
-        return F.conv2d(x, weight, padding=1, groups=groups)
-    out = F.conv2d(x.detach(), weight, padding=1, groups=groups)
-    return _DepthwiseInputGradient.apply(out, x, weight.detach())
+def _depthwise_conv3x3(x, weight, bias):
+    """3x3 depthwise convolution with padding 1 of channel planes x (C, B, H, W), kernels ``weight``
+    (C, 1, 3, 3) and ``bias`` (C,) -> (C, B, H, W), as batched GEMMs (Paddle's CPU depthwise
+    kernels handle one small plane at a time and run several times slower)."""
+    taps = _row_taps(weight, x.shape[-1])
+    if _needs_grad(x, taps, bias):
+        return _BandedDepthwiseFunction.apply(x, taps, bias)
+    return _banded_depthwise(x, taps) + bias.reshape([-1, 1, 1, 1])
 
 
 class LayerNorm(nn.LayerNorm):
@@ -374,36 +424,22 @@ class LPI(nn.Layer):
         weight, bias = self.conv2.weight, self.conv2.bias
         if scale is not None:
             weight, bias = weight * scale.reshape([-1, 1, 1, 1]), bias * scale
-        if not paddle.in_dynamic_mode():
-            return self._graph_forward(x, H, W, weight, bias)
+        if not (paddle.in_dynamic_mode() and x.place.is_cpu_place()):
+            return self._image_forward(x, H, W, weight, bias)
         B, N, C = x.shape
-        x = _transpose(x.reshape([-1, C]), [1, 0]).reshape([C, B, N])  # channel planes
-        x = self._depthwise(x, self.conv1.weight, self.conv1.bias, H, W)
-        x = self.bn(self.act(x).reshape([1, C, B, N])).reshape([C, B, N])  # statistics over B*N
-        x = self._depthwise(x, weight, bias, H, W)
+        x = _transpose(x.reshape([-1, C]), [1, 0]).reshape([C, B, H, W])  # channel planes
+        x = _depthwise_conv3x3(x, self.conv1.weight, self.conv1.bias)
+        x = self.bn(self.act(x).reshape([1, C, B, N])).reshape([C, B, H, W])  # statistics over B*N
+        x = _depthwise_conv3x3(x, weight, bias)
         return _transpose(x.reshape([C, -1]), [1, 0]).reshape([B, N, C])
 
-    def _graph_forward(self, x, H, W, weight2, bias2):
-        """Graph mode: the tokens as a (B, C, H, W) image; oneDNN runs the whole batch at once."""
+    def _image_forward(self, x, H, W, weight2, bias2):
+        """Graph mode and GPUs: the tokens as a (B, C, H, W) image for the convolution kernels
+        (oneDNN's in the inference predictor run the whole batch at once)."""
         B, N, C = x.shape
         x = x.transpose([0, 2, 1]).reshape([B, C, H, W])
         x = F.conv2d(self.bn(self.act(self.conv1(x))), weight2, bias2, padding=1, groups=C)
         return x.reshape([B, C, N]).transpose([0, 2, 1])
-
-    @staticmethod
-    def _depthwise(x, weight, bias, H, W):
-        """3x3 depthwise convolution, padding 1, of channel planes x (C, B, H * W) -> (C, B, H * W).
-
-        The B images of a channel are stacked vertically with a zero row after each, so the
-        kernel sees C tall planes instead of B * C small ones (Paddle's CPU depthwise kernel
-        has a large cost per plane); the separator rows' outputs are dropped.
-        """
-        C, B, N = x.shape
-        x = paddle.concat([x, paddle.zeros([C, B, W], dtype=x.dtype)], axis=2)
-        x = _depthwise_conv3x3(x.reshape([1, C, B * (H + 1), W]), weight)
-        x = paddle.split(x.reshape([C, B, H + 1, W]), [H, 1], axis=2)[0]
-        # the bias on (C, B * N): Paddle broadcasts a (C, 1) column fast, a (1, C, 1, 1) one slowly
-        return (x.reshape([C, B * N]) + bias.reshape([C, 1])).reshape([C, B, N])
 
 
 class Mlp(nn.Layer):
