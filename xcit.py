@@ -14,6 +14,7 @@ Shapes use B = batch, C = channels (embed dim), N = tokens, H/W = token grid.
 """
 import ctypes
 import ctypes.util
+import functools
 import math
 import os
 import platform
@@ -173,16 +174,22 @@ class _LayerNormFunction(PyLayer):
         return grad_x, grad_weight, grad_bias
 
 
+@functools.lru_cache(maxsize=None)
+def _row_shifts(W, dtype):
+    """(3, W * W): for each kernel column dx the 0/1 matrix (W, W) whose entry (j, i) is 1 where
+    pixel j of a row of W pixels meets kernel column dx for output pixel i (j = i + dx - 1)."""
+    ones = paddle.ones([W - 1], dtype)
+    shifts = [paddle.diag(ones, offset=1), paddle.eye(W, dtype=dtype), paddle.diag(ones, offset=-1)]
+    return paddle.stack(shifts).reshape([3, W * W])
+
+
 def _row_taps(weight, W):
     """3x3 depthwise kernels (C, 1, 3, 3) -> banded matrices (3, C, W, W), one per kernel row dy:
     ``row @ taps[dy, c]`` correlates a row of W pixels of channel c with that kernel row, zero
     padding at both ends. Each entry is one weight or zero, so the matrices are exact."""
     C = weight.shape[0]
-    ones = paddle.ones([W - 1], weight.dtype)
-    shifts = paddle.stack([paddle.diag(ones, offset=1), paddle.eye(W, dtype=weight.dtype),
-                           paddle.diag(ones, offset=-1)])  # (dx, W, W): pixel j feeds output i = j - dx + 1
-    kernel_rows = _transpose(weight.reshape([C, 3, 3]), [1, 0, 2]).reshape([3 * C, 3])  # (dy * C + c, dx)
-    return paddle.matmul(kernel_rows, shifts.reshape([3, W * W])).reshape([3, C, W, W])
+    kernel_rows = weight.reshape([C, 3, 3]).transpose([1, 0, 2])  # (dy, c, dx)
+    return paddle.matmul(kernel_rows, _row_shifts(W, weight.dtype)).reshape([3, C, W, W])
 
 
 def _row_windows(x):
