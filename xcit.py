@@ -19,6 +19,7 @@ import math
 import os
 import platform
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
@@ -176,11 +177,10 @@ class _LayerNormFunction(PyLayer):
 
 @functools.lru_cache(maxsize=None)
 def _row_shifts(W, dtype):
-    """(3, W * W): for each kernel column dx the 0/1 matrix (W, W) whose entry (j, i) is 1 where
-    pixel j of a row of W pixels meets kernel column dx for output pixel i (j = i + dx - 1)."""
-    ones = paddle.ones([W - 1], dtype)
-    shifts = [paddle.diag(ones, offset=1), paddle.eye(W, dtype=dtype), paddle.diag(ones, offset=-1)]
-    return paddle.stack(shifts).reshape([3, W * W])
+    """(3, W * W) on the CPU: for each kernel column dx the 0/1 matrix (W, W) whose entry (j, i) is 1
+    where pixel j of a row of W pixels meets kernel column dx for output pixel i (j = i + dx - 1)."""
+    shifts = np.stack([np.eye(W, k=1), np.eye(W), np.eye(W, k=-1)]).reshape([3, W * W])
+    return paddle.to_tensor(shifts, dtype=dtype, place=paddle.CPUPlace())
 
 
 def _row_taps(weight, W):
@@ -446,7 +446,7 @@ class LPI(nn.Layer):
         B, N, C = x.shape
         x = x.transpose([0, 2, 1]).reshape([B, C, H, W])
         x = F.conv2d(self.bn(self.act(self.conv1(x))), weight2, bias2, padding=1, groups=C)
-        return x.reshape([B, C, N]).transpose([0, 2, 1])
+        return x.transpose([0, 2, 3, 1]).reshape([B, N, C])  # one reorder out of oneDNN's blocked layout
 
 
 class Mlp(nn.Layer):
