@@ -7,7 +7,7 @@ including parameter names, so an official checkpoint converted by
 The arithmetic is the official one, rearranged for Paddle's CPU kernels (same results up
 to float32 rounding): layer-scale gammas are folded into the weights of the layer before
 them, XCA normalises the small d x d attention map instead of q and k, the depthwise
-convolutions run on all images at once, and reshapes stay in 2-D/3-D layouts. The same
+convolutions run as batched GEMMs on the CPU, and reshapes stay in 2-D/3-D layouts. The same
 code runs eagerly and under ``paddle.jit.to_static`` with dynamic batch, height and width.
 
 Shapes use B = batch, C = channels (embed dim), N = tokens, H/W = token grid.
