@@ -250,14 +250,33 @@ class _BandedDepthwiseFunction(PyLayer):
         return grad_x, grad_taps, grad_bias
 
 
+BANDED_MAX_WIDTH = 48  # wider rows: the banded GEMMs' 6 W multiply-adds per pixel cost more than conv2d
+
+
 def _depthwise_conv3x3(x, weight, bias):
     """3x3 depthwise convolution with padding 1 of channel planes x (C, B, H, W), kernels ``weight``
-    (C, 1, 3, 3) and ``bias`` (C,) -> (C, B, H, W), as batched GEMMs (Paddle's CPU depthwise
-    kernels handle one small plane at a time and run several times slower)."""
+    (C, 1, 3, 3) and ``bias`` (C,) -> (C, B, H, W).
+
+    Up to ``BANDED_MAX_WIDTH`` pixels per row as batched GEMMs: Paddle's CPU depthwise kernel is
+    several times slower on a batch of small planes, and its gradients more so. Wider, as one
+    tall plane per channel for that kernel, whose cost per pixel does not grow with the width.
+    """
+    if x.shape[-1] > BANDED_MAX_WIDTH:
+        return _tall_plane_depthwise(x, weight, bias)
     taps = _row_taps(weight, x.shape[-1])
     if _needs_grad(x, taps, bias):
         return _BandedDepthwiseFunction.apply(x, taps, bias)
     return _banded_depthwise(x, taps) + bias.reshape([-1, 1, 1, 1])
+
+
+def _tall_plane_depthwise(x, weight, bias):
+    """``_depthwise_conv3x3`` through ``F.conv2d`` on a batch of one: the B images of each channel
+    stacked into one tall plane with a zero row above each, so that no pixel sees another image
+    (Paddle's kernel runs a batch of one several times faster per plane than a batch of many)."""
+    C, B, H, W = x.shape
+    planes = F.pad(x, [0, 0, 0, 0, 1, 0, 0, 0]).reshape([1, C, B * (H + 1), W])
+    out = F.conv2d(planes, weight, padding=1, groups=C).reshape([C, B, H + 1, W])[:, :, 1:]
+    return out + bias.reshape([-1, 1, 1, 1])
 
 
 class LayerNorm(nn.LayerNorm):

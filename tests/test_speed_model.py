@@ -162,15 +162,17 @@ def test_linear_gradients_are_those_of_matmul_plus_bias(frozen):
             np.testing.assert_allclose(ours[name], reference[name], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('width', [W, xcit.BANDED_MAX_WIDTH + 2], ids=['banded', 'tall-plane'])
 @pytest.mark.parametrize('frozen', [None, 'x', 'weight', 'bias'])
-def test_depthwise_convolution_and_gradients_are_those_of_paddles(frozen):
-    """xcit._depthwise_conv3x3 on channel planes (C, B, H, W): the output and the gradients of
-    F.conv2d on the images (B, C, H, W), none for a frozen input."""
+def test_depthwise_convolution_and_gradients_are_those_of_paddles(frozen, width):
+    """xcit._depthwise_conv3x3 on channel planes (C, B, H, W), as banded GEMMs and (wide rows) as
+    tall planes: the output and the gradients of F.conv2d on the images (B, C, H, W), none for a
+    frozen input."""
     rng = np.random.default_rng(8)
-    inputs = {'x': paddle.to_tensor(rng.standard_normal((C, 3, H, W)).astype('float32')),
+    inputs = {'x': paddle.to_tensor(rng.standard_normal((C, 3, H, width)).astype('float32')),
               'weight': paddle.to_tensor(rng.standard_normal((C, 1, 3, 3)).astype('float32')),
               'bias': paddle.to_tensor(rng.standard_normal((C,)).astype('float32'))}
-    grad = paddle.to_tensor(rng.standard_normal((C, 3, H, W)).astype('float32'))
+    grad = paddle.to_tensor(rng.standard_normal((C, 3, H, width)).astype('float32'))
 
     def outputs_and_gradients(fn):
         for name, t in inputs.items():
