@@ -88,6 +88,9 @@ def _dense(x):
 
 
 def _transpose(x, perm):
+    """A dense transpose. A reshape right after it takes the batch as -1, not 0 or x.shape[0]:
+    with a constant shape holding at most one -1 and no 0, the oneDNN inference passes fold the
+    reshape into the transpose's single copy (a oneDNN reshape on its own copies once more)."""
     return _dense(paddle.transpose(x, perm))
 
 
@@ -430,8 +433,8 @@ class ConvPatchEmbed(nn.Layer):
 
     def forward(self, x):
         x = self.proj(x)
-        dims = x.shape
-        return _transpose(x.flatten(2), [0, 2, 1]), (dims[2], dims[3])
+        _, C, H, W = x.shape
+        return _transpose(x, [0, 2, 3, 1]).reshape([-1, H * W, C]), (H, W)  # batch -1: see _transpose
 
 
 class LPI(nn.Layer):
@@ -462,10 +465,10 @@ class LPI(nn.Layer):
     def _image_forward(self, x, H, W, weight2, bias2):
         """Graph mode and GPUs: the tokens as a (B, C, H, W) image for the convolution kernels
         (oneDNN's in the inference predictor run the whole batch at once)."""
-        B, N, C = x.shape
-        x = x.transpose([0, 2, 1]).reshape([B, C, H, W])
+        _, N, C = x.shape
+        x = x.transpose([0, 2, 1]).reshape([-1, C, H, W])  # batch -1: see _transpose
         x = F.conv2d(self.bn(self.act(self.conv1(x))), weight2, bias2, padding=1, groups=C)
-        return x.transpose([0, 2, 3, 1]).reshape([B, N, C])  # one reorder out of oneDNN's blocked layout
+        return x.transpose([0, 2, 3, 1]).reshape([-1, N, C])  # one reorder out of oneDNN's blocked layout
 
 
 class Mlp(nn.Layer):
@@ -504,7 +507,7 @@ class XCA(nn.Layer):
         """(B, N, C) -> (B, N, C); the output is multiplied by ``scale`` (C,)."""
         N, C = x.shape[1], self.proj.weight.shape[0]
         h = self.num_heads
-        qkv = _transpose(self.qkv(x), [0, 2, 1]).reshape([0, 3 * h, C // h, N])  # channels first
+        qkv = _transpose(self.qkv(x), [0, 2, 1]).reshape([-1, 3 * h, C // h, N])  # channels first
         q, k, v = paddle.split(qkv, 3, axis=1)  # (B, h, d, N)
         # F.normalize(q) @ F.normalize(k)^T = diag(1/|q_i|) (q @ k^T) diag(1/|k_j|), norms over N,
         # in float32 also under float16 autocast (squares overflow float16)
