@@ -160,16 +160,21 @@ class _LayerNormFunction(PyLayer):
         x, weight = (_float32(t) for t in ctx.saved_tensor())
         shape, C = x.shape, x.shape[-1]
         x, grad = x.reshape([-1, C]), _float32(grad).reshape([-1, C])
-        row_mean = paddle.full([C, 1], 1.0 / C, 'float32')  # (M, C) @ row_mean = per-row mean
-        centred = x - paddle.matmul(x, row_mean)
-        rstd = paddle.rsqrt(paddle.matmul(centred * centred, row_mean) + ctx.epsilon)  # (M, 1)
+        row_mean = paddle.full([C, 1], 1.0 / C, 'float32')  # (M, C) @ row_mean = per-row mean (M, 1)
+        across = paddle.ones([1, C], 'float32')  # (M, 1) @ across = that column repeated over C
+        # full (M, C) operands everywhere: Paddle's CPU broadcast kernels are several times slower
+        # than an outer product by ones (exact) followed by a same-shape elementwise op
+        centred = x - paddle.matmul(paddle.matmul(x, row_mean), across)
+        rstd = paddle.matmul(paddle.rsqrt(paddle.matmul(centred * centred, row_mean) + ctx.epsilon), across)
         x_hat = centred * rstd
         (x_dtype, x_frozen), (weight_dtype, weight_frozen), (bias_dtype, bias_frozen) = ctx.inputs
         column_sum = paddle.ones([1, x.shape[0]], 'float32')  # column_sum @ (M, C) = per-column sum
         grad_x = grad_weight = grad_bias = None
         if not x_frozen:
-            g = grad * weight
-            grad_x = (g - paddle.matmul(g, row_mean) - x_hat * paddle.matmul(g * x_hat, row_mean)) * rstd
+            g = grad * paddle.matmul(column_sum.reshape([-1, 1]), weight.reshape([1, C]))
+            mean_g = paddle.matmul(paddle.matmul(g, row_mean), across)
+            mean_g_x_hat = paddle.matmul(paddle.matmul(g * x_hat, row_mean), across)
+            grad_x = (g - mean_g - x_hat * mean_g_x_hat) * rstd
             grad_x = _as_dtype(grad_x.reshape(shape), x_dtype)
         if not weight_frozen:
             grad_weight = _as_dtype(paddle.matmul(column_sum, grad * x_hat).reshape([-1]), weight_dtype)
