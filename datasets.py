@@ -238,19 +238,31 @@ class DataLoader(paddle.io.DataLoader):
             return
         batches = super().__iter__()
         delivered = 0
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except SystemError:
-                del batches  # shuts the workers down
-                for indices in itertools.islice(self.batch_sampler, delivered, None):
-                    for index in indices:
-                        self.dataset[index]
-                raise
-            delivered += 1
-            yield batch
+        try:
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                except SystemError:
+                    _stop_workers(batches)
+                    for indices in itertools.islice(self.batch_sampler, delivered, None):
+                        for index in indices:
+                            self.dataset[index]
+                    raise
+                delivered += 1
+                yield batch
+        finally:
+            _stop_workers(batches)  # also when the loop over this loader ends early
+
+
+def _stop_workers(batches):
+    """Shuts down the worker processes of Paddle's multi-process batch iterator now. Its reader
+    thread holds a reference to it, so dropping ours would leave the workers running (and
+    later reported as "exit unexpectedly") until the interpreter exits."""
+    shutdown = getattr(batches, '_try_shutdown_all', None)
+    if shutdown is not None:
+        shutdown()
 
 
 def build_dataloader(config, dataset, mode, rank=0, world_size=1):

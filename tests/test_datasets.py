@@ -1,5 +1,6 @@
 """Datasets, samplers and loaders: layouts built from generated images, the bundled digits, every
 bad-input error, rank sharding, and the determinism of the training stream."""
+import multiprocessing
 import os
 
 import numpy as np
@@ -279,6 +280,13 @@ def test_train_stream_depends_on_seed_and_epoch_not_on_workers():
     assert_same_batches(epoch1, first_batches(digits_loader('train', epoch=1)))
     assert not np.array_equal(epoch0[0][1], epoch1[0][1])
     assert not np.array_equal(epoch0[0][0], first_batches(digits_loader('train', **{'SEED': 1}))[0][0])
+
+
+def test_leaving_a_loop_early_stops_the_workers_at_once():
+    before = set(multiprocessing.active_children())
+    loader = digits_loader('train', **{'DATA.NUM_WORKERS': 2})
+    assert len(first_batches(loader, count=1)) == 1
+    assert set(multiprocessing.active_children()) <= before  # the two workers are gone
 
 
 def test_repeated_copies_get_different_augmentations():
