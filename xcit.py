@@ -491,10 +491,11 @@ class Mlp(nn.Layer):
 
 
 def _squared_norms(x):
-    """Sums of squares over the last axis, (B, h, d, N) -> (B, h, d). Eagerly one matrix-vector
-    product (Paddle's eager CPU sum over the last axis is several times slower); in graph mode a
-    sum, which the oneDNN predictor reduces faster than a matmul."""
-    if not paddle.in_dynamic_mode():
+    """Sums of squares over the last axis, (B, h, d, N) -> (B, h, d). Eagerly on the CPU one
+    matrix-vector product (Paddle's CPU sum over the last axis is several times slower);
+    otherwise a sum: the oneDNN predictor reduces it faster than a matmul, and on a GPU a matmul
+    would run in float16 under autocast, where these sums overflow."""
+    if not (paddle.in_dynamic_mode() and x.place.is_cpu_place()):
         return paddle.sum(x * x, axis=-1)
     N = x.shape[-1]
     return paddle.matmul((x * x).reshape([-1, N]), paddle.ones([N, 1], x.dtype)).reshape(x.shape[:-1])
