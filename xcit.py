@@ -211,50 +211,53 @@ def _row_windows(x):
     return [flat[dy:dy + C * rows].reshape([C, rows, W]) for dy in range(3)]
 
 
-def _banded_depthwise(x, taps):
-    """Depthwise 3x3 correlation (padding 1) of channel planes x (C, B, H, W) with the banded
-    ``taps`` (3, C, W, W) of ``_row_taps`` -> (C, B, H, W), a strided view in Paddle 3: three
-    batched GEMMs over channels."""
-    C, B, H, W = x.shape
-    windows = _row_windows(x)
+def _banded_depthwise(windows, taps, H):
+    """Depthwise 3x3 correlation (padding 1) of channel planes (C, B, H, W), given as their
+    ``_row_windows``, with the banded ``taps`` (3, C, W, W) of ``_row_taps`` -> (C, B, H, W), a
+    strided view in Paddle 3: three batched GEMMs over channels."""
+    C, rows, W = windows[0].shape
     out = paddle.matmul(windows[0], taps[0])
     out = out + paddle.matmul(windows[1], taps[1])
     out = out + paddle.matmul(windows[2], taps[2])
-    return out.reshape([C, B, H + 1, W])[:, :, :H]
+    return out.reshape([C, rows // (H + 1), H + 1, W])[:, :, :H]
 
 
 class _BandedDepthwiseFunction(PyLayer):
-    """``_banded_depthwise(x, taps) + bias`` whose backward is GEMMs as well.
+    """``_banded_depthwise`` of x (C, B, H, W) with ``taps``, plus ``bias``, whose backward is
+    GEMMs as well.
 
     The input gradient is the same correlation of the output gradient with the flipped kernel
-    (taps in reverse row order, each transposed); the taps' gradient is windows^T @ gradient.
+    (taps in reverse row order, each transposed); the taps' gradient is windows^T @ gradient,
+    where the output gradient's middle window is that gradient in the windows' row layout, zero
+    on the rows the forward drops. The forward keeps its windows (one padded copy of x) for it.
     Each gradient comes in its input's dtype, none for inputs that need none.
     """
 
     @staticmethod
     def forward(ctx, x, taps, bias):
-        ctx.save_for_backward(x, taps)
+        windows = _row_windows(x)
+        ctx.save_for_backward(*windows, taps)
+        ctx.height = x.shape[2]
         ctx.inputs = [(t.dtype, t.stop_gradient) for t in (x, taps, bias)]
-        return _banded_depthwise(x, taps) + bias.reshape([-1, 1, 1, 1])
+        return _banded_depthwise(windows, taps, ctx.height) + bias.reshape([-1, 1, 1, 1])
 
     @staticmethod
     def backward(ctx, grad):
-        x, taps = (_as_dtype(t, grad.dtype) for t in ctx.saved_tensor())
-        C, B, H, W = x.shape
+        *windows, taps = (_as_dtype(t, grad.dtype) for t in ctx.saved_tensor())
         (x_dtype, x_frozen), (taps_dtype, taps_frozen), (bias_dtype, bias_frozen) = ctx.inputs
+        grad_windows = _row_windows(grad)
         grad_x = grad_taps = grad_bias = None
         if not x_frozen:
             flipped = paddle.flip(taps, [0]).transpose([0, 1, 3, 2])
-            grad_x = _as_dtype(_dense(_banded_depthwise(grad, flipped)), x_dtype)
+            grad_x = _as_dtype(_dense(_banded_depthwise(grad_windows, flipped, ctx.height)), x_dtype)
         if not taps_frozen:
-            # the output gradient in the windows' row layout, zero on the rows the forward drops
-            rows_grad = F.pad(grad, [0, 0, 0, 0, 0, 1, 0, 0]).reshape([C, -1, W])
-            grad_taps = paddle.stack([paddle.matmul(window, rows_grad, transpose_x=True)
-                                      for window in _row_windows(x)])
+            grad_taps = paddle.stack([paddle.matmul(window, grad_windows[1], transpose_x=True)
+                                      for window in windows])
             grad_taps = _as_dtype(grad_taps, taps_dtype)
         if not bias_frozen:
-            grad_bias = paddle.matmul(grad.reshape([C, -1]), paddle.ones([B * H * W, 1], grad.dtype))
-            grad_bias = _as_dtype(grad_bias.reshape([C]), bias_dtype)
+            per_channel = grad.reshape([grad.shape[0], -1])
+            grad_bias = paddle.matmul(per_channel, paddle.ones([per_channel.shape[1], 1], grad.dtype))
+            grad_bias = _as_dtype(grad_bias.reshape([-1]), bias_dtype)
         return grad_x, grad_taps, grad_bias
 
 
@@ -274,7 +277,7 @@ def _depthwise_conv3x3(x, weight, bias):
     taps = _row_taps(weight, x.shape[-1])
     if _needs_grad(x, taps, bias):
         return _BandedDepthwiseFunction.apply(x, taps, bias)
-    return _banded_depthwise(x, taps) + bias.reshape([-1, 1, 1, 1])
+    return _banded_depthwise(_row_windows(x), taps, x.shape[2]) + bias.reshape([-1, 1, 1, 1])
 
 
 def _tall_plane_depthwise(x, weight, bias):
