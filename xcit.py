@@ -574,11 +574,7 @@ class XCABlock(nn.Layer):
 
 
 class ClassAttention(nn.Layer):
-    """Class attention (CaiT): only the class token queries; patch tokens pass through.
-
-    Input (B, N, C) with the class token first; output (B, N, C) whose first token is the
-    attended class token and whose other tokens are the input's, unchanged.
-    """
+    """Class attention (CaiT): the class token queries every token, itself included."""
 
     def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
         super().__init__()
@@ -589,56 +585,57 @@ class ClassAttention(nn.Layer):
         self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x):
+    def forward(self, cls, patches):
+        """Class token (B, 1, C) and patch tokens (B, N, C) -> the attended class token (B, 1, C)."""
         C = self.proj.weight.shape[0]
         h = self.num_heads
-        cls, patches = paddle.split(x, [1, -1], axis=1)  # split, not slices: cheaper gradients
-        weights = paddle.split(self.qkv.weight, 3, axis=1)
-        biases = [None] * 3 if self.qkv.bias is None else paddle.split(self.qkv.bias, 3)
-        q = _linear(cls, weights[0], biases[0])  # (B, 1, C): only the class token queries
-        k, v = _linear(x, weights[1], biases[1]), _linear(x, weights[2], biases[2])  # (B, N, C)
+        q_weight, kv_weight = paddle.split(self.qkv.weight, [C, 2 * C], axis=1)
+        q_bias, kv_bias = (None, None) if self.qkv.bias is None else paddle.split(self.qkv.bias, [C, 2 * C])
+        q = _linear(cls, q_weight, q_bias)  # (B, 1, C): only the class token queries
+        k, v = paddle.split(_linear(paddle.concat([cls, patches], axis=1), kv_weight, kv_bias), 2, axis=-1)
         # Per-head products as whole-channel GEMMs: head_of[c, j] = 1 if channel c is in head j
         head_of = F.one_hot(paddle.arange(C) // (C // h), h)  # (C, h)
-        attn_cls = paddle.matmul(k, q.transpose([0, 2, 1]) * head_of) * self.scale  # (B, N, h)
+        attn_cls = paddle.matmul(k, q.transpose([0, 2, 1]) * head_of) * self.scale  # (B, 1 + N, h)
         attn_cls = self.attn_drop(F.softmax(attn_cls, axis=1))
         cls_token = paddle.matmul(attn_cls, v, transpose_x=True)  # (B, h, C): each head's mix of all channels
         cls_token = paddle.sum(cls_token * head_of.transpose([1, 0]), axis=1, keepdim=True)  # (B, 1, C)
-        cls_token = self.proj_drop(self.proj(cls_token))
-        return paddle.concat([cls_token, patches], axis=1)
+        return self.proj_drop(self.proj(cls_token))
 
 
 class ClassAttentionBlock(nn.Layer):
     """Class-attention block with the official quirks kept for parity.
 
-    With ``tokens_norm`` every token goes through ``norm2``, otherwise only the class
-    token does; the MLP updates the class token only, and the residual adds the whole
-    sequence to itself for the patch tokens, exactly as the official code does.
+    The class token and the patch tokens are kept apart (the official code concatenates
+    them; the arithmetic per token is the same). Patch tokens are not attended to: they
+    get ``gamma1 * norm1(patches)`` added, with ``tokens_norm`` go through ``norm2`` too,
+    and are then added to themselves, exactly as the official code does. XCiT's
+    class-attention blocks have no stochastic depth.
     """
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop=0.0, attn_drop=0.0,
-                 drop_path=0.0, eta=1.0, tokens_norm=False):
+                 eta=1.0, tokens_norm=False):
         super().__init__()
         self.norm1 = LayerNorm(dim, epsilon=LN_EPS)
         self.attn = ClassAttention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
                                    proj_drop=drop)
-        self.drop_path = DropPath(drop_path)
         self.norm2 = LayerNorm(dim, epsilon=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.gamma1 = _layer_scale(self, dim, eta)
         self.gamma2 = _layer_scale(self, dim, eta)
         self.tokens_norm = tokens_norm
 
-    def forward(self, x):
-        x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
+    def forward(self, cls, patches, update_patches=True):
+        """Class token (B, 1, C), patch tokens (B, N, C) -> both updated; the patch tokens are
+        None if not ``update_patches`` (the last block's are never read)."""
+        normed_patches = self.norm1(patches)
+        cls = self.norm2(cls + self.gamma1 * self.attn(self.norm1(cls), normed_patches))
+        cls = cls + self.mlp(cls, scale=self.gamma2)
+        if not update_patches:
+            return cls, None
+        patches = patches + self.gamma1 * normed_patches
         if self.tokens_norm:
-            x = self.norm2(x)
-            cls, patches = paddle.split(x, [1, -1], axis=1)
-        else:
-            cls, patches = paddle.split(x, [1, -1], axis=1)
-            cls = self.norm2(cls)
-            x = paddle.concat([cls, patches], axis=1)
-        cls_token = self.mlp(cls, scale=self.gamma2)
-        return x + self.drop_path(paddle.concat([cls_token, patches], axis=1))
+            patches = self.norm2(patches)
+        return cls, patches + patches
 
 
 def _layer_scale(layer, dim, eta):
@@ -668,7 +665,7 @@ class XCiT(nn.Layer):
             for _ in range(depth)])
         self.cls_attn_blocks = nn.LayerList([
             ClassAttentionBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate,
-                                drop_path=0.0, eta=eta, tokens_norm=tokens_norm)
+                                eta=eta, tokens_norm=tokens_norm)
             for _ in range(cls_attn_layers)])
         self.norm = LayerNorm(embed_dim, epsilon=LN_EPS)
         self.head = Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -701,10 +698,11 @@ class XCiT(nn.Layer):
         # In graph mode the batch comes from paddle.shape: with the size that to_static's x.shape
         # gives, Paddle 2.6's oneDNN predictor leaves the class token unexpanded.
         batch = x.shape[0] if paddle.in_dynamic_mode() else paddle.shape(x)[0]
-        x = paddle.concat([self.cls_token.expand([batch, -1, -1]), x], axis=1)
-        for blk in self.cls_attn_blocks:
-            x = blk(x)
-        return self.norm(x[:, 0])  # LayerNorm is per token: only the class token's is needed
+        cls = self.cls_token.expand([batch, -1, -1])
+        last = len(self.cls_attn_blocks) - 1
+        for i, blk in enumerate(self.cls_attn_blocks):
+            cls, x = blk(cls, x, update_patches=i < last)
+        return self.norm(cls[:, 0])  # LayerNorm is per token: only the class token's is needed
 
     def forward(self, x):
         return self.head(self.forward_features(x))

@@ -127,8 +127,32 @@ def test_lpi_on_stacked_planes_matches_official(training):
 def test_class_attention_matches_official(training):
     m = randomize(xcit.ClassAttention(C, HEADS), 3)
     m.train() if training else m.eval()
-    assert_same(outputs_and_grads(m, m, tokens(n=N + 1)),
-                outputs_and_grads(lambda x: ref_class_attention(m, x), m, tokens(n=N + 1)))
+    assert_same(outputs_and_grads(lambda x: m(x[:, :1], x[:, 1:]), m, tokens(n=N + 1)),
+                outputs_and_grads(lambda x: ref_class_attention(m, x)[:, :1], m, tokens(n=N + 1)))
+
+
+def ref_class_attention_block(m, x):
+    """Official class-attention block on the whole sequence (B, 1 + N, C), class token first."""
+    def norm(layer, t):
+        return F.layer_norm(t, [C], layer.weight, layer.bias, xcit.LN_EPS)
+    x = x + m.gamma1 * ref_class_attention(m.attn, norm(m.norm1, x))
+    x = norm(m.norm2, x) if m.tokens_norm else paddle.concat([norm(m.norm2, x[:, :1]), x[:, 1:]], axis=1)
+    mlp = F.linear(F.gelu(F.linear(x[:, :1], m.mlp.fc1.weight, m.mlp.fc1.bias)), m.mlp.fc2.weight, m.mlp.fc2.bias)
+    return x + paddle.concat([m.gamma2 * mlp, x[:, 1:]], axis=1)
+
+
+@pytest.mark.parametrize('tokens_norm', [False, True])
+def test_class_attention_block_matches_official(tokens_norm):
+    """Class and patch tokens kept apart give the official block's output and gradients; without
+    ``update_patches`` the same class token and no patch tokens."""
+    m = randomize(xcit.ClassAttentionBlock(C, HEADS, tokens_norm=tokens_norm), 5)
+    m.train()
+    assert_same(outputs_and_grads(lambda x: paddle.concat(m(x[:, :1], x[:, 1:]), axis=1), m, tokens(n=N + 1)),
+                outputs_and_grads(lambda x: ref_class_attention_block(m, x), m, tokens(n=N + 1)))
+    x = paddle.to_tensor(tokens(n=N + 1))
+    cls, patches = m(x[:, :1], x[:, 1:], update_patches=False)
+    assert patches is None
+    np.testing.assert_allclose(cls.numpy(), ref_class_attention_block(m, x)[:, :1].numpy(), atol=ATOL, rtol=1e-5)
 
 
 def test_linear_scale_is_folded_exactly():
