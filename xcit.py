@@ -589,8 +589,11 @@ class ClassAttention(nn.Layer):
         """Class token (B, 1, C) and patch tokens (B, N, C) -> the attended class token (B, 1, C)."""
         C = self.proj.weight.shape[0]
         h = self.num_heads
-        q_weight, kv_weight = paddle.split(self.qkv.weight, [C, 2 * C], axis=1)
-        q_bias, kv_bias = (None, None) if self.qkv.bias is None else paddle.split(self.qkv.bias, [C, 2 * C])
+        # Slices, not paddle.split: Paddle 3.3's inference predictor gets a split of a parameter
+        # right on its first run only (later runs read freed memory)
+        weight, bias = self.qkv.weight, self.qkv.bias
+        q_weight, kv_weight = _dense(weight[:, :C]), _dense(weight[:, C:])
+        q_bias, kv_bias = (None, None) if bias is None else (bias[:C], bias[C:])
         q = _linear(cls, q_weight, q_bias)  # (B, 1, C): only the class token queries
         k, v = paddle.split(_linear(paddle.concat([cls, patches], axis=1), kv_weight, kv_bias), 2, axis=-1)
         # Per-head products as whole-channel GEMMs: head_of[c, j] = 1 if channel c is in head j
