@@ -63,11 +63,13 @@ def export(model, output, image_size=None):
     """Writes ``model`` to ``output``/model.{json or pdmodel, pdiparams}; returns the program path.
 
     Input spec [None, 3, H, W] float32 with H = W = ``image_size``, or dynamic H and W.
+    ``model`` stays a dygraph model (``paddle.jit.to_static(model)`` would replace its forward
+    by the static function, and what is compared with the export afterwards would no longer
+    be the dygraph model).
     """
     side = image_size or None
     spec = [paddle.static.InputSpec([None, 3, side, side], 'float32', name='image')]
-    static = paddle.jit.to_static(model, input_spec=spec, full_graph=True)
-    paddle.jit.save(static, os.path.join(output, 'model'))
+    paddle.jit.save(model, os.path.join(output, 'model'), input_spec=spec)
     return program_path(output)
 
 

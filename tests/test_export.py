@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 import export_model
+import xcit
 from config import get_config
 from export_model import InferenceModel, main
 from xcit import build_xcit
@@ -50,9 +51,10 @@ def test_dynamic_export_runs_any_batch_and_size(tiny, tmp_path, capsys):
     program = 'model.json' if export_model.PADDLE_MAJOR >= 3 else 'model.pdmodel'
     assert os.path.isfile(tmp_path / program) and os.path.isfile(tmp_path / 'model.pdiparams')
     exported = InferenceModel(str(tmp_path))
-    for shape in [(3, 3, 48, 48), (1, 3, 70, 37)]:
+    for shape in [(3, 3, 48, 48), (1, 3, 70, 37), (3, 3, 48, 48)]:
         x = np.random.default_rng(0).standard_normal(shape).astype('float32')
-        np.testing.assert_allclose(exported(x), logits(model, x), atol=1e-4, rtol=0)
+        for _ in range(3):  # every run, not only the first of a shape (the predictor keeps state between runs)
+            np.testing.assert_allclose(exported(x), logits(model, x), atol=1e-4, rtol=0)
 
 
 def test_fixed_size_export(tiny, tmp_path, capsys):
@@ -61,6 +63,26 @@ def test_fixed_size_export(tiny, tmp_path, capsys):
     assert 'dynamic batch)' in capsys.readouterr().out
     x = np.random.default_rng(1).standard_normal((4, 3, 64, 64)).astype('float32')
     np.testing.assert_allclose(InferenceModel(str(tmp_path), mkldnn=False)(x), logits(model, x), atol=1e-4, rtol=0)
+
+
+IMAGE_FORWARD = xcit.LPI._image_forward
+
+
+def _scaled_image_forward(self, x, H, W, weight2, bias2):
+    """LPI's graph-mode path with its output scaled (a global, not a closure: Paddle 2.6's
+    to_static loses closure variables)."""
+    return IMAGE_FORWARD(self, x, H, W, weight2, bias2) * 1.5
+
+
+def test_check_compares_with_the_dygraph_model(tiny, tmp_path, monkeypatch, capsys):
+    """A graph-mode-only difference (LPI's image path runs only under to_static and on GPUs) must
+    fail the check: exporting must not turn the model it is compared with into the static one."""
+    cfg, weights, _ = tiny
+    monkeypatch.setattr(xcit.LPI, '_image_forward', _scaled_image_forward)
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path), '-image_size', '32'])
+    assert exit_info.value.code == 1
+    assert 'does not reproduce the dygraph model' in capsys.readouterr().err
 
 
 def test_mismatch_between_exported_and_dygraph_fails(tiny, tmp_path, monkeypatch, capsys):
