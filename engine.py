@@ -24,12 +24,12 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
 import paddle
 import paddle.nn as nn
-from paddle.static import InputSpec
 
 from config import ConfigError, get_config, update_config
 from datasets import DataError, build_dataloader, build_dataset
@@ -51,7 +51,7 @@ from xcit import build_xcit
 # softmaxes. These products cost about 1 / (3 * heads) of the Linear layers' GEMMs.
 AMP_WHITE_LIST = frozenset({'addmm'})
 AMP_BLACK_LIST = frozenset({'matmul', 'softmax'})
-STATIC_TOLERANCE = 1e-4  # max abs logit difference accepted from the static-graph evaluation
+COMPILED_TOLERANCE = 1e-4  # max abs logit difference accepted from the exported model in evaluation
 HEAD_KEYS = ('head.weight', 'head.bias')
 
 
@@ -239,62 +239,85 @@ def summarise(sums):
 # ---------------------------------------------------------------- evaluation
 
 
-class EvalForward:
-    """The forward pass used for evaluation: ``model`` in dygraph, or on CPU its static-graph
-    compilation (``paddle.jit.to_static``) when that gives the same logits faster.
+def cpu_threads():
+    """Math-library threads for one process: ``OMP_NUM_THREADS`` when set, else the CPUs shared
+    evenly between the processes."""
+    threads = os.environ.get('OMP_NUM_THREADS', '')
+    if threads.isdigit() and int(threads) > 0:
+        return int(threads)
+    return max(1, (os.cpu_count() or 1) // get_world_size())
 
-    The choice is made once, on the first batch: the static function must compile, run, match
-    dygraph within ``STATIC_TOLERANCE`` and take less time than dygraph on that batch (both
-    timed on a second call, after warm-up); otherwise evaluation stays in dygraph and the reason
-    is logged. With a single batch per process compiling cannot pay off (the check alone runs
-    that batch in dygraph), so dygraph is chosen directly. The compiled function uses the
-    model's current weights, so later evaluations of the same (training) model reuse it.
-    ``path`` names the choice.
+
+def inference_forward(model, image_size):
+    """``model``'s current weights exported to a temporary folder (``export_model.export``,
+    input [N, 3, image_size, image_size]) and run by ``paddle.inference`` with oneDNN: a
+    function images (N, 3, S, S) tensor -> logits tensor. The folder is gone once the
+    predictor has read it; later changes to ``model`` do not reach the predictor."""
+    from export_model import InferenceModel, export  # export_model imports this module
+    with tempfile.TemporaryDirectory(prefix='xcit_eval_') as folder:
+        export(model, folder, image_size)
+        predictor = InferenceModel(folder, threads=cpu_threads())
+    return lambda images: paddle.to_tensor(predictor(images.numpy()))
+
+
+class EvalForward:
+    """The forward pass of one evaluation: ``model`` in dygraph or, on CPU, the model exported
+    to a Paddle Inference predictor (oneDNN kernels, several times faster than eager Paddle on
+    large batches) when that gives the same logits faster.
+
+    The choice is made once, on the first batch: the predictor must build, run, match dygraph
+    within ``COMPILED_TOLERANCE`` and take less time than dygraph on that batch (both timed on a
+    second call, after warm-up); otherwise evaluation stays in dygraph and the reason is logged.
+    With a single batch per process exporting cannot pay off (the check alone runs that batch
+    in dygraph), so dygraph is chosen directly. The predictor holds the weights of the moment
+    it was built, so only ``-eval`` tries it; validation during training stays in dygraph.
+    ``path`` names the choice: 'inference' or 'dygraph'.
     """
 
-    def __init__(self, model, image_size, try_static):
+    def __init__(self, model, image_size, try_inference):
         self.model = model
-        self.static = None
-        if try_static:
-            spec = InputSpec([None, 3, image_size, image_size], 'float32', name='images')
-            self.static = paddle.jit.to_static(model.forward, input_spec=[spec], full_graph=True)
+        self.image_size = image_size
+        self.try_inference = try_inference
+        self.compiled = None  # built by choose(), unless given
         self.path = None
 
     def choose(self, images, num_batches, logger):
-        """Sets ``path`` to 'static' or 'dygraph' by trying the static function on ``images``,
-        the first of ``num_batches``."""
+        """Sets ``path`` by trying the predictor on ``images``, the first of ``num_batches``."""
         self.path = 'dygraph'
-        if self.static is None:
+        if not self.try_inference:
             return
         if num_batches < 2:
-            logger.info('one batch per process: evaluating in dygraph (a static graph cannot pay off)')
+            logger.info('one batch per process: evaluating in dygraph (an exported model cannot pay off)')
             return
         try:
-            fast = self.static(images)
-        except Exception as e:  # any failure to convert or run means: use dygraph
+            if self.compiled is None:
+                self.compiled = inference_forward(self.model, self.image_size)
+            fast = self.compiled(images)
+        except Exception as e:  # any failure to export or run means: use dygraph
             reason = ' '.join(str(e).split())[:300]
-            logger.warning(f'static graph unavailable ({type(e).__name__}: {reason}); evaluating in dygraph')
+            logger.warning(f'paddle.inference unavailable ({type(e).__name__}: {reason}); evaluating in dygraph')
             return
         diff = float((fast - self.model(images)).abs().max())
-        if not diff <= STATIC_TOLERANCE:
-            logger.warning(f'static-graph logits differ from dygraph by {diff:.2e} (> {STATIC_TOLERANCE}) '
+        if not diff <= COMPILED_TOLERANCE:
+            logger.warning(f'paddle.inference logits differ from dygraph by {diff:.2e} (> {COMPILED_TOLERANCE}) '
                            f'on the first batch; evaluating in dygraph')
             return
         seconds = {}
-        for name, forward in (('dygraph', self.model), ('static', self.static)):
+        for name, forward in (('dygraph', self.model), ('inference', self.compiled)):
             start = time.perf_counter()
             float(forward(images).sum())  # waits for the result
             seconds[name] = time.perf_counter() - start
-        timing = f'{seconds["static"]:.3f} s vs {seconds["dygraph"]:.3f} s in dygraph on the first batch'
-        if seconds['static'] >= seconds['dygraph']:
-            logger.info(f'static graph matches dygraph (max abs logit diff {diff:.1e}) but is not faster '
+        timing = f'{seconds["inference"]:.3f} s vs {seconds["dygraph"]:.3f} s in dygraph on the first batch'
+        if seconds['inference'] >= seconds['dygraph']:
+            logger.info(f'paddle.inference matches dygraph (max abs logit diff {diff:.1e}) but is not faster '
                         f'({timing}); evaluating in dygraph')
             return
-        logger.info(f'static graph matches dygraph (max abs logit diff {diff:.1e}) and is faster ({timing}); using it')
-        self.path = 'static'
+        logger.info(f'paddle.inference matches dygraph (max abs logit diff {diff:.1e}) and is faster '
+                    f'({timing}); using it')
+        self.path = 'inference'
 
     def __call__(self, images):
-        return self.static(images) if self.path == 'static' else self.model(images)
+        return self.compiled(images) if self.path == 'inference' else self.model(images)
 
 
 @paddle.no_grad()
@@ -305,7 +328,7 @@ def evaluate(forward, loader, logger, use_amp=False, report_freq=50, name='model
     ``classification_sums`` are all-reduced, so every image counts exactly once whatever the
     number of processes. Returns dict: acc1, acc5, loss, images, seconds (wall time),
     images_per_sec (all processes; from the second batch on, so that compiling and checking on
-    the first batch do not count, unless there is only one batch) and path ('static',
+    the first batch do not count, unless there is only one batch) and path ('inference',
     'dygraph' or 'dygraph-amp').
     """
     forward.model.eval()
@@ -345,7 +368,7 @@ def run_evaluation(config, device, use_amp, logger):
     loader = build_dataloader(config, dataset, 'val', rank, world_size)
     model = build_xcit(config)
     load_weights(model, source, config.EMA_EVAL, logger, new_head_ok=False)
-    forward = EvalForward(model, config.DATA.IMAGE_SIZE, try_static=device == 'cpu')
+    forward = EvalForward(model, config.DATA.IMAGE_SIZE, try_inference=device == 'cpu')
     stats = evaluate(forward, loader, logger, use_amp, config.REPORT_FREQ)
     summary = {'acc1': round(stats['acc1'], 4), 'acc5': round(stats['acc5'], 4), 'loss': round(stats['loss'], 6),
                'images': stats['images'], 'images_per_sec': round(stats['images_per_sec'], 1),
@@ -432,7 +455,9 @@ class Trainer:
             os.remove(self.metrics.path)  # a fresh run starts a fresh metrics file
         self.train_model = paddle.DataParallel(model) if self.world_size > 1 else model
         models = {'model': model, 'ema': self.model_ema.module if self.model_ema else None}
-        self.eval_forwards = {name: EvalForward(m, config.DATA.IMAGE_SIZE, try_static=device == 'cpu')
+        # validation in dygraph: its metrics must not depend on which path a timing picked (a
+        # resumed run logs exactly what the uninterrupted one did)
+        self.eval_forwards = {name: EvalForward(m, config.DATA.IMAGE_SIZE, try_inference=False)
                               for name, m in models.items() if m is not None}
 
     # ---- checkpoints

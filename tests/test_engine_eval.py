@@ -1,5 +1,5 @@
 """Evaluation through the entry points: exact known-answer metrics with a golden checkpoint,
-loading rules for -pretrained, and the static-graph fast path with its dygraph fallback."""
+loading rules for -pretrained, and the paddle.inference fast path with its dygraph fallback."""
 import json
 import os
 import subprocess
@@ -123,7 +123,7 @@ def test_known_answer_accuracy_is_exact(golden, tmp_path, capsys):
     assert summary['acc5'] == pytest.approx(golden['acc5'], abs=1e-9)  # 27 of 40
     assert summary['acc1'] != summary['acc5']
     assert summary['loss'] == pytest.approx(golden['loss'], abs=1e-4)
-    assert summary['path'] in ('static', 'dygraph') and summary['device'] == 'cpu'  # the faster one
+    assert summary['path'] in ('inference', 'dygraph') and summary['device'] == 'cpu'  # the faster one
     out = capsys.readouterr().out
     assert '-amp has no effect on CPU' in out
     assert 'eval model: batch 2/7' in out  # progress every REPORT_FREQ batches
@@ -187,8 +187,8 @@ def test_missing_and_unexpected_keys_are_reported(golden, tmp_path, caplog):
     assert '1 checkpoint entries not in the model, ignored: extra.scale' in caplog.text
 
 
-class TestStaticPath:
-    """``EvalForward`` keeps the static graph only when it reproduces dygraph."""
+class TestInferencePath:
+    """``EvalForward`` keeps the exported predictor only when it reproduces dygraph faster."""
 
     @pytest.fixture
     def forward(self, tmp_path):
@@ -197,62 +197,67 @@ class TestStaticPath:
         paddle.seed(0)
         model = build_xcit(get_config(str(path)))
         model.eval()
-        return engine.EvalForward(model, 32, try_static=True)
+        return engine.EvalForward(model, 32, try_inference=True)
 
-    def test_static_graph_is_used_when_it_matches_and_is_faster(self, forward, caplog, monkeypatch):
+    @staticmethod
+    def choose(forward, images):
+        logger = setup_logger()
+        logger.propagate = True
+        with paddle.no_grad():
+            forward.choose(images, 2, logger)
+
+    def test_predictor_is_used_when_it_matches_and_is_faster(self, forward, caplog, monkeypatch):
         images = paddle.randn([3, 3, 32, 32])
         with paddle.no_grad():
             expected = forward.model(images).numpy()
+            forward.compiled = engine.inference_forward(forward.model, 32)  # before dygraph is slowed down
+        assert 'forward' not in vars(forward.model)  # exporting left the model in dygraph
         dygraph = forward.model.forward
         monkeypatch.setattr(forward.model, 'forward', lambda x: (time.sleep(0.2), dygraph(x))[1])
-        logger = setup_logger()
-        logger.propagate = True
-        forward.choose(images, 2, logger)
-        assert forward.path == 'static'
-        assert 'static graph matches dygraph (max abs logit diff' in caplog.text and 'and is faster' in caplog.text
+        self.choose(forward, images)
+        assert forward.path == 'inference'
+        assert 'paddle.inference matches dygraph (max abs logit diff' in caplog.text and 'and is faster' in caplog.text
+        monkeypatch.undo()
         with paddle.no_grad():
             np.testing.assert_allclose(forward(images).numpy(), expected, atol=1e-5)
+            for name, param in forward.model.named_parameters():  # a snapshot of the weights
+                if name == 'head.bias':
+                    param.set_value(param + 1.0)
+            np.testing.assert_allclose(forward(images).numpy(), expected, atol=1e-5)
 
-    def test_slower_static_graph_is_not_used(self, forward, caplog):
-        static, calls = forward.static, []
+    def test_slower_predictor_is_not_used(self, forward, caplog):
+        calls = []
 
         def slow_after_the_check(x):
             calls.append(x)
             if len(calls) > 1:
                 time.sleep(1.0)
-            return static(x)
-        forward.static = slow_after_the_check
-        logger = setup_logger()
-        logger.propagate = True
-        forward.choose(paddle.randn([2, 3, 32, 32]), 2, logger)
-        assert forward.path == 'dygraph'
+            return forward.model(x)
+        forward.compiled = slow_after_the_check
+        self.choose(forward, paddle.randn([2, 3, 32, 32]))
+        assert forward.path == 'dygraph' and len(calls) == 2
         assert 'but is not faster' in caplog.text
+
+    def test_different_logits_fall_back(self, forward, caplog):
+        forward.compiled = lambda x: forward.model(x) + 1e-3
+        self.choose(forward, paddle.randn([2, 3, 32, 32]))
+        assert forward.path == 'dygraph'
+        assert 'paddle.inference logits differ from dygraph by 1.00e-03 (> 0.0001)' in caplog.text
 
     def test_failure_falls_back_with_the_reason(self, forward, caplog):
         def broken(images):
             raise RuntimeError('unsupported op in\nconversion')
-        forward.static = broken
-        logger = setup_logger()
-        logger.propagate = True
-        forward.choose(paddle.randn([2, 3, 32, 32]), 2, logger)
+        forward.compiled = broken
+        self.choose(forward, paddle.randn([2, 3, 32, 32]))
         assert forward.path == 'dygraph'
-        assert 'static graph unavailable (RuntimeError: unsupported op in conversion)' in caplog.text
+        assert 'paddle.inference unavailable (RuntimeError: unsupported op in conversion)' in caplog.text
 
-    def test_single_batch_stays_in_dygraph(self, forward, caplog):
+    def test_one_batch_stays_in_dygraph_without_exporting(self, forward, caplog):
         logger = setup_logger()
         logger.propagate = True
-        forward.static = lambda x: pytest.fail('the static graph was tried')
         forward.choose(paddle.randn([2, 3, 32, 32]), 1, logger)
-        assert forward.path == 'dygraph' and 'one batch per process' in caplog.text
-
-    def test_different_logits_fall_back(self, forward, caplog):
-        model = forward.model
-        forward.static = lambda images: model(images) + 1e-3
-        logger = setup_logger()
-        logger.propagate = True
-        forward.choose(paddle.randn([2, 3, 32, 32]), 2, logger)
-        assert forward.path == 'dygraph'
-        assert 'static-graph logits differ from dygraph by 1.00e-03' in caplog.text
+        assert forward.path == 'dygraph' and forward.compiled is None
+        assert 'one batch per process' in caplog.text
 
 
 def test_classification_sums_counts_ties_and_uses_float64():
