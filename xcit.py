@@ -590,7 +590,7 @@ class ClassAttention(nn.Layer):
         C = self.proj.weight.shape[0]
         h = self.num_heads
         # Slices, not paddle.split: Paddle 3.3's inference predictor gets a split of a parameter
-        # right on its first run only (later runs read freed memory)
+        # right on the first run of an input shape only (later runs return wrong values)
         weight, bias = self.qkv.weight, self.qkv.bias
         q_weight, kv_weight = _dense(weight[:, :C]), _dense(weight[:, C:])
         q_bias, kv_bias = (None, None) if bias is None else (bias[:C], bias[C:])
