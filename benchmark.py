@@ -28,7 +28,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,14 +72,11 @@ def build_runner(cfg, path, batch, size, threads):
     model = build_xcit(get_config(cfg))
     model.eval()
     images = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype('float32')
-    spec = [paddle.static.InputSpec([None, 3, size, size], 'float32')]
     if path == 'infer':
-        from export_model import InferenceModel
-        folder = tempfile.mkdtemp()
-        static = paddle.jit.to_static(model, input_spec=spec, full_graph=True)
-        paddle.jit.save(static, os.path.join(folder, 'model'))
-        predictor = InferenceModel(folder, mkldnn=True, threads=threads)
+        from export_model import in_memory_predictor
+        predictor = in_memory_predictor(model, size, mkldnn=True, threads=threads)
         return lambda: predictor(images)
+    spec = [paddle.static.InputSpec([None, 3, size, size], 'float32')]
     net = paddle.jit.to_static(model, input_spec=spec, full_graph=True) if path == 'static' else model
     x = paddle.to_tensor(images)
 

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -249,14 +248,11 @@ def cpu_threads():
 
 
 def inference_forward(model, image_size):
-    """``model``'s current weights exported to a temporary folder (``export_model.export``,
-    input [N, 3, image_size, image_size]) and run by ``paddle.inference`` with oneDNN: a
-    function images (N, 3, S, S) tensor -> logits tensor. The folder is gone once the
-    predictor has read it; later changes to ``model`` do not reach the predictor."""
-    from export_model import InferenceModel, export  # export_model imports this module
-    with tempfile.TemporaryDirectory(prefix='xcit_eval_') as folder:
-        export(model, folder, image_size)
-        predictor = InferenceModel(folder, threads=cpu_threads())
+    """``model``'s current weights run by ``paddle.inference`` with oneDNN
+    (``export_model.in_memory_predictor``, input [N, 3, image_size, image_size]): a function
+    images (N, 3, S, S) tensor -> logits tensor."""
+    from export_model import in_memory_predictor  # export_model imports this module
+    predictor = in_memory_predictor(model, image_size, threads=cpu_threads())
     return lambda images: paddle.to_tensor(predictor(images.numpy()))
 
 

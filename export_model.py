@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 
 import numpy as np
 import paddle
@@ -71,6 +72,15 @@ def export(model, output, image_size=None):
     spec = [paddle.static.InputSpec([None, 3, side, side], 'float32', name='image')]
     paddle.jit.save(model, os.path.join(output, 'model'), input_spec=spec)
     return program_path(output)
+
+
+def in_memory_predictor(model, image_size=None, mkldnn=True, threads=None):
+    """An ``InferenceModel`` of ``model``'s current weights, exported (``export``) to a temporary
+    folder that is gone once the predictor has read it; later changes to ``model`` do not reach
+    the predictor."""
+    with tempfile.TemporaryDirectory(prefix='xcit_export_') as folder:
+        export(model, folder, image_size)
+        return InferenceModel(folder, mkldnn=mkldnn, threads=threads)
 
 
 def program_path(model_dir):
