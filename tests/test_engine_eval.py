@@ -260,6 +260,17 @@ class TestInferencePath:
         assert 'one batch per process' in caplog.text
 
 
+def test_predictor_threads_follow_omp_num_threads_or_share_the_cpus(monkeypatch):
+    monkeypatch.setenv('OMP_NUM_THREADS', '3')
+    assert engine.cpu_threads() == 3
+    monkeypatch.delenv('OMP_NUM_THREADS')
+    monkeypatch.setattr(engine.os, 'cpu_count', lambda: 8)
+    monkeypatch.setattr(engine, 'get_world_size', lambda: 2)
+    assert engine.cpu_threads() == 4
+    monkeypatch.setattr(engine, 'get_world_size', lambda: 16)
+    assert engine.cpu_threads() == 1
+
+
 def test_classification_sums_counts_ties_and_uses_float64():
     logits = np.array([[3.0, 1.0, 2.0, 0.0, -1.0, -2.0],
                        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]], dtype=np.float32)
