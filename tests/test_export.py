@@ -53,7 +53,7 @@ def test_dynamic_export_runs_any_batch_and_size(tiny, tmp_path, capsys):
     exported = InferenceModel(str(tmp_path))
     for shape in [(3, 3, 48, 48), (1, 3, 70, 37), (3, 3, 48, 48)]:
         x = np.random.default_rng(0).standard_normal(shape).astype('float32')
-        for _ in range(3):  # every run, not only the first of a shape (the predictor keeps state between runs)
+        for _ in range(3):  # every run, not only the first of a shape
             np.testing.assert_allclose(exported(x), logits(model, x), atol=1e-4, rtol=0)
 
 
