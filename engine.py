@@ -264,10 +264,11 @@ class EvalForward:
     The choice is made once, on the first batch: the predictor must build, run, match dygraph
     within ``COMPILED_TOLERANCE`` and take less time than dygraph on that batch (both timed on a
     second call, after warm-up); otherwise evaluation stays in dygraph and the reason is logged.
-    With a single batch per process exporting cannot pay off (the check alone runs that batch
-    in dygraph), so dygraph is chosen directly. The predictor holds the weights of the moment
-    it was built, so only ``-eval`` tries it; validation during training stays in dygraph.
-    ``path`` names the choice: 'inference' or 'dygraph'.
+    With several processes the predictor is used only if it passed in every one, so that all
+    take the same path. When a process has a single batch, exporting cannot pay off (the check
+    alone runs that batch in dygraph), so dygraph is chosen directly. The predictor holds the
+    weights of the moment it was built, so only ``-eval`` tries it; validation during training
+    stays in dygraph. ``path`` names the choice: 'inference' or 'dygraph'.
     """
 
     def __init__(self, model, image_size, try_inference):
@@ -277,14 +278,33 @@ class EvalForward:
         self.compiled = None  # built by choose(), unless given
         self.path = None
 
-    def choose(self, images, num_batches, logger):
-        """Sets ``path`` by trying the predictor on ``images``, the first of ``num_batches``."""
+    def choose(self, images, several_batches, logger):
+        """Sets ``path`` by trying the predictor on ``images``, a process's first batch.
+
+        ``several_batches``: every process has at least two batches. With several processes this
+        is a collective call: each process calls it on its first batch when ``several_batches``.
+        """
         self.path = 'dygraph'
         if not self.try_inference:
             return
-        if num_batches < 2:
-            logger.info('one batch per process: evaluating in dygraph (an exported model cannot pay off)')
+        if not several_batches:
+            logger.info('a process has a single batch: evaluating in dygraph (an exported model cannot pay off)')
             return
+        passed = self._inference_passes(images, logger)
+        world_size = get_world_size()
+        if world_size > 1:
+            passing = int(all_reduce_sum([passed])[0])
+            if passed and passing < world_size:
+                logger.info(f'paddle.inference did not pass in {world_size - passing} of {world_size} processes; '
+                            f'evaluating in dygraph in all of them')
+            passed = passing == world_size
+        if passed:
+            logger.info('evaluating with paddle.inference')
+            self.path = 'inference'
+
+    def _inference_passes(self, images, logger):
+        """Whether the predictor (built now unless given) runs ``images``, matches dygraph and is
+        faster on them; logs why not."""
         try:
             if self.compiled is None:
                 self.compiled = inference_forward(self.model, self.image_size)
@@ -292,12 +312,12 @@ class EvalForward:
         except Exception as e:  # any failure to export or run means: use dygraph
             reason = ' '.join(str(e).split())[:300]
             logger.warning(f'paddle.inference unavailable ({type(e).__name__}: {reason}); evaluating in dygraph')
-            return
+            return False
         diff = float((fast - self.model(images)).abs().max())
         if not diff <= COMPILED_TOLERANCE:
             logger.warning(f'paddle.inference logits differ from dygraph by {diff:.2e} (> {COMPILED_TOLERANCE}) '
                            f'on the first batch; evaluating in dygraph')
-            return
+            return False
         seconds = {}
         for name, forward in (('dygraph', self.model), ('inference', self.compiled)):
             start = time.perf_counter()
@@ -307,10 +327,9 @@ class EvalForward:
         if seconds['inference'] >= seconds['dygraph']:
             logger.info(f'paddle.inference matches dygraph (max abs logit diff {diff:.1e}) but is not faster '
                         f'({timing}); evaluating in dygraph')
-            return
-        logger.info(f'paddle.inference matches dygraph (max abs logit diff {diff:.1e}) and is faster '
-                    f'({timing}); using it')
-        self.path = 'inference'
+            return False
+        logger.info(f'paddle.inference matches dygraph (max abs logit diff {diff:.1e}) and is faster ({timing})')
+        return True
 
     def __call__(self, images):
         return self.compiled(images) if self.path == 'inference' else self.model(images)
@@ -330,11 +349,14 @@ def evaluate(forward, loader, logger, use_amp=False, report_freq=50, name='model
     forward.model.eval()
     sums = np.zeros(4)
     num_batches, world_size = len(loader), get_world_size()
+    # whether every process has two batches or more; the condition is the same in all processes,
+    # so either all of them make this collective call or none does
+    several_batches = forward.try_inference and forward.path is None and not all_reduce_sum([num_batches < 2])[0]
     start = time.time()
     steady_start, steady_images = start, 0
     for i, (images, labels) in enumerate(loader):
         if forward.path is None:
-            forward.choose(images, num_batches, logger)
+            forward.choose(images, several_batches, logger)
         with autocast(use_amp):
             logits = forward(images)
         sums += classification_sums(logits.astype('float32').numpy(), labels.numpy())

@@ -204,7 +204,7 @@ class TestInferencePath:
         logger = setup_logger()
         logger.propagate = True
         with paddle.no_grad():
-            forward.choose(images, 2, logger)
+            forward.choose(images, True, logger)
 
     def test_predictor_is_used_when_it_matches_and_is_faster(self, forward, caplog, monkeypatch):
         images = paddle.randn([3, 3, 32, 32])
@@ -255,9 +255,9 @@ class TestInferencePath:
     def test_one_batch_stays_in_dygraph_without_exporting(self, forward, caplog):
         logger = setup_logger()
         logger.propagate = True
-        forward.choose(paddle.randn([2, 3, 32, 32]), 1, logger)
+        forward.choose(paddle.randn([2, 3, 32, 32]), False, logger)
         assert forward.path == 'dygraph' and forward.compiled is None
-        assert 'one batch per process' in caplog.text
+        assert 'a process has a single batch' in caplog.text
 
 
 def test_predictor_threads_follow_omp_num_threads_or_share_the_cpus(monkeypatch):
@@ -292,3 +292,80 @@ def test_two_processes_report_the_same_metrics_as_one(golden, tmp_path):
     assert two['images'] == one['images'] == NUM_IMAGES
     assert (two['acc1'], two['acc5']) == (one['acc1'], one['acc5']) == (golden['acc1'], golden['acc5'])
     assert two['loss'] == pytest.approx(one['loss'], abs=2e-6)
+
+
+TWO_PROCESS_CHOICE = '''\
+"""Each of 2 gloo processes runs engine.evaluate on its own batches; writes its path per case
+to result_<rank>.json."""
+import json
+import sys
+import time
+
+import numpy  # noqa: F401  before paddle, as in main_multi_gpu.py
+import paddle
+import paddle.distributed as dist
+
+sys.path.insert(0, sys.argv[1])
+import engine
+from config import get_config
+from utils import setup_logger
+from xcit import build_xcit
+
+
+def evaluate(batches, works):
+    """``evaluate`` with a predictor that is the model itself (or fails, unless ``works``) and a
+    slower dygraph model."""
+    paddle.seed(0)
+    model = build_xcit(get_config(sys.argv[2]))
+    plain = model.forward
+    calls = []
+
+    def predictor(x):
+        calls.append(len(x))
+        if not works:
+            raise RuntimeError('no predictor here')
+        return plain(x)
+    forward = engine.EvalForward(model, 32, try_inference=True)
+    forward.compiled = predictor
+    model.forward = lambda x: (time.sleep(0.3), plain(x))[1]
+    loader = [(paddle.randn([2, 3, 32, 32]), paddle.to_tensor([0, 1])) for _ in range(batches)]
+    engine.evaluate(forward, loader, setup_logger(rank=dist.get_rank()))
+    return {'path': forward.path, 'predictor_calls': len(calls)}
+
+
+def work():
+    dist.init_parallel_env()
+    rank = dist.get_rank()
+    cases = {
+        'both_pass': evaluate(2, works=True),
+        'rank_1_fails': evaluate(2, works=rank == 0),
+        'rank_0_has_one_batch': evaluate(1 if rank == 0 else 3, works=True),
+        'rank_1_has_no_batch': evaluate(2 if rank == 0 else 0, works=True),
+    }
+    with open(f'result_{rank}.json', 'w') as f:
+        json.dump(cases, f)
+
+
+if __name__ == '__main__':
+    dist.spawn(work, nprocs=2, backend='gloo')
+'''
+
+
+def test_processes_agree_on_the_evaluation_path(tmp_path):
+    """With 2 processes, the predictor is used by both or by neither, and a process with fewer
+    than two batches keeps every process in dygraph without exporting (and without hanging)."""
+    cfg = tmp_path / 'tiny.yaml'
+    cfg.write_text('MODEL:\n  PATCH_SIZE: 8\n  EMBED_DIM: 32\n  DEPTH: 1\n  NUM_HEADS: 2\n  NUM_CLASSES: 5\n')
+    script = tmp_path / 'two_processes.py'
+    script.write_text(TWO_PROCESS_CHOICE)
+    done = subprocess.run([sys.executable, str(script), ROOT, str(cfg)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = {rank: json.loads((tmp_path / f'result_{rank}.json').read_text()) for rank in (0, 1)}
+    for rank, cases in results.items():
+        assert cases['both_pass'] == {'path': 'inference', 'predictor_calls': 4}  # check, timing, 2 batches
+        assert cases['rank_1_fails'] == {'path': 'dygraph', 'predictor_calls': 2 if rank == 0 else 1}
+        assert cases['rank_0_has_one_batch'] == {'path': 'dygraph', 'predictor_calls': 0}
+    assert results[0]['rank_1_has_no_batch'] == {'path': 'dygraph', 'predictor_calls': 0}
+    assert results[1]['rank_1_has_no_batch'] == {'path': None, 'predictor_calls': 0}  # nothing to evaluate
+    assert 'did not pass in 1 of 2 processes; evaluating in dygraph in all of them' in done.stdout
