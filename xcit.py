@@ -217,14 +217,17 @@ def _row_windows(x):
     return [flat[dy:dy + C * rows].reshape([C, rows, W]) for dy in range(3)]
 
 
-def _banded_depthwise(windows, taps, H):
+def _banded_depthwise(windows, taps, H, flipped=False):
     """Depthwise 3x3 correlation (padding 1) of channel planes (C, B, H, W), given as their
     ``_row_windows``, with the banded ``taps`` (3, C, W, W) of ``_row_taps`` -> (C, B, H, W), a
-    strided view in Paddle 3: three batched GEMMs over channels."""
+    strided view in Paddle 3: three batched GEMMs over channels. ``flipped``: with the kernel
+    rotated by 180 degrees instead (the taps in reverse row order, each transposed), which is
+    the correlation that gives the input gradient."""
     C, rows, W = windows[0].shape
-    out = paddle.matmul(windows[0], taps[0])
-    out = out + paddle.matmul(windows[1], taps[1])
-    out = out + paddle.matmul(windows[2], taps[2])
+    order = (2, 1, 0) if flipped else (0, 1, 2)
+    out = paddle.matmul(windows[0], taps[order[0]], transpose_y=flipped)
+    out = out + paddle.matmul(windows[1], taps[order[1]], transpose_y=flipped)
+    out = out + paddle.matmul(windows[2], taps[order[2]], transpose_y=flipped)
     return out.reshape([C, rows // (H + 1), H + 1, W])[:, :, :H]
 
 
@@ -254,8 +257,7 @@ class _BandedDepthwiseFunction(PyLayer):
         grad_windows = _row_windows(grad)
         grad_x = grad_taps = grad_bias = None
         if not x_frozen:
-            flipped = paddle.flip(taps, [0]).transpose([0, 1, 3, 2])
-            grad_x = _as_dtype(_dense(_banded_depthwise(grad_windows, flipped, ctx.height)), x_dtype)
+            grad_x = _as_dtype(_dense(_banded_depthwise(grad_windows, taps, ctx.height, flipped=True)), x_dtype)
         if not taps_frozen:
             grad_taps = paddle.stack([paddle.matmul(window, grad_windows[1], transpose_x=True)
                                       for window in windows])
