@@ -51,6 +51,7 @@ from xcit import build_xcit
 AMP_WHITE_LIST = frozenset({'addmm'})
 AMP_BLACK_LIST = frozenset({'matmul', 'softmax'})
 COMPILED_TOLERANCE = 1e-4  # max abs logit difference accepted from the exported model in evaluation
+VERDICTS = ('passed', 'unavailable', 'different logits', 'not faster')  # of the predictor's check in -eval
 HEAD_KEYS = ('head.weight', 'head.bias')
 
 
@@ -290,21 +291,23 @@ class EvalForward:
         if not several_batches:
             logger.info('a process has a single batch: evaluating in dygraph (an exported model cannot pay off)')
             return
-        passed = self._inference_passes(images, logger)
+        verdict = self._inference_verdict(images, logger)
+        passed = verdict == 'passed'
         world_size = get_world_size()
         if world_size > 1:
-            passing = int(all_reduce_sum([passed])[0])
-            if passed and passing < world_size:
-                logger.info(f'paddle.inference did not pass in {world_size - passing} of {world_size} processes; '
-                            f'evaluating in dygraph in all of them')
-            passed = passing == world_size
+            counts = dict(zip(VERDICTS, all_reduce_sum([verdict == v for v in VERDICTS]).astype(int)))
+            if passed and counts['passed'] < world_size:
+                reasons = ', '.join(f'{v}: {n}' for v, n in counts.items() if v != 'passed' and n)
+                logger.info(f'paddle.inference did not pass in {world_size - counts["passed"]} of {world_size} '
+                            f'processes ({reasons}); evaluating in dygraph in all of them')
+            passed = counts['passed'] == world_size
         if passed:
             logger.info('evaluating with paddle.inference')
             self.path = 'inference'
 
-    def _inference_passes(self, images, logger):
-        """Whether the predictor (built now unless given) runs ``images``, matches dygraph and is
-        faster on them; logs why not."""
+    def _inference_verdict(self, images, logger):
+        """One of ``VERDICTS``: whether the predictor (built now unless given) runs ``images``,
+        matches dygraph and is faster on them; logs why not."""
         try:
             if self.compiled is None:
                 self.compiled = inference_forward(self.model, self.image_size)
@@ -312,12 +315,12 @@ class EvalForward:
         except Exception as e:  # any failure to export or run means: use dygraph
             reason = ' '.join(str(e).split())[:300]
             logger.warning(f'paddle.inference unavailable ({type(e).__name__}: {reason}); evaluating in dygraph')
-            return False
+            return 'unavailable'
         diff = float((fast - self.model(images)).abs().max())
         if not diff <= COMPILED_TOLERANCE:
             logger.warning(f'paddle.inference logits differ from dygraph by {diff:.2e} (> {COMPILED_TOLERANCE}) '
                            f'on the first batch; evaluating in dygraph')
-            return False
+            return 'different logits'
         seconds = {}
         for name, forward in (('dygraph', self.model), ('inference', self.compiled)):
             start = time.perf_counter()
@@ -327,9 +330,9 @@ class EvalForward:
         if seconds['inference'] >= seconds['dygraph']:
             logger.info(f'paddle.inference matches dygraph (max abs logit diff {diff:.1e}) but is not faster '
                         f'({timing}); evaluating in dygraph')
-            return False
+            return 'not faster'
         logger.info(f'paddle.inference matches dygraph (max abs logit diff {diff:.1e}) and is faster ({timing})')
-        return True
+        return 'passed'
 
     def __call__(self, images):
         return self.compiled(images) if self.path == 'inference' else self.model(images)

@@ -368,4 +368,4 @@ def test_processes_agree_on_the_evaluation_path(tmp_path):
         assert cases['rank_0_has_one_batch'] == {'path': 'dygraph', 'predictor_calls': 0}
     assert results[0]['rank_1_has_no_batch'] == {'path': 'dygraph', 'predictor_calls': 0}
     assert results[1]['rank_1_has_no_batch'] == {'path': None, 'predictor_calls': 0}  # nothing to evaluate
-    assert 'did not pass in 1 of 2 processes; evaluating in dygraph in all of them' in done.stdout
+    assert 'did not pass in 1 of 2 processes (unavailable: 1); evaluating in dygraph in all of them' in done.stdout
