@@ -21,7 +21,9 @@ def smooth_one_hot(target, num_classes, smoothing):
     """int64 (B,) -> float32 (B, num_classes): 1 - smoothing + smoothing / C on the label, else smoothing / C."""
     off = smoothing / num_classes
     hot = paddle.nn.functional.one_hot(target, num_classes).astype('bool')
-    return paddle.where(hot, 1.0 - smoothing + off, off)
+    # float32 fills, not Python floats: Paddle 2.6 makes those float64, and the loss with them
+    return paddle.where(hot, paddle.full(hot.shape, 1.0 - smoothing + off, 'float32'),
+                        paddle.full(hot.shape, off, 'float32'))
 
 
 def mixup_target(target, num_classes, lam, smoothing):

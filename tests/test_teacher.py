@@ -114,7 +114,7 @@ def test_converter_maps_timm_to_paddle(converted):
     np.testing.assert_array_equal(state['s4.b1.downsample.bn._variance'],
                                   values['s4.b1.downsample.bn.running_var'])
     np.testing.assert_array_equal(state['s1.b1.se.fc1.weight'], values['s1.b1.se.fc1.weight'])
-    assert not np.any(state['s3.b5.conv2.conv.weight'])
+    assert not np.asarray(state['s3.b5.conv2.conv.weight']).any()
 
 
 def test_converter_rejects_other_checkpoints(tmp_path, capsys):
