@@ -87,7 +87,7 @@ _C.TRAIN.DISTILLATION_TYPE = 'none'  # none, soft or hard
 _C.TRAIN.DISTILLATION_ALPHA = 0.5
 _C.TRAIN.DISTILLATION_TAU = 1.0
 _C.TRAIN.TEACHER_MODEL = 'regnety_160'  # regnety_160 or the path of one of our XCiT YAML files
-_C.TRAIN.TEACHER_PRETRAINED = ''  # the teacher's converted .pdparams
+_C.TRAIN.TEACHER_PRETRAINED = ''  # the teacher's converted .pdparams, or a training checkpoint of it
 
 # misc
 _C.SAVE = './output'

@@ -40,7 +40,7 @@ from port_weights.convert import find_mismatches, format_mismatches
 from teacher import build_teacher
 from utils import (AverageMeter, CheckpointError, MetricsLog, all_reduce_sum, average_batchnorm_statistics,
                    format_seconds, get_rank, get_world_size, load_checkpoint, save_checkpoint, setup_logger,
-                   write_json)
+                   weights_of, write_json)
 from xcit import build_xcit
 
 # AMP (float16, level O1) op lists for xcit.py's layers. White: its Linear layers compute
@@ -153,24 +153,6 @@ def autocast(enabled):
         return contextlib.nullcontext()
     return paddle.amp.auto_cast(enable=True, custom_white_list=set(AMP_WHITE_LIST),
                                 custom_black_list=set(AMP_BLACK_LIST), level='O1', dtype='float16')
-
-
-def weights_of(checkpoint, path, use_ema):
-    """The state dict to load from a file's content: the file itself when it is a plain state
-    dict (a converted ``.pdparams``), else its 'model' (or, with ``use_ema``, 'model_ema') entry."""
-    is_training_checkpoint = isinstance(checkpoint.get('model'), dict)
-    if use_ema:
-        if not isinstance(checkpoint.get('model_ema'), dict):
-            kind = 'training checkpoint' if is_training_checkpoint else 'plain state dict'
-            raise CheckpointError(f"{path}: -ema needs EMA weights ('model_ema'), but this {kind} has none")
-        state = checkpoint['model_ema']
-    else:
-        state = checkpoint['model'] if is_training_checkpoint else checkpoint
-    not_arrays = [name for name, value in state.items() if not hasattr(value, 'shape')]
-    if not_arrays:
-        raise CheckpointError(f'{path}: not a state dict (nor a training checkpoint with one under \'model\'): '
-                              f'entries {", ".join(map(repr, not_arrays[:5]))} are not arrays')
-    return state
 
 
 def _shapes(state):

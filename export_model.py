@@ -23,9 +23,7 @@ import numpy as np
 import paddle
 
 from config import ConfigError, get_config, merge_from_list
-from engine import weights_of
-from port_weights.convert import find_mismatches, format_mismatches
-from utils import CheckpointError, load_checkpoint
+from utils import CheckpointError, load_every_weight
 from xcit import build_xcit
 
 TOLERANCE = 1e-4  # max abs logit difference between the exported and the dygraph model
@@ -51,11 +49,7 @@ def load_model(cfg_path, pretrained, image_size=None):
         merge_from_list(config, ['DATA.IMAGE_SIZE', image_size], source='-image_size')
         config.freeze()
     model = build_xcit(config)
-    state = weights_of(load_checkpoint(pretrained), pretrained, use_ema=False)
-    rows = find_mismatches(state, {k: tuple(v.shape) for k, v in model.state_dict().items()})
-    if rows:
-        raise CheckpointError(f'{pretrained} does not fit the model of {cfg_path}:\n{format_mismatches(rows)}')
-    model.set_state_dict(state)
+    load_every_weight(model, pretrained, f'the model of {cfg_path}')
     model.eval()
     return config, model
 

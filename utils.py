@@ -10,6 +10,7 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
+from port_weights.convert import find_mismatches, format_mismatches
 from port_weights.safe_load import CheckpointError  # the project's one error type for bad checkpoints
 
 
@@ -163,3 +164,33 @@ def load_checkpoint(path):
     if not isinstance(state, dict):
         raise CheckpointError(f'{path}: expected a dict, got {type(state).__name__}')
     return state
+
+
+def weights_of(checkpoint, path, use_ema=False):
+    """The state dict to load from a file's content: the file itself when it is a plain state
+    dict (a converted ``.pdparams``), else its 'model' (or, with ``use_ema``, 'model_ema') entry."""
+    is_training_checkpoint = isinstance(checkpoint.get('model'), dict)
+    if use_ema:
+        if not isinstance(checkpoint.get('model_ema'), dict):
+            kind = 'training checkpoint' if is_training_checkpoint else 'plain state dict'
+            raise CheckpointError(f"{path}: -ema needs EMA weights ('model_ema'), but this {kind} has none")
+        state = checkpoint['model_ema']
+    else:
+        state = checkpoint['model'] if is_training_checkpoint else checkpoint
+    not_arrays = [name for name, value in state.items() if not hasattr(value, 'shape')]
+    if not_arrays:
+        raise CheckpointError(f'{path}: not a state dict (nor a training checkpoint with one under \'model\'): '
+                              f'entries {", ".join(map(repr, not_arrays[:5]))} are not arrays')
+    return state
+
+
+def load_every_weight(model, path, what):
+    """Loads ``path`` (a converted ``.pdparams`` or a training checkpoint, see ``weights_of``)
+    into ``model``, which must take every entry: a missing, unexpected or differently shaped
+    key raises ``CheckpointError`` naming ``what`` the model is, with a table of them."""
+    state = weights_of(load_checkpoint(path), path)
+    rows = find_mismatches(state, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    if rows:
+        raise CheckpointError(f'{path} does not fit {what} ({len(rows)} differences):\n'
+                              f'{format_mismatches(rows)}')
+    model.set_state_dict(state)

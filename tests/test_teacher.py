@@ -2,13 +2,14 @@
 import json
 import math
 import os
+import re
 import struct
 
 import numpy as np
 import paddle
 import pytest
 
-from config import get_config, merge_from_list
+from config import ConfigError, get_config, merge_from_list
 from conftest import FIXTURES, ROOT
 from port_weights.convert import CheckpointError
 from port_weights.convert_regnet import convert_regnet_file, main as convert_main
@@ -159,23 +160,34 @@ def test_build_xcit_teacher_from_yaml(tmp_path):
     x = paddle.randn([2, 3, 32, 32])
     np.testing.assert_array_equal(teacher(x).numpy(), source(x).numpy())
 
+    # a training checkpoint of the teacher works as well: its 'model' weights are used
+    checkpoint = tmp_path / 'last.pdparams'
+    paddle.save({'model': source.state_dict(), 'epoch': 3}, str(checkpoint))
+    teacher = build_teacher(small_config('TRAIN.TEACHER_MODEL', str(yaml),
+                                         'TRAIN.TEACHER_PRETRAINED', str(checkpoint)))
+    np.testing.assert_array_equal(teacher(x).numpy(), source(x).numpy())
+
     other = tmp_path / 'other.pdparams'
     paddle.save(build_xcit(get_config(NANO_YAML)).state_dict(), str(other))
-    with pytest.raises(ValueError, match='other.pdparams does not fit the teacher'):
+    mismatch = 'TRAIN.TEACHER_PRETRAINED: .*other.pdparams does not fit the teacher model'
+    with pytest.raises(CheckpointError, match=mismatch) as info:
         build_teacher(small_config('TRAIN.TEACHER_MODEL', str(yaml), 'TRAIN.TEACHER_PRETRAINED', str(other)))
+    # the differences come as a table of keys and shapes
+    assert re.search(r'cls_token +\[1, 1, 128\] +\[1, 1, 64\] +shape mismatch', str(info.value))
+    assert re.search(r'blocks\.1\.norm1\.weight +\[128\] +- +unexpected in checkpoint', str(info.value))
 
 
 def test_teacher_errors(tmp_path):
-    with pytest.raises(ValueError, match='TRAIN.TEACHER_PRETRAINED is empty'):
+    with pytest.raises(ConfigError, match='TRAIN.TEACHER_PRETRAINED is empty'):
         build_teacher(small_config())
-    with pytest.raises(FileNotFoundError, match='TRAIN.TEACHER_PRETRAINED.*nowhere.pdparams'):
+    with pytest.raises(CheckpointError, match='TRAIN.TEACHER_PRETRAINED: no such file: .*nowhere.pdparams'):
         build_teacher(small_config('TRAIN.TEACHER_PRETRAINED', str(tmp_path / 'nowhere.pdparams')))
     junk = tmp_path / 'junk.pdparams'
     junk.write_text('not a checkpoint')
-    with pytest.raises(ValueError, match='TRAIN.TEACHER_MODEL.*resnet50'):
+    with pytest.raises(ConfigError, match='TRAIN.TEACHER_MODEL.*resnet50'):
         build_teacher(small_config('TRAIN.TEACHER_MODEL', 'resnet50', 'TRAIN.TEACHER_PRETRAINED', str(junk)))
-    with pytest.raises(FileNotFoundError, match='TRAIN.TEACHER_MODEL.*missing.yaml'):
+    with pytest.raises(ConfigError, match='TRAIN.TEACHER_MODEL.*missing.yaml'):
         build_teacher(small_config('TRAIN.TEACHER_MODEL', str(tmp_path / 'missing.yaml'),
                                    'TRAIN.TEACHER_PRETRAINED', str(junk)))
-    with pytest.raises(ValueError, match='TRAIN.TEACHER_PRETRAINED.*junk.pdparams'):
+    with pytest.raises(CheckpointError, match='TRAIN.TEACHER_PRETRAINED: .*junk.pdparams: not a readable'):
         build_teacher(small_config('TRAIN.TEACHER_MODEL', NANO_YAML, 'TRAIN.TEACHER_PRETRAINED', str(junk)))
