@@ -119,9 +119,11 @@ def exit_on_user_error(fn, *args):
         sys.exit(1)
 
 
-def check_weight_options(config):
+def check_inputs(config):
     """Raises ``ConfigError`` for combinations of -pretrained, -resume, -ema and -eval that
-    would leave one of them without effect."""
+    would leave one of them without effect, and ``DataError`` / ``CheckpointError`` for a data
+    folder or weights file that does not exist: checks cheap enough to make before any process
+    starts or any model is built."""
     pretrained, resume = config.MODEL.PRETRAINED, config.MODEL.RESUME
     if pretrained and resume:
         raise ConfigError('-pretrained and -resume exclude each other: -resume restores the weights '
@@ -132,6 +134,11 @@ def check_weight_options(config):
     if config.EMA_EVAL and not pretrained and not (config.EVAL and resume):
         raise ConfigError('-ema selects the EMA weights of the -pretrained checkpoint (with -eval also of '
                           '-resume); when training, -resume restores both the model and its EMA')
+    if config.DATA.DATASET in ('imagenet2012', 'imagefolder') and not os.path.isdir(config.DATA.DATA_PATH):
+        raise DataError(f'DATA.DATA_PATH not found: {config.DATA.DATA_PATH}')
+    for path in (pretrained, resume):
+        if path and not os.path.isfile(path):
+            raise CheckpointError(f'checkpoint not found: {path}')
 
 
 # ---------------------------------------------------------------- set-up
@@ -676,7 +683,7 @@ def run(config):
 
     In a multi-process run, ``paddle.distributed.init_parallel_env()`` must have been called.
     """
-    check_weight_options(config)
+    check_inputs(config)
     rank, world_size = get_rank(), get_world_size()
     logger = setup_logger(config.SAVE, rank)
     device = setup_device()

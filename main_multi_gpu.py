@@ -47,6 +47,7 @@ def main(argv=None):
     config = engine.parse_config(argv, multi_process=True)
     if int(os.environ.get('PADDLE_TRAINERS_NUM', '1')) > 1:  # started by paddle.distributed.launch
         return worker(config)
+    engine.check_inputs(config)  # before any process starts: each would report the same error
     nprocs = num_processes(config)
     if has_gpu() and nprocs > paddle.device.cuda.device_count():
         raise ConfigError(f'NGPUS={nprocs} but only {paddle.device.cuda.device_count()} GPUs are visible')

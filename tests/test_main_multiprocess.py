@@ -101,14 +101,17 @@ def test_train_script_with_two_cpu_processes_matches_one_process(tiny, tmp_path)
     assert val['kind'] == 'val' and abs(val['acc1'] - one['last_acc1']) < 5.0
 
 
-@pytest.mark.parametrize('opts,message', [
-    (['TRAIN.NO_SUCH_KEY', '1'], 'error: -opts: unknown config key TRAIN.NO_SUCH_KEY'),
-    (['TRAIN.NUM_EPOCHS', 'many'], 'error: -opts: TRAIN.NUM_EPOCHS must be int'),
+@pytest.mark.parametrize('args,message', [
+    (['-opts', 'TRAIN.NO_SUCH_KEY', '1'], 'error: -opts: unknown config key TRAIN.NO_SUCH_KEY'),
+    (['-opts', 'TRAIN.NUM_EPOCHS', 'many'], 'error: -opts: TRAIN.NUM_EPOCHS must be int'),
+    (['-dataset', 'imagefolder', '-data_path', 'no/such/folder'], 'error: DATA.DATA_PATH not found: no/such/folder'),
+    (['-eval', '-pretrained', 'no_such.pdparams'], 'error: checkpoint not found: no_such.pdparams'),
 ])
-def test_bad_command_line_is_one_error_line(tiny, tmp_path, opts, message):
+def test_bad_command_line_is_one_error_line(tiny, tmp_path, args, message):
     root, cfg, _ = tiny
     done = subprocess.run([sys.executable, os.path.join(ROOT, 'main_multi_gpu.py'), '-cfg', cfg, '-ngpus', '2',
-                           '-output', str(tmp_path), '-opts', *opts], capture_output=True, text=True, timeout=120)
+                           '-output', str(tmp_path), *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith(message)
     assert 'Traceback' not in done.stderr
+    assert 'starting 2 processes' not in done.stdout  # found out before any process starts
