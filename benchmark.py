@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from config import ConfigError, get_config
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PATHS = ('dygraph', 'static', 'infer')
 SCALING_SIZES = (224, 320, 448, 576, 704, 832, 1024)
@@ -65,7 +67,6 @@ def build_runner(cfg, path, batch, size, threads):
     """A callable running one batch of random images through ``path``; the model is built."""
     import numpy as np
     import paddle
-    from config import get_config
     from xcit import build_xcit
 
     paddle.set_device('cpu')
@@ -224,6 +225,12 @@ def parse_args(argv=None):
     parser.add_argument('--json', default=None, help='also write the measurements to this JSON file')
     parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        return args
+    try:  # every config read up front: a bad one is one error line, before any measurement
+        args.configs = {cfg: get_config(cfg) for cfg in args.cfg}
+    except ConfigError as e:
+        parser.error(str(e))
     if args.scaling:
         for name, values in (('-cfg', args.cfg), ('--paths', args.paths), ('--batch', args.batch)):
             if values is not None and len(values) > 1:
@@ -244,7 +251,6 @@ def main(argv=None):
     print(f'machine: {machine()}; {args.threads} threads')
     rows = []
     if args.scaling:
-        from config import get_config
         (cfg,), (path,), (batch,) = args.cfg, args.paths, args.batch
         for size in args.sizes:
             row = run_worker(cfg, path, batch, size, args.threads, args.reps)
@@ -254,7 +260,7 @@ def main(argv=None):
                 break
         if sum('error' not in r for r in rows) < 2:
             sys.exit('--scaling: fewer than two sizes could be measured; nothing to fit')
-        summary = scaling_summary(rows, get_config(cfg).MODEL.PATCH_SIZE)
+        summary = scaling_summary(rows, args.configs[cfg].MODEL.PATCH_SIZE)
         draw_scaling(summary, f'{os.path.basename(cfg)} ({path}, batch {batch}, {args.threads} threads): '
                               f'{summary["sizes"][0]} to {summary["sizes"][-1]} pixels', args.plot)
         (a, b), (c, e) = summary['time_fit'], summary['memory_fit']
@@ -266,9 +272,8 @@ def main(argv=None):
               f'peak memory per image x{memory_ratio:.1f} ({memory_ratio / token_ratio:.2f} of the token ratio); '
               f'plot: {args.plot}')
     else:
-        from config import get_config
         for cfg in args.cfg:
-            for size in args.sizes or [get_config(cfg).DATA.IMAGE_SIZE]:
+            for size in args.sizes or [args.configs[cfg].DATA.IMAGE_SIZE]:
                 for batch in args.batch:
                     for path in args.paths:
                         rows.append(run_worker(cfg, path, batch, size, args.threads, args.reps))

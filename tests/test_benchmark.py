@@ -52,6 +52,19 @@ def test_scaling_refuses_more_than_one_path_or_batch(cfg, flags, capsys):
     assert '--scaling takes one value of ' + flags[0] in capsys.readouterr().err
 
 
+def test_a_bad_config_is_one_error_line_before_any_measurement(cfg, tmp_path, capsys):
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('MODEL:\n  EMBED_DIMS: 32\n', encoding='utf-8')
+    for configs in ([cfg, str(tmp_path / 'missing.yaml')], [cfg, str(bad)]):
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark.main(['-cfg', *configs, '--reps', '1'])
+        assert exit_info.value.code == 2
+        out, err = capsys.readouterr()
+        assert 'machine: ' not in out
+        assert ': error: ' in err.strip().splitlines()[-1]
+    assert 'MODEL.EMBED_DIMS' in err and 'bad.yaml' in err
+
+
 def test_scaling_needs_two_measured_sizes(cfg, capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(['-cfg', cfg, '--scaling', '--paths', 'dygraph', '--sizes', '32', '--reps', '1',
