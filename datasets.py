@@ -32,6 +32,7 @@ from transforms import build_eval_transform, build_train_transform
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 DIGITS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'digits.npz')
 MODES = ('train', 'val')
+FOLDER_DATASETS = ('imagenet2012', 'imagefolder')  # read from DATA.DATA_PATH; digits is bundled
 
 
 class DataError(ValueError):
@@ -139,9 +140,19 @@ def _read_list_file(root, list_file, num_classes):
     return paths, labels, np.asarray(line_numbers, dtype=np.int64)
 
 
+def check_data_path(config):
+    """Raises ``DataError`` unless ``DATA.DATA_PATH`` is a folder, for the datasets read from one."""
+    if config.DATA.DATASET not in FOLDER_DATASETS:
+        return
+    if not config.DATA.DATA_PATH:
+        raise DataError(f'DATA.DATA_PATH is not set: give -data_path, the folder of the '
+                        f'{config.DATA.DATASET} dataset')
+    _check_dir(config.DATA.DATA_PATH, 'DATA.DATA_PATH')
+
+
 def _imagenet2012(config, mode, transform):
+    check_data_path(config)
     root = config.DATA.DATA_PATH
-    _check_dir(root, 'DATA.DATA_PATH')
     num_classes = config.MODEL.NUM_CLASSES
     list_file = os.path.join(root, f'{mode}_list.txt')
     paths, labels, line_numbers = _read_list_file(root, list_file, num_classes)
@@ -169,8 +180,8 @@ def _image_files(class_dir):
 
 
 def _imagefolder(config, mode, transform):
+    check_data_path(config)
     root = config.DATA.DATA_PATH
-    _check_dir(root, 'DATA.DATA_PATH')
     split_dir = os.path.join(root, mode)
     classes = _find_classes(split_dir)
     other = os.path.join(root, 'val' if mode == 'train' else 'train')

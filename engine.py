@@ -31,7 +31,7 @@ import paddle
 import paddle.nn as nn
 
 from config import ConfigError, get_config, update_config
-from datasets import DataError, build_dataloader, build_dataset
+from datasets import DataError, build_dataloader, build_dataset, check_data_path
 from ema import ModelEma
 from losses import build_criterion
 from mixup import build_mixup
@@ -134,8 +134,7 @@ def check_inputs(config):
     if config.EMA_EVAL and not pretrained and not (config.EVAL and resume):
         raise ConfigError('-ema selects the EMA weights of the -pretrained checkpoint (with -eval also of '
                           '-resume); when training, -resume restores both the model and its EMA')
-    if config.DATA.DATASET in ('imagenet2012', 'imagefolder') and not os.path.isdir(config.DATA.DATA_PATH):
-        raise DataError(f'DATA.DATA_PATH not found: {config.DATA.DATA_PATH}')
+    check_data_path(config)
     for path in (pretrained, resume):
         if path and not os.path.isfile(path):
             raise CheckpointError(f'checkpoint not found: {path}')

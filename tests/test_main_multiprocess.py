@@ -105,6 +105,7 @@ def test_train_script_with_two_cpu_processes_matches_one_process(tiny, tmp_path)
     (['-opts', 'TRAIN.NO_SUCH_KEY', '1'], 'error: -opts: unknown config key TRAIN.NO_SUCH_KEY'),
     (['-opts', 'TRAIN.NUM_EPOCHS', 'many'], 'error: -opts: TRAIN.NUM_EPOCHS must be int'),
     (['-dataset', 'imagefolder', '-data_path', 'no/such/folder'], 'error: DATA.DATA_PATH not found: no/such/folder'),
+    (['-dataset', 'imagenet2012'], 'error: DATA.DATA_PATH is not set: give -data_path'),
     (['-eval', '-pretrained', 'no_such.pdparams'], 'error: checkpoint not found: no_such.pdparams'),
 ])
 def test_bad_command_line_is_one_error_line(tiny, tmp_path, args, message):
