@@ -3,8 +3,9 @@
 The layout follows PaddleViT: ``DATA``, ``MODEL``, ``TRAIN`` plus a few top-level keys.
 ``get_config(path)`` returns a frozen yacs ``CfgNode``; ``update_config(config, args)``
 applies the command-line arguments of ``main_single_gpu.py`` / ``main_multi_gpu.py``.
-Every key a file or ``-opts`` sets must exist here, with a value of the same type;
-otherwise ``ConfigError`` names the key and where it came from.
+Every key a file or ``-opts`` sets must exist here, with a value of the same type and, where
+it has one, in its range (``check_values``); otherwise ``ConfigError`` names the key and where
+it came from.
 """
 import ast
 import os
@@ -93,7 +94,7 @@ _C.TRAIN.TEACHER_PRETRAINED = ''  # the teacher's converted .pdparams, or a trai
 _C.SAVE = './output'
 _C.SAVE_FREQ = 10  # epochs between kept epoch_N.pdparams snapshots (last.pdparams is written every epoch); 0: none
 _C.REPORT_FREQ = 50  # steps between log lines
-_C.VALIDATE_FREQ = 1  # epochs between evaluations
+_C.VALIDATE_FREQ = 1  # epochs between evaluations; 0: only after the last epoch
 _C.SEED = 0
 _C.EVAL = False
 _C.AMP = False
@@ -195,11 +196,94 @@ def merge_from_list(config, opts, source='-opts'):
         _merge(node, {parts[-1]: _parse_value(text)}, source, '.'.join(parts[:-1]) + '.' if len(parts) > 1 else '')
 
 
+def _positive(v):
+    return v > 0
+
+
+def _non_negative(v):
+    return v >= 0
+
+
+def _probability(v):
+    return 0 <= v <= 1
+
+
+def _below_one(v):
+    return 0 <= v < 1
+
+
+# key -> (test, what the value must be): ranges that the types alone do not enforce
+_VALUE_RULES = {
+    'DATA.BATCH_SIZE': (_positive, '> 0'),
+    'DATA.BATCH_SIZE_EVAL': (_positive, '> 0'),
+    'DATA.IMAGE_SIZE': (_positive, '> 0'),
+    'DATA.NUM_WORKERS': (_non_negative, '>= 0'),
+    'MODEL.NUM_CLASSES': (_positive, '> 0'),
+    'MODEL.PATCH_SIZE': (lambda v: v in (8, 16), '8 or 16'),
+    'MODEL.EMBED_DIM': (_positive, '> 0'),
+    'MODEL.DEPTH': (_positive, '> 0'),
+    'MODEL.NUM_HEADS': (_positive, '> 0'),
+    'MODEL.MLP_RATIO': (_positive, '> 0'),
+    'MODEL.CLS_ATTN_LAYERS': (_non_negative, '>= 0'),
+    'MODEL.DROPOUT': (_below_one, 'in [0, 1)'),
+    'MODEL.ATTENTION_DROPOUT': (_below_one, 'in [0, 1)'),
+    'MODEL.DROPPATH': (_below_one, 'in [0, 1)'),
+    'TRAIN.NUM_EPOCHS': (_positive, '> 0'),
+    'TRAIN.WARMUP_EPOCHS': (_non_negative, '>= 0'),
+    'TRAIN.WEIGHT_DECAY': (_non_negative, '>= 0'),
+    'TRAIN.BASE_LR': (_positive, '> 0'),
+    'TRAIN.WARMUP_START_LR': (_non_negative, '>= 0'),
+    'TRAIN.END_LR': (_non_negative, '>= 0'),
+    'TRAIN.LINEAR_SCALED_LR': (_non_negative, '>= 0'),
+    'TRAIN.GRAD_CLIP': (_non_negative, '>= 0'),
+    'TRAIN.ACCUM_ITER': (_positive, '> 0'),
+    'TRAIN.OPTIMIZER.NAME': (lambda v: v.lower() == 'adamw', "'AdamW' (the only optimizer)"),
+    'TRAIN.MODEL_EMA_DECAY': (_probability, 'in [0, 1]'),
+    'TRAIN.SMOOTHING': (_below_one, 'in [0, 1)'),
+    'TRAIN.HFLIP': (_probability, 'in [0, 1]'),
+    'TRAIN.REPEATED_AUG_COUNT': (_positive, '> 0'),
+    'TRAIN.MIXUP_ALPHA': (_non_negative, '>= 0'),
+    'TRAIN.CUTMIX_ALPHA': (_non_negative, '>= 0'),
+    'TRAIN.MIXUP_PROB': (_probability, 'in [0, 1]'),
+    'TRAIN.MIXUP_SWITCH_PROB': (_probability, 'in [0, 1]'),
+    'TRAIN.RANDOM_ERASE_PROB': (_probability, 'in [0, 1]'),
+    'TRAIN.RANDOM_ERASE_COUNT': (_positive, '> 0'),
+    'TRAIN.DISTILLATION_TYPE': (lambda v: v in ('none', 'soft', 'hard'), "'none', 'soft' or 'hard'"),
+    'TRAIN.DISTILLATION_ALPHA': (_probability, 'in [0, 1]'),
+    'TRAIN.DISTILLATION_TAU': (_positive, '> 0'),
+    'SAVE_FREQ': (_non_negative, '>= 0'),
+    'REPORT_FREQ': (_positive, '> 0'),
+    'VALIDATE_FREQ': (_non_negative, '>= 0'),
+}
+
+
+def check_values(config, source):
+    """Raises ``ConfigError`` naming the key and ``source`` for a value out of its range, or
+    model dimensions that do not fit together."""
+    def value(key):
+        node = config
+        for part in key.split('.'):
+            node = node[part]
+        return node
+    for key, (test, requirement) in _VALUE_RULES.items():
+        if not test(value(key)):
+            raise ConfigError(f'{source}: {key} must be {requirement}, got {value(key)!r}')
+    m = config.MODEL
+    if m.EMBED_DIM % m.NUM_HEADS:
+        raise ConfigError(f'{source}: MODEL.EMBED_DIM ({m.EMBED_DIM}) must be a multiple of '
+                          f'MODEL.NUM_HEADS ({m.NUM_HEADS})')
+    stem_divisor = 8 if m.PATCH_SIZE == 16 else 4  # the first stem convolution has EMBED_DIM / this channels
+    if m.EMBED_DIM % stem_divisor:
+        raise ConfigError(f'{source}: MODEL.EMBED_DIM ({m.EMBED_DIM}) must be a multiple of {stem_divisor} '
+                          f'with MODEL.PATCH_SIZE {m.PATCH_SIZE}')
+
+
 def get_config(path=None):
     """Returns a frozen copy of the defaults, merged with ``path`` (and its BASE files)."""
     config = _C.clone()
     if path:
         merge_from_file(config, path)
+    check_values(config, path or 'defaults')
     config.freeze()
     return config
 
@@ -230,6 +314,7 @@ def update_config(config, args):
     config.defrost()
     if getattr(args, 'cfg', None):
         merge_from_file(config, args.cfg)
+        check_values(config, args.cfg)
     pairs = []
     for arg, key in _ARG_KEYS.items():
         value = getattr(args, arg, None)
@@ -238,5 +323,6 @@ def update_config(config, args):
         pairs += [key, value]
     merge_from_list(config, pairs, source='command line')
     merge_from_list(config, list(getattr(args, 'opts', None) or []))
+    check_values(config, 'command line')  # the file was fine: the command line made it wrong
     config.freeze()
     return config

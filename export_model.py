@@ -22,7 +22,7 @@ import tempfile
 import numpy as np
 import paddle
 
-from config import ConfigError, get_config, merge_from_list
+from config import ConfigError, check_values, get_config, merge_from_list
 from utils import CheckpointError, load_every_weight
 from xcit import build_xcit
 
@@ -47,6 +47,7 @@ def load_model(cfg_path, pretrained, image_size=None):
     if image_size:
         config.defrost()
         merge_from_list(config, ['DATA.IMAGE_SIZE', image_size], source='-image_size')
+        check_values(config, '-image_size')
         config.freeze()
     model = build_xcit(config)
     load_every_weight(model, pretrained, f'the model of {cfg_path}')

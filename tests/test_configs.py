@@ -192,3 +192,33 @@ def test_wrong_type_in_opts_is_named():
     args = argparse.Namespace(cfg=None, opts=['TRAIN.NUM_EPOCHS', 'many'])
     with pytest.raises(ConfigError, match='TRAIN.NUM_EPOCHS'):
         update_config(get_config(), args)
+
+
+@pytest.mark.parametrize('text, message', [
+    ('MODEL:\n  DEPTH: 0\n', 'MODEL.DEPTH must be > 0, got 0'),
+    ('MODEL:\n  PATCH_SIZE: 14\n', 'MODEL.PATCH_SIZE must be 8 or 16, got 14'),
+    ('MODEL:\n  NUM_HEADS: 5\n', 'MODEL.EMBED_DIM (128) must be a multiple of MODEL.NUM_HEADS (5)'),
+    ('MODEL:\n  EMBED_DIM: 36\n  NUM_HEADS: 3\n',
+     'MODEL.EMBED_DIM (36) must be a multiple of 8 with MODEL.PATCH_SIZE 16'),
+    ('MODEL:\n  DROPPATH: 1.0\n', 'MODEL.DROPPATH must be in [0, 1), got 1.0'),
+    ('DATA:\n  IMAGE_SIZE: -3\n', 'DATA.IMAGE_SIZE must be > 0, got -3'),
+    ('TRAIN:\n  MIXUP_PROB: 1.5\n', 'TRAIN.MIXUP_PROB must be in [0, 1], got 1.5'),
+    ('TRAIN:\n  DISTILLATION_TYPE: hardest\n', "TRAIN.DISTILLATION_TYPE must be 'none', 'soft' or 'hard'"),
+    ('TRAIN:\n  OPTIMIZER:\n    NAME: SGD\n', "TRAIN.OPTIMIZER.NAME must be 'AdamW'"),
+])
+def test_value_out_of_range_in_file_names_key_and_file(tmp_path, text, message):
+    path = write(tmp_path / 'bad.yaml', text)
+    with pytest.raises(ConfigError, match=re.escape(f'{path}: {message}')):
+        get_config(path)
+    with pytest.raises(ConfigError, match=re.escape(f'{path}: {message}')):  # as -cfg of the scripts
+        update_config(get_config(), argparse.Namespace(cfg=path, opts=None))
+
+
+def test_value_out_of_range_from_the_command_line_is_blamed_on_it():
+    args = argparse.Namespace(cfg=os.path.join(ROOT, 'configs', 'xcit_nano_12_p16_224.yaml'), image_size=0,
+                              opts=['TRAIN.SMOOTHING', '0.1'])
+    with pytest.raises(ConfigError, match=re.escape('command line: DATA.IMAGE_SIZE must be > 0, got 0')):
+        update_config(get_config(), args)
+    # a later override may fix what an earlier one set: only the final values are checked
+    args = argparse.Namespace(cfg=None, opts=['MODEL.NUM_HEADS', '3', 'MODEL.EMBED_DIM', '192'])
+    assert update_config(get_config(), args).MODEL.NUM_HEADS == 3
