@@ -266,7 +266,8 @@ def test_val_loader_yields_the_whole_split_in_order():
 
 
 def assert_same_batches(a, b):
-    for (x0, y0), (x1, y1) in zip(a, b, strict=True):
+    assert len(a) == len(b)
+    for (x0, y0), (x1, y1) in zip(a, b):
         np.testing.assert_array_equal(x0, x1)
         np.testing.assert_array_equal(y0, y1)
 
