@@ -36,7 +36,7 @@ from ema import ModelEma
 from losses import build_criterion
 from mixup import build_mixup
 from optim import build_lr_scheduler, build_optimizer
-from port_weights.convert import find_mismatches, format_mismatches
+from port_weights.convert import find_mismatches, format_mismatches, state_shapes
 from teacher import build_teacher
 from utils import (AverageMeter, CheckpointError, MetricsLog, all_reduce_sum, average_batchnorm_statistics,
                    format_seconds, get_rank, get_world_size, load_checkpoint, save_checkpoint, setup_logger,
@@ -161,10 +161,6 @@ def autocast(enabled):
                                 custom_black_list=set(AMP_BLACK_LIST), level='O1', dtype='float16')
 
 
-def _shapes(state):
-    return {name: tuple(value.shape) for name, value in state.items()}
-
-
 def load_weights(model, path, use_ema, logger, new_head_ok):
     """Loads weights from ``path`` (see ``weights_of``) into ``model``.
 
@@ -173,7 +169,7 @@ def load_weights(model, path, use_ema, logger, new_head_ok):
     table of the differences; missing or unexpected keys are reported as warnings.
     """
     state = dict(weights_of(load_checkpoint(path), path, use_ema))
-    expected = _shapes(model.state_dict())
+    expected = state_shapes(model.state_dict())
     dropped = []
     if new_head_ok:
         dropped = [k for k in HEAD_KEYS if k in state and k in expected and tuple(state[k].shape) != expected[k]]
@@ -499,7 +495,7 @@ class Trainer:
         if absent:
             raise CheckpointError(f'{path} is not a training checkpoint (no {", ".join(absent)}); '
                                   f'to start from its weights use -pretrained')
-        rows = find_mismatches(checkpoint['model'], _shapes(self.model.state_dict()))
+        rows = find_mismatches(checkpoint['model'], state_shapes(self.model.state_dict()))
         if rows:
             raise CheckpointError(f'-resume {path}: the checkpoint is of another architecture than '
                                   f'the config\'s ({len(rows)} differences):\n{format_mismatches(rows)}')

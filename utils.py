@@ -10,7 +10,7 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from port_weights.convert import find_mismatches, format_mismatches
+from port_weights.convert import check_fits, state_shapes
 from port_weights.safe_load import CheckpointError  # the project's one error type for bad checkpoints
 
 
@@ -189,8 +189,5 @@ def load_every_weight(model, path, what):
     into ``model``, which must take every entry: a missing, unexpected or differently shaped
     key raises ``CheckpointError`` naming ``what`` the model is, with a table of them."""
     state = weights_of(load_checkpoint(path), path)
-    rows = find_mismatches(state, {k: tuple(v.shape) for k, v in model.state_dict().items()})
-    if rows:
-        raise CheckpointError(f'{path} does not fit {what} ({len(rows)} differences):\n'
-                              f'{format_mismatches(rows)}')
+    check_fits(state, state_shapes(model.state_dict()), f'{path} does not fit {what}')
     model.set_state_dict(state)

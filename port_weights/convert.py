@@ -34,7 +34,7 @@ from port_weights.safe_load import CheckpointError, read_checkpoint  # noqa: E40
 from xcit import build_xcit  # noqa: E402
 
 __all__ = ['CheckpointError', 'load_checkpoint_arrays', 'from_timm_layout', 'strip_wrapper_prefix',
-           'convert_state_dict', 'model_shapes', 'find_mismatches', 'format_mismatches', 'check_fits',
+           'convert_state_dict', 'state_shapes', 'model_shapes', 'find_mismatches', 'format_mismatches', 'check_fits',
            'count_parameters', 'write_pdparams', 'convert_file', 'main']
 
 CHECKPOINT_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors')
@@ -150,6 +150,11 @@ def convert_state_dict(arrays, dtype='float32'):
     return converted
 
 
+def state_shapes(state):
+    """Name -> shape (a tuple) of every entry of a state dict."""
+    return {name: tuple(value.shape) for name, value in state.items()}
+
+
 def model_shapes(config):
     """Name -> shape of every parameter and buffer of the model ``config`` builds.
 
@@ -157,7 +162,7 @@ def model_shapes(config):
     """
     with paddle.LazyGuard():
         model = build_xcit(config)
-    return {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    return state_shapes(model.state_dict())
 
 
 def find_mismatches(arrays, expected):

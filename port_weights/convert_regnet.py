@@ -19,7 +19,7 @@ if ROOT not in sys.path:
 import paddle  # noqa: E402
 
 from port_weights.convert import (CheckpointError, check_fits, convert_state_dict,  # noqa: E402
-                                  count_parameters, load_checkpoint_arrays, write_pdparams)
+                                  count_parameters, load_checkpoint_arrays, state_shapes, write_pdparams)
 from regnet import regnety_160  # noqa: E402
 
 __all__ = ['regnety_160_shapes', 'convert_regnet_file', 'main']
@@ -31,7 +31,7 @@ def regnety_160_shapes(num_classes):
     """Name -> shape of every state-dict entry of ``regnety_160(num_classes)``, without allocating it."""
     with paddle.LazyGuard():
         model = regnety_160(num_classes)
-    return {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    return state_shapes(model.state_dict())
 
 
 def convert_regnet_file(src, dst, dtype='float32'):
