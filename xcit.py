@@ -392,8 +392,8 @@ class PositionalEncodingFourier(nn.Layer):
         x_embed = paddle.arange(1, W + 1, dtype='float32') / (W + eps) * self.scale
         dim_t = paddle.arange(self.hidden_dim, dtype='float32')
         dim_t = self.temperature ** (2 * paddle.floor(dim_t / 2) / self.hidden_dim)
-        pos_y = self._interleave(self._angles(y_embed, dim_t))  # (H, hidden)
-        pos_x = self._interleave(self._angles(x_embed, dim_t))  # (W, hidden)
+        pos_y = self._interleave(self._angles(y_embed, dim_t, H))  # (H, hidden)
+        pos_x = self._interleave(self._angles(x_embed, dim_t, W))  # (W, hidden)
         pos_y = pos_y[:, None, :].expand([H, W, self.hidden_dim])
         pos_x = pos_x[None, :, :].expand([H, W, self.hidden_dim])
         grid = paddle.concat([pos_y, pos_x], axis=-1).reshape([-1, 2 * self.hidden_dim])
@@ -401,16 +401,21 @@ class PositionalEncodingFourier(nn.Layer):
         return paddle.matmul(grid, weight, transpose_y=True) + self.token_projection.bias
 
     @staticmethod
-    def _angles(coords, dim_t):
+    def _angles(coords, dim_t, L):
         """coords (L,) / dim_t (hidden,) -> (L, hidden). Both sides are expanded to (L, hidden)
-        first: Paddle 2.6's oneDNN divide gets this broadcast wrong in exported models."""
-        coords = coords.unsqueeze(1).expand([-1, dim_t.shape[0]])
-        return coords / paddle.expand_as(dim_t.unsqueeze(0), coords)
+        first: Paddle 2.6's oneDNN divide gets this broadcast wrong in exported models. L is
+        passed, not read from a static shape: that is -1 in an export with dynamic height and
+        width, and Paddle2ONNX would write the -1 into the ONNX graph."""
+        shape = [L, dim_t.shape[0]]
+        return coords.unsqueeze(1).expand(shape) / dim_t.unsqueeze(0).expand(shape)
 
     @staticmethod
     def _interleave(t):
-        """(L, hidden) angles -> (L, hidden): sin of even columns, cos of odd, interleaved."""
-        return paddle.stack([paddle.sin(t[:, 0::2]), paddle.cos(t[:, 1::2])], axis=2).flatten(1)
+        """(L, hidden) angles -> (L, hidden): sin of even columns, cos of odd, interleaved.
+        A reshape with one -1, not flatten: Paddle2ONNX turns flatten into a reshape to the
+        static shape, which has two -1s when L is dynamic."""
+        interleaved = paddle.stack([paddle.sin(t[:, 0::2]), paddle.cos(t[:, 1::2])], axis=2)
+        return interleaved.reshape([-1, t.shape[1]])
 
 
 def conv3x3_bn(in_planes, out_planes, stride=1):
