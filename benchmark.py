@@ -6,7 +6,8 @@
 
 Paths: ``dygraph`` (the eager model under ``paddle.no_grad``), ``static``
 (``paddle.jit.to_static``) and ``infer`` (``paddle.jit.save`` + ``paddle.inference`` with
-oneDNN). Weights are random: speed does not depend on them.
+oneDNN), and on request ``onnx`` (that export converted by ``export_model.py -onnx``'s
+Paddle2ONNX and run by ONNX Runtime). Weights are random: speed does not depend on them.
 
 Every measurement runs in a fresh subprocess (``--threads`` OpenMP/math threads), so that
 memory figures do not mix: after one warm-up batch, the median over ``--reps`` timed batches
@@ -31,9 +32,11 @@ import sys
 import time
 
 from config import ConfigError, get_config
+from export_model import ExportError, check_onnx_packages
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PATHS = ('dygraph', 'static', 'infer')
+PATHS = ('dygraph', 'static', 'infer', 'onnx')
+DEFAULT_PATHS = ('dygraph', 'static', 'infer')  # onnx needs packages outside requirements.txt
 SCALING_SIZES = (224, 320, 448, 576, 704, 832, 1024)
 
 
@@ -73,9 +76,9 @@ def build_runner(cfg, path, batch, size, threads):
     model = build_xcit(get_config(cfg))
     model.eval()
     images = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype('float32')
-    if path == 'infer':
+    if path in ('infer', 'onnx'):
         from export_model import in_memory_predictor
-        predictor = in_memory_predictor(model, size, mkldnn=True, threads=threads)
+        predictor = in_memory_predictor(model, size, mkldnn=True, threads=threads, onnx=path == 'onnx')
         return lambda: predictor(images)
     spec = [paddle.static.InputSpec([None, 3, size, size], 'float32')]
     net = paddle.jit.to_static(model, input_spec=spec, full_graph=True) if path == 'static' else model
@@ -216,7 +219,8 @@ def parse_args(argv=None):
     parser.add_argument('--sizes', type=int, nargs='+', default=None,
                         help=f'input sides (default: the config\'s; with --scaling {" ".join(map(str, SCALING_SIZES))})')
     parser.add_argument('--paths', nargs='+', choices=PATHS, default=None,
-                        help='compute paths (default: all; with --scaling one path, default infer)')
+                        help=f'compute paths (default: {" ".join(DEFAULT_PATHS)}; with --scaling one path, '
+                             f'default infer)')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--reps', type=int, default=5, help='timed batches per measurement')
     parser.add_argument('--scaling', action='store_true',
@@ -231,6 +235,11 @@ def parse_args(argv=None):
         args.configs = {cfg: get_config(cfg) for cfg in args.cfg}
     except ConfigError as e:
         parser.error(str(e))
+    if 'onnx' in (args.paths or ()):
+        try:
+            check_onnx_packages('--paths onnx')
+        except ExportError as e:
+            parser.error(str(e))
     if args.scaling:
         for name, values in (('-cfg', args.cfg), ('--paths', args.paths), ('--batch', args.batch)):
             if values is not None and len(values) > 1:
@@ -238,7 +247,7 @@ def parse_args(argv=None):
         args.batch, args.paths = args.batch or [1], args.paths or ['infer']
         args.sizes = args.sizes or list(SCALING_SIZES)
     else:
-        args.batch, args.paths = args.batch or [1, 16], args.paths or list(PATHS)
+        args.batch, args.paths = args.batch or [1, 16], args.paths or list(DEFAULT_PATHS)
     return args
 
 

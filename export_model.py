@@ -9,11 +9,17 @@ weights). The batch size is always dynamic; height and width are dynamic too, un
 ``model.pdmodel``, which Paddle Lite and Paddle2ONNX read; ``--legacy-format`` asks for that
 format and needs Paddle 2.x (see ``--help``).
 
+``-onnx`` also converts the export to ``<output>/model.onnx`` (opset ``ONNX_OPSET``, the same
+dynamic axes) with Paddle2ONNX, for ONNX Runtime, TensorRT or OpenVINO; it needs
+``pip install paddle2onnx onnxruntime`` (``paddle2onnx<2`` with Paddle 2.6).
+
 The script then runs the exported model with ``paddle.inference`` (plain CPU kernels, and
-oneDNN when Paddle has it) and the dygraph model on the same random images, prints the
-largest logit difference and exits with status 1 when it exceeds ``TOLERANCE``.
+oneDNN when Paddle has it), and with ONNX Runtime for ``-onnx``, and the dygraph model on the
+same random images, prints the largest logit difference and exits with status 1 when it
+exceeds ``TOLERANCE``.
 """
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -27,6 +33,8 @@ from utils import CheckpointError, load_every_weight
 from xcit import build_xcit
 
 TOLERANCE = 1e-4  # max abs logit difference between the exported and the dygraph model
+ONNX_OPSET = 17  # the first with LayerNormalization
+ONNX_PACKAGES = 'pip install paddle2onnx onnxruntime (paddle2onnx<2 with Paddle 2.6)'
 PADDLE_MAJOR = int(paddle.__version__.split('.')[0])
 PROGRAM_SUFFIXES = ('.json', '.pdmodel')
 HAS_ONEDNN = paddle.base.core.is_compiled_with_mkldnn()
@@ -69,12 +77,14 @@ def export(model, output, image_size=None):
     return program_path(output)
 
 
-def in_memory_predictor(model, image_size=None, mkldnn=True, threads=None):
-    """An ``InferenceModel`` of ``model``'s current weights, exported (``export``) to a temporary
-    folder that is gone once the predictor has read it; later changes to ``model`` do not reach
-    the predictor."""
+def in_memory_predictor(model, image_size=None, mkldnn=True, threads=None, onnx=False):
+    """An ``InferenceModel`` (with ``onnx``, an ``OnnxModel``) of ``model``'s current weights,
+    exported (``export``) to a temporary folder that is gone once the predictor has read it;
+    later changes to ``model`` do not reach the predictor."""
     with tempfile.TemporaryDirectory(prefix='xcit_export_') as folder:
         export(model, folder, image_size)
+        if onnx:
+            return OnnxModel(export_onnx(folder), threads=threads)
         return InferenceModel(folder, mkldnn=mkldnn, threads=threads)
 
 
@@ -119,6 +129,44 @@ class InferenceModel:
         return self.output.copy_to_cpu()
 
 
+def check_onnx_packages(what='-onnx'):
+    """Raises ``ExportError`` naming Paddle2ONNX or ONNX Runtime when one is not installed."""
+    missing = [name for name in ('paddle2onnx', 'onnxruntime') if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(f'{what} needs {" and ".join(missing)}: {ONNX_PACKAGES}')
+
+
+def export_onnx(model_dir):
+    """Converts the export in ``model_dir`` to ``model_dir``/model.onnx; returns its path."""
+    import paddle2onnx
+    path = os.path.join(model_dir, 'model.onnx')
+    options = {}
+    if int(paddle2onnx.__version__.split('.')[0]) >= 2:
+        options['optimize_tool'] = 'None'  # its default, Polygraphy, pip-installs packages it lacks
+    paddle2onnx.export(program_path(model_dir), os.path.join(model_dir, 'model.pdiparams'), path,
+                       opset_version=ONNX_OPSET, auto_upgrade_opset=False, verbose=False, **options)
+    if not os.path.isfile(path):
+        raise ExportError(f'Paddle2ONNX {paddle2onnx.__version__} did not write {path} (see its log above)')
+    return path
+
+
+class OnnxModel:
+    """A model.onnx run by ONNX Runtime on the CPU: images (B, 3, H, W) -> logits."""
+
+    name = 'onnxruntime'
+
+    def __init__(self, path, threads=None):
+        import onnxruntime
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.log_severity_level = 3  # errors only: not the unused constants Paddle2ONNX leaves
+        self.session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, images):
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype='float32')})[0]
+
+
 def check_inputs(size, dynamic_size, patch_size, seed=0):
     """Random images for the check: batch 2 at size x size, and, when the exported height and
     width are dynamic, a non-square batch of 1 whose sides are not multiples of the patch."""
@@ -150,6 +198,9 @@ def parse_args(argv=None):
                         help='write the Paddle 2.x format (model.pdmodel) for Paddle Lite and Paddle2ONNX. '
                              'Only Paddle 2.x writes it: Paddle 3 cannot trace this model into its legacy '
                              'program IR, and a model.json cannot be converted to .pdmodel')
+    parser.add_argument('-onnx', action='store_true',
+                        help=f'also write model.onnx (opset {ONNX_OPSET}) and check it with ONNX Runtime; '
+                             f'needs {ONNX_PACKAGES}')
     return parser.parse_args(argv)
 
 
@@ -161,6 +212,8 @@ def main(argv=None):
             raise ExportError(f'--legacy-format: Paddle {paddle.__version__} cannot write model.pdmodel. '
                               f'Run this script with paddlepaddle 2.6 (bash scripts/test_paddle26.sh sets '
                               f'one up in ./.venv26), whose export is the .pdmodel format.')
+        if args.onnx:
+            check_onnx_packages()
         config, model = load_model(args.cfg, args.pretrained, args.image_size)
         path = export(model, args.output, args.image_size)
         dynamic = 'batch' if args.image_size else 'batch, height and width'
@@ -170,6 +223,10 @@ def main(argv=None):
         runners = [InferenceModel(args.output, mkldnn=False)]
         if HAS_ONEDNN:
             runners.append(InferenceModel(args.output, mkldnn=True))
+        if args.onnx:
+            onnx_path = export_onnx(args.output)
+            print(f'converted it to {onnx_path} (ONNX opset {ONNX_OPSET})')
+            runners.append(OnnxModel(onnx_path))
         shapes = ', '.join(str(list(x.shape)) for x in inputs)
         failed = []
         for name, diff in max_difference(model, runners, inputs):

@@ -6,6 +6,7 @@ import yaml
 from PIL import Image
 
 import benchmark
+import export_model
 
 TINY = {'DATA': {'IMAGE_SIZE': 32},
         'MODEL': {'NAME': 'xcit_bench_test', 'EMBED_DIM': 32, 'DEPTH': 1, 'NUM_HEADS': 2, 'NUM_CLASSES': 5}}
@@ -32,6 +33,25 @@ def test_table_measures_every_path_batch_and_size(cfg, tmp_path, capsys):
         assert r['images_per_s'] == pytest.approx(r['batch'] / r['ms_per_batch'] * 1e3)
     assert printed.count('tiny.yaml') == len(rows)
     assert 'machine: ' in printed and 'img/s' in printed
+
+
+def test_onnx_path_is_measured_on_request(cfg, tmp_path, capsys):
+    out = tmp_path / 'rows.json'
+    benchmark.main(['-cfg', cfg, '--paths', 'infer', 'onnx', '--batch', '2', '--reps', '1',
+                    '--threads', '1', '--json', str(out)])
+    rows = json.loads(out.read_text())['rows']
+    assert [(r['path'], r['batch'], r['size']) for r in rows] == [('infer', 2, 32), ('onnx', 2, 32)]
+    assert all('error' not in r and r['images_per_s'] > 0 for r in rows), rows
+    assert sum(' onnx ' in line for line in capsys.readouterr().out.splitlines()) == 1
+
+
+def test_onnx_path_without_its_packages_is_one_error_line(cfg, monkeypatch, capsys):
+    find_spec = export_model.importlib.util.find_spec
+    monkeypatch.setattr(export_model.importlib.util, 'find_spec', lambda name, *args: (
+        None if name in ('paddle2onnx', 'onnxruntime') else find_spec(name, *args)))
+    with pytest.raises(SystemExit):
+        benchmark.main(['-cfg', cfg, '--paths', 'onnx'])
+    assert '--paths onnx needs paddle2onnx and onnxruntime: pip install' in capsys.readouterr().err
 
 
 def test_scaling_fits_draws_and_reports_the_ratios(cfg, tmp_path, capsys):

@@ -97,6 +97,30 @@ def test_mismatch_between_exported_and_dygraph_fails(tiny, tmp_path, monkeypatch
     assert 'does not reproduce the dygraph model (tolerance 1e-04)' in captured.err
 
 
+def test_onnx_export_runs_any_batch_and_size(tiny, tmp_path, capsys):
+    cfg, weights, model = tiny
+    main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path), '-onnx'])
+    out = capsys.readouterr().out
+    assert f'converted it to {tmp_path / "model.onnx"} (ONNX opset 17)' in out
+    assert 'onnxruntime: max |logits - dygraph logits|' in out and 'OK: the exported model matches' in out
+    exported = export_model.OnnxModel(str(tmp_path / 'model.onnx'))
+    for shape in [(3, 3, 48, 48), (1, 3, 70, 37), (2, 3, 33, 90)]:
+        x = np.random.default_rng(2).standard_normal(shape).astype('float32')
+        np.testing.assert_allclose(exported(x), logits(model, x), atol=1e-4, rtol=0)
+
+
+def test_onnx_without_its_packages_stops_before_writing(tiny, tmp_path, monkeypatch, capsys):
+    cfg, weights, _ = tiny
+    find_spec = export_model.importlib.util.find_spec
+    monkeypatch.setattr(export_model.importlib.util, 'find_spec',
+                        lambda name, *args: None if name == 'onnxruntime' else find_spec(name, *args))
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path / 'out'), '-onnx'])
+    assert exit_info.value.code == 1
+    assert 'error: -onnx needs onnxruntime: pip install paddle2onnx onnxruntime' in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / 'out')
+
+
 def test_legacy_format_needs_paddle_2(tiny, tmp_path, capsys):
     cfg, weights, model = tiny
     argv = ['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path), '-image_size', '32', '--legacy-format']

@@ -16,6 +16,7 @@ import paddle
 import pytest
 import yaml
 
+import export_model
 from conftest import GOLDEN, ROOT
 from config import get_config
 from xcit import build_xcit
@@ -80,6 +81,25 @@ def test_converted_weights_reproduce_official_outputs(converted, tmp_path, filen
               f'logits {logits_err:.2e}, features {features_err:.2e}')
         assert logits_err <= LOGITS_TOL
         assert features_err <= FEATURES_TOL
+
+
+def test_exported_models_reproduce_official_logits(converted, tmp_path):
+    """The deployment formats of the nano checkpoint (paddle.inference with and without oneDNN,
+    ONNX through Paddle2ONNX and ONNX Runtime) meet the same bar as the dygraph model."""
+    meta = golden_meta('xcit_nano_12_p16')
+    model = build_xcit(get_config(write_model_yaml(meta, tmp_path / 'model.yaml')))
+    model.set_state_dict(paddle.load(str(converted / 'xcit_nano_12_p16.pdparams')))
+    model.eval()
+    folder = str(tmp_path / 'export')
+    export_model.export(model, folder)  # dynamic height and width: the cases have two sizes
+    runners = [export_model.InferenceModel(folder, mkldnn=mkldnn) for mkldnn in (False, True)]
+    runners.append(export_model.OnnxModel(export_model.export_onnx(folder)))
+    reference = np.load(os.path.join(GOLDEN, 'xcit_nano_12_p16.npz'))
+    for case in meta['cases']:
+        for run in runners:
+            logits_err = np.abs(run(reference[case['input']]) - reference[case['logits']]).max()
+            print(f'\n{run.name} {case["shape"]}: max abs err logits {logits_err:.2e}')
+            assert logits_err <= LOGITS_TOL
 
 
 @pytest.mark.parametrize('filename', ['mini_p8_tokens_norm.timm_pth.pdparams',
