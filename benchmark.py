@@ -12,9 +12,11 @@ Paddle2ONNX and run by ONNX Runtime). Weights are random: speed does not depend 
 Every measurement runs in a fresh subprocess (``--threads`` OpenMP/math threads), so that
 memory figures do not mix: after one warm-up batch, the median over ``--reps`` timed batches
 gives latency (ms per batch) and throughput (images/s). Peak memory is the process's resident
-set high-water mark (``VmHWM`` of /proc/self/status, or ``ru_maxrss`` where there is no
-/proc) minus its resident size once the model is built (``VmRSS`` before the first batch):
-the memory the forward passes need on top of the weights and the libraries.
+set high-water mark (``VmHWM`` of /proc/self/status) minus its resident size once the model is
+built (``VmRSS`` before the first batch), with the high-water mark restarted at that point
+(``/proc/self/clear_refs``), so that building the model (tracing, export, conversion) does not
+count: the memory the forward passes need on top of the weights and the libraries. Without
+/proc it is not reported.
 
 ``--scaling`` runs one model and path at one batch size (default 1) from 224 up to 1024
 pixels, or over ``--sizes`` (stopping at the first size that fails, e.g. out of memory), fits
@@ -23,6 +25,8 @@ and the ratios (largest / smallest size) next to the token ratio, and draws both
 tokens in a PNG.
 """
 import argparse
+import ctypes
+import ctypes.util
 import json
 import math
 import os
@@ -53,6 +57,23 @@ def memory_kb(field):
     except OSError:
         return None
     return None
+
+
+def restart_peak():
+    """Hands the heap's free memory back to the system (glibc's ``malloc_trim``: the allocator
+    keeps what the model's build freed, and the forward passes would reuse it unseen) and
+    restarts the VmHWM high-water mark at the resident size left (Linux 4.0 and later); False
+    where that is not possible."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library('c')).malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    try:
+        with open('/proc/self/clear_refs', 'w', encoding='ascii') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
 
 
 def peak_kb():
@@ -93,7 +114,7 @@ def build_runner(cfg, path, batch, size, threads):
 def measure(cfg, path, batch, size, threads, reps):
     """Runs in the worker process: the dict of one measurement."""
     run = build_runner(cfg, path, batch, size, threads)
-    base = memory_kb('VmRSS')
+    base = memory_kb('VmRSS') if restart_peak() else None
     run()
     times = []
     for _ in range(reps):

@@ -1,12 +1,14 @@
 """benchmark.py: the table and --scaling modes end to end on a tiny XCiT, and the fit."""
 import json
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
 import benchmark
 import export_model
+import xcit
 
 TINY = {'DATA': {'IMAGE_SIZE': 32},
         'MODEL': {'NAME': 'xcit_bench_test', 'EMBED_DIM': 32, 'DEPTH': 1, 'NUM_HEADS': 2, 'NUM_CLASSES': 5}}
@@ -90,6 +92,19 @@ def test_scaling_needs_two_measured_sizes(cfg, capsys):
         benchmark.main(['-cfg', cfg, '--scaling', '--paths', 'dygraph', '--sizes', '32', '--reps', '1',
                         '--threads', '1'])
     assert 'fewer than two sizes could be measured' in str(exit_info.value)
+
+
+def test_peak_restarts_at_the_current_resident_size():
+    """What a model's build allocated and freed (tracing, export, conversion) must not count
+    as memory of the forward passes, nor hide in the heap for them to reuse unseen."""
+    assert xcit  # imported: it raises malloc's thresholds, so the heap keeps freed large blocks
+    scratch = np.ones(64 * 2 ** 20 // 8)  # 64 MiB, touched, freed into the heap
+    del scratch
+    before = benchmark.memory_kb('VmHWM')
+    assert benchmark.restart_peak()
+    after = benchmark.peak_kb()
+    assert before - after > 60 * 1024
+    assert abs(after - benchmark.memory_kb('VmRSS')) < 8 * 1024
 
 
 def test_least_squares_and_summary():
