@@ -10,7 +10,7 @@ weights). The batch size is always dynamic; height and width are dynamic too, un
 format and needs Paddle 2.x (see ``--help``).
 
 ``-onnx`` also converts the export to ``<output>/model.onnx`` (opset ``ONNX_OPSET``, the same
-dynamic axes) with Paddle2ONNX, for ONNX Runtime, TensorRT or OpenVINO; it needs
+dynamic axes) with Paddle2ONNX, for ONNX-based runtimes (checked with ONNX Runtime); it needs
 ``pip install paddle2onnx onnxruntime`` (``paddle2onnx<2`` with Paddle 2.6).
 
 The script then runs the exported model with ``paddle.inference`` (plain CPU kernels, and
