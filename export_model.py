@@ -143,8 +143,11 @@ def export_onnx(model_dir):
     options = {}
     if int(paddle2onnx.__version__.split('.')[0]) >= 2:
         options['optimize_tool'] = 'None'  # its default, Polygraphy, pip-installs packages it lacks
-    paddle2onnx.export(program_path(model_dir), os.path.join(model_dir, 'model.pdiparams'), path,
-                       opset_version=ONNX_OPSET, auto_upgrade_opset=False, verbose=False, **options)
+    try:
+        paddle2onnx.export(program_path(model_dir), os.path.join(model_dir, 'model.pdiparams'), path,
+                           opset_version=ONNX_OPSET, auto_upgrade_opset=False, verbose=False, **options)
+    except Exception as e:  # whatever the converter raises, the user gets one line naming it
+        raise ExportError(f'Paddle2ONNX {paddle2onnx.__version__} could not convert {model_dir}: {e}') from e
     if not os.path.isfile(path):
         raise ExportError(f'Paddle2ONNX {paddle2onnx.__version__} did not write {path} (see its log above)')
     return path

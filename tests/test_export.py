@@ -121,6 +121,21 @@ def test_onnx_without_its_packages_stops_before_writing(tiny, tmp_path, monkeypa
     assert not os.path.exists(tmp_path / 'out')
 
 
+def test_onnx_conversion_failure_is_one_error_line(tiny, tmp_path, monkeypatch, capsys):
+    import paddle2onnx
+
+    def fail(*args, **kwargs):
+        raise RuntimeError('Oops, there are some operators not supported yet')
+    monkeypatch.setattr(paddle2onnx, 'export', fail)
+    cfg, weights, _ = tiny
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path), '-image_size', '32', '-onnx'])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert f'could not convert {tmp_path}: Oops, there are some operators not supported yet' in err
+    assert 'Traceback' not in err
+
+
 def test_legacy_format_needs_paddle_2(tiny, tmp_path, capsys):
     cfg, weights, model = tiny
     argv = ['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path), '-image_size', '32', '--legacy-format']
