@@ -15,8 +15,8 @@ gives latency (ms per batch) and throughput (images/s). Peak memory is the proce
 set high-water mark (``VmHWM`` of /proc/self/status) minus its resident size once the model is
 built (``VmRSS`` before the first batch), with the high-water mark restarted at that point
 (``/proc/self/clear_refs``), so that building the model (tracing, export, conversion) does not
-count: the memory the forward passes need on top of the weights and the libraries. Without
-/proc it is not reported.
+count: the memory the forward passes need on top of the weights and the libraries. Where the
+mark cannot be restarted (no /proc, Linux before 4.0, no glibc) it is not reported.
 
 ``--scaling`` runs one model and path at one batch size (default 1) from 224 up to 1024
 pixels, or over ``--sizes`` (stopping at the first size that fails, e.g. out of memory), fits
