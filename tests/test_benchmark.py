@@ -7,8 +7,8 @@ import yaml
 from PIL import Image
 
 import benchmark
-import export_model
 import xcit
+from conftest import hide_packages
 
 TINY = {'DATA': {'IMAGE_SIZE': 32},
         'MODEL': {'NAME': 'xcit_bench_test', 'EMBED_DIM': 32, 'DEPTH': 1, 'NUM_HEADS': 2, 'NUM_CLASSES': 5}}
@@ -48,9 +48,7 @@ def test_onnx_path_is_measured_on_request(cfg, tmp_path, capsys):
 
 
 def test_onnx_path_without_its_packages_is_one_error_line(cfg, monkeypatch, capsys):
-    find_spec = export_model.importlib.util.find_spec
-    monkeypatch.setattr(export_model.importlib.util, 'find_spec', lambda name, *args: (
-        None if name in ('paddle2onnx', 'onnxruntime') else find_spec(name, *args)))
+    hide_packages(monkeypatch, 'paddle2onnx', 'onnxruntime')
     with pytest.raises(SystemExit):
         benchmark.main(['-cfg', cfg, '--paths', 'onnx'])
     assert '--paths onnx needs paddle2onnx and onnxruntime: pip install' in capsys.readouterr().err

@@ -12,6 +12,7 @@ import yaml
 import export_model
 import xcit
 from config import get_config
+from conftest import hide_packages
 from export_model import InferenceModel, main
 from xcit import build_xcit
 
@@ -111,9 +112,7 @@ def test_onnx_export_runs_any_batch_and_size(tiny, tmp_path, capsys):
 
 def test_onnx_without_its_packages_stops_before_writing(tiny, tmp_path, monkeypatch, capsys):
     cfg, weights, _ = tiny
-    find_spec = export_model.importlib.util.find_spec
-    monkeypatch.setattr(export_model.importlib.util, 'find_spec',
-                        lambda name, *args: None if name == 'onnxruntime' else find_spec(name, *args))
+    hide_packages(monkeypatch, 'onnxruntime')
     with pytest.raises(SystemExit) as exit_info:
         main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path / 'out'), '-onnx'])
     assert exit_info.value.code == 1
