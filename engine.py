@@ -40,7 +40,7 @@ from port_weights.convert import find_mismatches, format_mismatches, state_shape
 from teacher import build_teacher
 from utils import (AverageMeter, CheckpointError, MetricsLog, all_reduce_sum, average_batchnorm_statistics,
                    format_seconds, get_rank, get_world_size, load_checkpoint, save_checkpoint, setup_logger,
-                   weights_of, write_json)
+                   visible_gpus, weights_of, write_json)
 from xcit import build_xcit
 
 # AMP (float16, level O1) op lists for xcit.py's layers. White: its Linear layers compute
@@ -145,7 +145,7 @@ def check_inputs(config):
 
 def setup_device():
     """Selects and returns 'gpu:<id>' when Paddle has CUDA and sees a GPU, else 'cpu'."""
-    if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+    if visible_gpus():
         device = f'gpu:{paddle.distributed.ParallelEnv().device_id}'
     else:
         device = 'cpu'

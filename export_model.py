@@ -38,6 +38,7 @@ ONNX_PACKAGES = 'pip install paddle2onnx onnxruntime (paddle2onnx<2 with Paddle 
 PADDLE_MAJOR = int(paddle.__version__.split('.')[0])
 PROGRAM_SUFFIXES = ('.json', '.pdmodel')
 HAS_ONEDNN = paddle.base.core.is_compiled_with_mkldnn()
+GPU_MEMORY_POOL_MB = 512  # Paddle Inference's initial GPU memory pool; it grows when needed
 
 
 class ExportError(RuntimeError):
@@ -98,27 +99,35 @@ def program_path(model_dir):
 
 
 class InferenceModel:
-    """An exported model run by ``paddle.inference`` on the CPU: images (B, 3, H, W) -> logits.
+    """An exported model run by ``paddle.inference``: images (B, 3, H, W) -> logits.
 
-    ``mkldnn`` selects the oneDNN kernels (when Paddle has them); ``threads`` is the math
-    library's thread count (default: all CPUs).
+    ``device`` is ``'cpu'`` or ``'gpu:N'`` (see ``utils.resolve_device``). On the CPU, ``mkldnn``
+    selects the oneDNN kernels (when Paddle has them) and ``threads`` is the math library's
+    thread count (default: all CPUs); on a GPU, Paddle Inference's GPU kernels run in float32.
     """
 
-    def __init__(self, model_dir, mkldnn=True, threads=None):
+    def __init__(self, model_dir, mkldnn=True, threads=None, device='cpu'):
         from paddle import inference
         config = inference.Config(program_path(model_dir), os.path.join(model_dir, 'model.pdiparams'))
-        config.disable_gpu()
         config.disable_glog_info()
-        config.set_cpu_math_library_num_threads(threads or os.cpu_count() or 1)
-        self.mkldnn = mkldnn and HAS_ONEDNN
-        if self.mkldnn:
-            config.enable_mkldnn()
+        self.device = device
+        self.mkldnn = False
+        if device.startswith('gpu'):
+            config.enable_use_gpu(GPU_MEMORY_POOL_MB, int(device.partition(':')[2] or 0))
+        else:
+            config.disable_gpu()
+            config.set_cpu_math_library_num_threads(threads or os.cpu_count() or 1)
+            self.mkldnn = mkldnn and HAS_ONEDNN
+            if self.mkldnn:
+                config.enable_mkldnn()
         self.predictor = inference.create_predictor(config)
         self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
         self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
 
     @property
     def name(self):
+        if self.device.startswith('gpu'):
+            return f'paddle.inference {self.device}'
         return 'paddle.inference ' + ('oneDNN' if self.mkldnn else 'CPU')
 
     def __call__(self, images):

@@ -14,17 +14,13 @@ import sys
 
 import numpy  # noqa: F401  before paddle: with PaddlePaddle 2.6, gloo processes that import
 # paddle first fail to decode PNG images in DataLoader threads ("codec configuration error")
-import paddle
 import paddle.distributed as dist
 
 import engine
 from config import ConfigError
+from utils import visible_gpus
 
 CPU_PROCESSES = 2  # default process count without a GPU
-
-
-def has_gpu():
-    return paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
 
 
 def num_processes(config):
@@ -33,7 +29,7 @@ def num_processes(config):
         raise ConfigError(f'NGPUS (-ngpus) must be -1 or positive, got {config.NGPUS}')
     if config.NGPUS > 0:
         return config.NGPUS
-    return paddle.device.cuda.device_count() if has_gpu() else CPU_PROCESSES
+    return visible_gpus() or CPU_PROCESSES
 
 
 def worker(config):
@@ -49,11 +45,12 @@ def main(argv=None):
         return worker(config)
     engine.check_inputs(config)  # before any process starts: each would report the same error
     nprocs = num_processes(config)
-    if has_gpu() and nprocs > paddle.device.cuda.device_count():
-        raise ConfigError(f'NGPUS={nprocs} but only {paddle.device.cuda.device_count()} GPUs are visible')
+    gpus = visible_gpus()
+    if gpus and nprocs > gpus:
+        raise ConfigError(f'NGPUS={nprocs} but only {gpus} GPUs are visible')
     if nprocs == 1:
         return engine.run(config)
-    backend = 'nccl' if has_gpu() else 'gloo'
+    backend = 'nccl' if gpus else 'gloo'
     print(f'starting {nprocs} processes ({backend})', flush=True)
     try:
         dist.spawn(worker, args=(config,), nprocs=nprocs, backend=backend)

@@ -5,8 +5,9 @@
         photos/ -output top5.csv
 
 The model is the dygraph XCiT with ``-pretrained`` weights, or an exported model
-(``export_model.py``) run by ``paddle.inference`` with ``-model_dir``; images go through the
-evaluation transform of ``-cfg``. Single images are printed as a ranked list. Folders (every
+(``export_model.py``) run by ``paddle.inference`` with ``-model_dir``, on ``-device`` (by default
+the first GPU when Paddle sees one, else the CPU); images go through the evaluation transform
+of ``-cfg``. Single images are printed as a ranked list. Folders (every
 image file below them, sorted) and ``-output`` give a CSV instead: path, the top-5 class
 indices, their names and their probabilities, to ``-output`` or stdout. Class names come from
 ``-class_names`` (one per line, in class-index order), by default the bundled ImageNet-1k list
@@ -26,7 +27,7 @@ from config import ConfigError, get_config
 from datasets import IMG_EXTENSIONS
 from export_model import ExportError, InferenceModel, load_model
 from transforms import build_eval_transform
-from utils import CheckpointError
+from utils import CheckpointError, resolve_device
 
 TOP_K = 5
 IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'imagenet_classes.txt')
@@ -76,9 +77,10 @@ def top_k(logits, k=TOP_K):
 
 
 def build_predictor(args):
-    """(config, callable images (B, 3, S, S) float32 -> logits (B, classes) ndarray)."""
+    """(config, callable images (B, 3, S, S) float32 -> logits (B, classes) ndarray) on ``args.device``."""
     if args.model_dir:
-        return get_config(args.cfg), InferenceModel(args.model_dir)
+        return get_config(args.cfg), InferenceModel(args.model_dir, device=args.device)
+    paddle.set_device(args.device)
     config, model = load_model(args.cfg, args.pretrained)
 
     def run(images):
@@ -103,7 +105,14 @@ def parse_args(argv=None):
     parser.add_argument('-class_names', default=None,
                         help='class names, one per line (default: ImageNet-1k names for 1000 classes)')
     parser.add_argument('-batch_size', type=int, default=16)
-    return parser.parse_args(argv)
+    parser.add_argument('-device', default=None,
+                        help='cpu, gpu or gpu:N (default: the first GPU if Paddle sees one, else the CPU)')
+    args = parser.parse_args(argv)
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as e:
+        parser.error(f'argument -device: {e}')
+    return args
 
 
 def main(argv=None):

@@ -25,6 +25,30 @@ def get_world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def visible_gpus():
+    """How many GPUs Paddle can run on: 0 when it is built without CUDA or sees no device."""
+    return paddle.device.cuda.device_count() if paddle.is_compiled_with_cuda() else 0
+
+
+def resolve_device(name=None):
+    """A ``-device`` value (``cpu``, ``gpu``, ``gpu:N``, or None: the first GPU if there is
+    one, else the CPU) -> ``'cpu'`` or ``'gpu:N'``; ValueError when that device is not there."""
+    gpus = visible_gpus()
+    if name is None:
+        return 'gpu:0' if gpus else 'cpu'
+    if name == 'cpu':
+        return name
+    kind, _, index = name.partition(':')
+    if kind != 'gpu' or not (index == '' or index.isdigit()):
+        raise ValueError(f"unknown device {name!r}: use cpu, gpu or gpu:N")
+    index = int(index or 0)
+    if index >= gpus:
+        if not gpus and not paddle.is_compiled_with_cuda():
+            raise ValueError(f'{name}: this Paddle has no CUDA support (install paddlepaddle-gpu)')
+        raise ValueError(f'{name}: Paddle sees {gpus} GPU{"" if gpus == 1 else "s"}')
+    return f'gpu:{index}'
+
+
 def all_reduce_sum(values):
     """Sums a list of numbers over all processes; returns a float64 ndarray of the same length.
 

@@ -1,4 +1,5 @@
-"""predict.py on generated images: ranked output, CSV for folders, unreadable files, exported models."""
+"""predict.py on generated images: ranked output, CSV for folders, unreadable files, exported
+models, the device choice."""
 import csv
 import io
 
@@ -6,10 +7,13 @@ import numpy as np
 import paddle
 import pytest
 import yaml
+from paddle import inference
 from PIL import Image
 
+import utils
+
 from config import get_config
-from export_model import export
+from export_model import GPU_MEMORY_POOL_MB, export
 from predict import main, top_k
 from transforms import build_eval_transform
 from xcit import build_xcit
@@ -109,3 +113,57 @@ def test_wrong_number_of_class_names_is_an_error(setup, tmp_path, capsys):
         main(['-cfg', setup['cfg'], '-pretrained', setup['weights'], '-class_names', str(names),
               str(setup['images'] / 'a.jpg')])
     assert f'error: {names}: 3 class names, but the model has 5 classes' in capsys.readouterr().err
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """Paddle appears to see two GPUs (only the device check is fooled; nothing runs on them)."""
+    monkeypatch.setattr(utils, 'visible_gpus', lambda: 2)
+
+
+@pytest.mark.parametrize('name, gpus, expected', [
+    (None, 0, 'cpu'), (None, 2, 'gpu:0'), ('cpu', 2, 'cpu'), ('gpu', 2, 'gpu:0'), ('gpu:1', 2, 'gpu:1')])
+def test_device_names(name, gpus, expected, monkeypatch):
+    monkeypatch.setattr(utils, 'visible_gpus', lambda: gpus)
+    assert utils.resolve_device(name) == expected
+
+
+@pytest.mark.parametrize('name, message', [
+    ('gpu:2', 'gpu:2: Paddle sees 2 GPUs'), ('tpu', "unknown device 'tpu': use cpu, gpu or gpu:N"),
+    ('gpu:x', "unknown device 'gpu:x'")])
+def test_unavailable_or_unknown_device_is_named(name, message, two_gpus):
+    with pytest.raises(ValueError, match=message):
+        utils.resolve_device(name)
+
+
+@pytest.mark.skipif(paddle.is_compiled_with_cuda(), reason='this Paddle has CUDA')
+def test_gpu_without_cuda_is_a_usage_error(setup, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-cfg', setup['cfg'], '-pretrained', setup['weights'], '-device', 'gpu',
+              str(setup['images'] / 'a.jpg')])
+    assert exit_info.value.code == 2
+    assert ('argument -device: gpu: this Paddle has no CUDA support (install paddlepaddle-gpu)'
+            in capsys.readouterr().err)
+
+
+def test_exported_model_on_a_gpu_asks_paddle_inference_for_that_gpu(setup, two_gpus, monkeypatch, capsys):
+    """The predictor's configuration gets the GPU and its index (the call is recorded, not made,
+    so that the model still runs here, on the CPU without oneDNN)."""
+    calls = []
+
+    class RecordingConfig(inference.Config):
+        def enable_use_gpu(self, memory_pool_mb, device_id):
+            calls.append((memory_pool_mb, device_id))
+
+        def enable_mkldnn(self):
+            calls.append('enable_mkldnn')
+
+    monkeypatch.setattr(inference, 'Config', RecordingConfig)
+    model_dir = setup['root'] / 'exported_gpu'
+    export(setup['model'], str(model_dir))
+    a = str(setup['images'] / 'a.jpg')
+    main(['-cfg', setup['cfg'], '-model_dir', str(model_dir), '-class_names', setup['names'],
+          '-device', 'gpu:1', a])
+    assert calls == [(GPU_MEMORY_POOL_MB, 1)]
+    indices, _ = setup['expected'][a]
+    assert capsys.readouterr().out.splitlines()[1].startswith(f'  1. {NAMES[indices[0][0]]} ')
