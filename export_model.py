@@ -120,6 +120,8 @@ class InferenceModel:
             self.mkldnn = mkldnn and HAS_ONEDNN
             if self.mkldnn:
                 config.enable_mkldnn()
+            else:  # Paddle 3 turns oneDNN on by default
+                config.disable_mkldnn()
         self.predictor = inference.create_predictor(config)
         self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
         self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])

@@ -66,6 +66,19 @@ def test_fixed_size_export(tiny, tmp_path, capsys):
     np.testing.assert_allclose(InferenceModel(str(tmp_path), mkldnn=False)(x), logits(model, x), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize('mkldnn', [False, True])
+def test_mkldnn_flag_decides_the_kernels(tiny, tmp_path, monkeypatch, mkldnn):
+    """Plain CPU kernels really are plain: Paddle 3 enables oneDNN unless told otherwise."""
+    from paddle import inference
+    create, enabled = inference.create_predictor, []
+    monkeypatch.setattr(inference, 'create_predictor', lambda config: enabled.append(config.mkldnn_enabled())
+                        or create(config))
+    export_model.export(tiny[2], str(tmp_path), 48)
+    runner = InferenceModel(str(tmp_path), mkldnn=mkldnn)
+    assert enabled == [mkldnn and export_model.HAS_ONEDNN]
+    assert runner.name == 'paddle.inference ' + ('oneDNN' if enabled[0] else 'CPU')
+
+
 IMAGE_FORWARD = xcit.LPI._image_forward
 
 
