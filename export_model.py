@@ -120,7 +120,7 @@ class InferenceModel:
             self.mkldnn = mkldnn and HAS_ONEDNN
             if self.mkldnn:
                 config.enable_mkldnn()
-            else:  # Paddle 3 turns oneDNN on by default
+            else:  # a new Config has oneDNN on (Paddle 2.6 and 3)
                 config.disable_mkldnn()
         self.predictor = inference.create_predictor(config)
         self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])

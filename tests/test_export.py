@@ -68,7 +68,7 @@ def test_fixed_size_export(tiny, tmp_path, capsys):
 
 @pytest.mark.parametrize('mkldnn', [False, True])
 def test_mkldnn_flag_decides_the_kernels(tiny, tmp_path, monkeypatch, mkldnn):
-    """Plain CPU kernels really are plain: Paddle 3 enables oneDNN unless told otherwise."""
+    """Plain CPU kernels really are plain: a new inference Config has oneDNN on unless told otherwise."""
     from paddle import inference
     create, enabled = inference.create_predictor, []
     monkeypatch.setattr(inference, 'create_predictor', lambda config: enabled.append(config.mkldnn_enabled())

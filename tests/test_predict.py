@@ -148,7 +148,7 @@ def test_gpu_without_cuda_is_a_usage_error(setup, capsys):
 
 def test_exported_model_on_a_gpu_asks_paddle_inference_for_that_gpu(setup, two_gpus, monkeypatch, capsys):
     """The predictor's configuration gets the GPU and its index (the call is recorded, not made,
-    so that the model still runs here, on the CPU without oneDNN)."""
+    so that the model still runs here, on the CPU)."""
     calls = []
 
     class RecordingConfig(inference.Config):
