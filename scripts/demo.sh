@@ -3,7 +3,7 @@
 # processes (or every GPU), evaluates the best checkpoint and prints its top-1 accuracy.
 # A few minutes on 2 CPU cores; the output goes to output/demo (OUTPUT=... to change).
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"  # ./.venv, and cd to the repository
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh" requirements.txt  # ./.venv, and cd to the repository
 
 CONFIG=configs/demo/xcit_nano_12_p8_digits.yaml
 OUTPUT=${OUTPUT:-output/demo}
