@@ -79,6 +79,15 @@ def test_mkldnn_flag_decides_the_kernels(tiny, tmp_path, monkeypatch, mkldnn):
     assert runner.name == 'paddle.inference ' + ('oneDNN' if enabled[0] else 'CPU')
 
 
+def test_export_and_check_run_on_the_cpu(tiny, tmp_path, monkeypatch, capsys):
+    """Also where Paddle would default to a GPU, whose float32 kernels round differently."""
+    devices, set_device = [], paddle.set_device
+    monkeypatch.setattr(paddle, 'set_device', lambda device: devices.append(device) or set_device(device))
+    cfg, weights, _ = tiny
+    main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path), '-image_size', '48'])
+    assert devices == ['cpu'] and 'OK: the exported model matches' in capsys.readouterr().out
+
+
 IMAGE_FORWARD = xcit.LPI._image_forward
 
 
