@@ -73,7 +73,8 @@ def test_mkldnn_flag_decides_the_kernels(tiny, tmp_path, monkeypatch, mkldnn):
     create, enabled = inference.create_predictor, []
     monkeypatch.setattr(inference, 'create_predictor', lambda config: enabled.append(config.mkldnn_enabled())
                         or create(config))
-    export_model.export(tiny[2], str(tmp_path), 48)
+    _, _, model = tiny
+    export_model.export(model, str(tmp_path), 48)
     runner = InferenceModel(str(tmp_path), mkldnn=mkldnn)
     assert enabled == [mkldnn and export_model.HAS_ONEDNN]
     assert runner.name == 'paddle.inference ' + ('oneDNN' if enabled[0] else 'CPU')

@@ -11,7 +11,6 @@ from paddle import inference
 from PIL import Image
 
 import utils
-
 from config import get_config
 from export_model import GPU_MEMORY_POOL_MB, export
 from predict import main, top_k
