@@ -53,6 +53,8 @@ AMP_BLACK_LIST = frozenset({'matmul', 'softmax'})
 COMPILED_TOLERANCE = 1e-4  # max abs logit difference accepted from the exported model in evaluation
 VERDICTS = ('passed', 'unavailable', 'different logits', 'not faster')  # of the predictor's check in -eval
 HEAD_KEYS = ('head.weight', 'head.bias')
+AUTO_RESUME = 'auto'  # -resume auto: continue from <SAVE>/last.pdparams when it exists
+RUN_CHECKPOINTS = ('last.pdparams', 'best.pdparams')  # what a fresh run would overwrite
 
 
 class TrainingDiverged(RuntimeError):
@@ -83,7 +85,8 @@ def build_arg_parser(multi_process=False):
     add('-pretrained', type=str, default=None,
         help='weights to fine-tune from or to evaluate: a converted .pdparams or a training checkpoint')
     add('-resume', type=str, default=None,
-        help='training checkpoint to continue from (weights, EMA, optimizer, schedule, epoch)')
+        help="training checkpoint to continue from (weights, EMA, optimizer, schedule, epoch); 'auto': "
+             "the output folder's last.pdparams if there is one, else start afresh (or from -pretrained)")
     add('-output', type=str, default=None, help='output folder (SAVE, default ./output)')
     add('-eval', action='store_true', help='evaluate only')
     add('-ema', action='store_true',
@@ -121,23 +124,48 @@ def exit_on_user_error(fn, *args):
 
 def check_inputs(config):
     """Raises ``ConfigError`` for combinations of -pretrained, -resume, -ema and -eval that
-    would leave one of them without effect, and ``DataError`` / ``CheckpointError`` for a data
-    folder or weights file that does not exist: checks cheap enough to make before any process
-    starts or any model is built."""
+    would leave one of them without effect or a fresh training run that would overwrite another
+    run's checkpoints, and ``DataError`` / ``CheckpointError`` for a data folder or weights file
+    that does not exist: checks cheap enough to make before any process starts or any model is
+    built."""
     pretrained, resume = config.MODEL.PRETRAINED, config.MODEL.RESUME
-    if pretrained and resume:
+    auto = resume == AUTO_RESUME
+    if pretrained and resume and not auto:
         raise ConfigError('-pretrained and -resume exclude each other: -resume restores the weights '
                           '(and when training the optimizer, schedule and epoch) from its checkpoint')
+    if config.EVAL and auto:
+        raise ConfigError('-resume auto continues a training run; to evaluate a checkpoint give its path')
     if config.EVAL and not (pretrained or resume):
         raise ConfigError('-eval needs weights to evaluate: give -pretrained (a converted .pdparams '
                           'or a training checkpoint) or -resume')
     if config.EMA_EVAL and not pretrained and not (config.EVAL and resume):
         raise ConfigError('-ema selects the EMA weights of the -pretrained checkpoint (with -eval also of '
                           '-resume); when training, -resume restores both the model and its EMA')
+    if not config.EVAL and not resume:
+        check_output_is_free(config.SAVE)
     check_data_path(config)
-    for path in (pretrained, resume):
+    for path in (pretrained, '' if auto else resume):
         if path and not os.path.isfile(path):
             raise CheckpointError(f'checkpoint not found: {path}')
+
+
+def check_output_is_free(folder):
+    """Raises ``ConfigError`` if ``folder`` holds the checkpoints of a training run, which a
+    fresh run would overwrite after its first epoch."""
+    for name in RUN_CHECKPOINTS:
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            raise ConfigError(f'{path} exists: the output folder holds another training run. Continue it '
+                              f'with -resume auto (or -resume {path}), or give another -output to start afresh')
+
+
+def resume_path(config):
+    """The checkpoint a training run continues from, or '' for a fresh start: -resume's path,
+    or for ``-resume auto`` the output folder's last.pdparams when there is one."""
+    if config.MODEL.RESUME != AUTO_RESUME:
+        return config.MODEL.RESUME
+    last = os.path.join(config.SAVE, 'last.pdparams')
+    return last if os.path.isfile(last) else ''
 
 
 # ---------------------------------------------------------------- set-up
@@ -426,7 +454,8 @@ class Trainer:
         train = config.TRAIN
         paddle.seed(config.SEED)  # the same initial weights on every rank
         model = build_xcit(config)
-        if config.MODEL.PRETRAINED:
+        resume = resume_path(config)
+        if config.MODEL.PRETRAINED and not resume:
             load_weights(model, config.MODEL.PRETRAINED, config.EMA_EVAL, logger, new_head_ok=True)
         if device.startswith('gpu') and self.world_size > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -454,10 +483,15 @@ class Trainer:
         self.epoch, self.step = 0, 0  # completed epochs, optimizer steps
         self.best_acc, self.best_epoch = None, None
         self.metrics = MetricsLog(config.SAVE, enabled=self.rank == 0)
-        if config.MODEL.RESUME:
-            self.resume(config.MODEL.RESUME)
-        elif self.rank == 0 and os.path.exists(self.metrics.path):
-            os.remove(self.metrics.path)  # a fresh run starts a fresh metrics file
+        if resume:
+            self.resume(resume)
+            if config.MODEL.PRETRAINED:
+                logger.info(f'-pretrained {config.MODEL.PRETRAINED} not loaded: the run continues from {resume}')
+        else:
+            if config.MODEL.RESUME == AUTO_RESUME:
+                logger.info(f'-resume auto: no checkpoint in {config.SAVE} yet, starting afresh')
+            if self.rank == 0 and os.path.exists(self.metrics.path):
+                os.remove(self.metrics.path)  # a fresh run starts a fresh metrics file
         self.train_model = paddle.DataParallel(model) if self.world_size > 1 else model
         models = {'model': model, 'ema': self.model_ema.module if self.model_ema else None}
         # validation in dygraph: its metrics must not depend on which path a timing picked (a

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Offline demo: trains XCiT nano_12 (patch 8) from scratch on the bundled 8x8 digits with 2 CPU
 # processes (or every GPU), evaluates the best checkpoint and prints its top-1 accuracy.
-# A few minutes on 2 CPU cores; the output goes to output/demo (OUTPUT=... to change).
+# A few minutes on 2 CPU cores; the output goes to output/demo (OUTPUT=... to change). Run
+# again, it continues an interrupted demo (-resume auto) or re-evaluates a finished one; remove
+# the output folder to train afresh.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh" requirements.txt  # ./.venv, and cd to the repository
 
@@ -10,7 +12,7 @@ OUTPUT=${OUTPUT:-output/demo}
 NGPUS=${NGPUS:--1}  # -1: every visible GPU, or 2 CPU processes
 
 start=$(date +%s)
-python main_multi_gpu.py -cfg "$CONFIG" -ngpus "$NGPUS" -output "$OUTPUT"
+python main_multi_gpu.py -cfg "$CONFIG" -ngpus "$NGPUS" -output "$OUTPUT" -resume auto
 trained=$(date +%s)
 python main_single_gpu.py -cfg "$CONFIG" -eval -pretrained "$OUTPUT/best.pdparams" -output "$OUTPUT/eval"
 done=$(date +%s)

@@ -76,9 +76,17 @@ def full_run(tmp_path_factory):
 
 
 def test_resume_continues_exactly(full_run, tmp_path):
-    """2 epochs straight == 1 epoch (the run's own epoch_1 checkpoint) + resume for 1 more."""
+    """2 epochs straight == 1 epoch (the run's own epoch_1 checkpoint) + resume for 1 more.
+
+    The resumed run is relaunched as a preemptible job would be: ``-resume auto`` finds the
+    output folder's last.pdparams and continues it; -pretrained only applies to a fresh start."""
     output, _ = full_run
-    result = main_single_gpu.main(train_args(tmp_path, *FULL_RECIPE, extra=['-resume', str(output / 'epoch_1.pdparams')]))
+    shutil.copy(output / 'epoch_1.pdparams', tmp_path / 'last.pdparams')
+    args = train_args(tmp_path, *FULL_RECIPE, extra=['-resume', 'auto', '-pretrained', str(output / 'last.pdparams')])
+    with capture_stdout() as out:
+        result = main_single_gpu.main(args)
+    assert f'resumed from {tmp_path / "last.pdparams"}: 1 epochs' in out.getvalue()
+    assert f'-pretrained {output / "last.pdparams"} not loaded' in out.getvalue()
     straight = paddle.load(str(output / 'last.pdparams'))
     resumed = paddle.load(str(tmp_path / 'last.pdparams'))
     assert resumed['epoch'] == straight['epoch'] == 2 and resumed['step'] == straight['step']
@@ -166,14 +174,25 @@ def test_resume_of_weights_only_file_is_an_error(full_run, tmp_path):
 
 
 def test_training_checkpoint_as_pretrained_for_fine_tuning(full_run, tmp_path, capsys):
-    """-pretrained -ema takes the checkpoint's EMA weights; a new class count drops the head."""
+    """-pretrained -ema takes the checkpoint's EMA weights; a new class count drops the head;
+    with -resume auto and no checkpoint in the output folder yet the run starts from them."""
     output, _ = full_run
     args = train_args(tmp_path, *PLAIN_RECIPE, 'MODEL.NUM_CLASSES', '12', epochs=1,
-                      extra=['-pretrained', str(output / 'last.pdparams'), '-ema'])
+                      extra=['-pretrained', str(output / 'last.pdparams'), '-ema', '-resume', 'auto'])
     main_single_gpu.main(args)
     out = capsys.readouterr().out
+    assert f'-resume auto: no checkpoint in {tmp_path} yet, starting afresh' in out
     assert 'dropping the classifier head (10 classes) for a new one with 12 classes' in out
     assert f'loaded EMA weights from {output / "last.pdparams"}' in out
+
+
+@pytest.mark.parametrize('name', ['last.pdparams', 'best.pdparams'])
+def test_fresh_run_does_not_overwrite_another_runs_checkpoints(tmp_path, name):
+    checkpoint = tmp_path / name
+    checkpoint.write_bytes(b'another run')
+    with pytest.raises(ConfigError, match=f'{checkpoint} exists: .* Continue it with -resume auto'):
+        main_single_gpu.main(train_args(tmp_path))
+    assert checkpoint.read_bytes() == b'another run'
 
 
 def test_corrupt_image_is_named(tmp_path):
@@ -209,6 +228,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     (['-ema'], '-ema selects the EMA weights of the -pretrained checkpoint'),
     (['-ema', '-resume', 'b.pdparams'], 'when training, -resume restores both the model and its EMA'),
     (['-eval'], '-eval needs weights to evaluate'),
+    (['-eval', '-resume', 'auto'], '-resume auto continues a training run'),
 ])
 def test_weight_options_that_would_have_no_effect_are_errors(tmp_path, flags, message):
     with pytest.raises(ConfigError, match=message):
