@@ -3,7 +3,8 @@
 Every process (rank) runs ``run(config)``: with ``config.EVAL`` it evaluates the weights of
 ``-pretrained`` (or ``-resume``) on the validation split, otherwise it trains with the official
 XCiT/DeiT recipe (AdamW, warmup + cosine per step, label smoothing, mixup/cutmix, repeated
-augmentation, EMA, optional distillation, gradient accumulation, AMP on GPU).
+augmentation, EMA, optional distillation, gradient accumulation, gradient checkpointing, AMP on
+GPU).
 
 Exactness guarantees:
 
@@ -29,6 +30,7 @@ import time
 import numpy as np
 import paddle
 import paddle.nn as nn
+from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_gradients
 
 from config import ConfigError, get_config, update_config
 from datasets import DataError, build_dataloader, build_dataset, check_data_path
@@ -439,7 +441,8 @@ def _check_finite_weights(model, epoch):
 
 
 def _no_sync(model, sync):
-    """Skips DataParallel's gradient all-reduce on accumulation steps that do not update."""
+    """Skips DataParallel's gradient all-reduce (accumulation steps that do not update, or
+    gradients that are all-reduced after the backward pass instead)."""
     if not sync and isinstance(model, paddle.DataParallel):
         return model.no_sync()
     return contextlib.nullcontext()
@@ -454,6 +457,9 @@ class Trainer:
         train = config.TRAIN
         paddle.seed(config.SEED)  # the same initial weights on every rank
         model = build_xcit(config)
+        if train.GRAD_CHECKPOINTING:
+            model.set_grad_checkpointing()
+            logger.info('gradient checkpointing: the XCA blocks recompute their activations in the backward pass')
         resume = resume_path(config)
         if config.MODEL.PRETRAINED and not resume:
             load_weights(model, config.MODEL.PRETRAINED, config.EMA_EVAL, logger, new_head_ok=True)
@@ -493,6 +499,9 @@ class Trainer:
             if self.rank == 0 and os.path.exists(self.metrics.path):
                 os.remove(self.metrics.path)  # a fresh run starts a fresh metrics file
         self.train_model = paddle.DataParallel(model) if self.world_size > 1 else model
+        # DataParallel's all-reduce during the backward pass cannot follow the blocks recomputed
+        # in it; with gradient checkpointing the gradients are all-reduced after it instead
+        self.reduce_after_backward = self.world_size > 1 and train.GRAD_CHECKPOINTING
         models = {'model': model, 'ema': self.model_ema.module if self.model_ema else None}
         # validation in dygraph: its metrics must not depend on which path a timing picked (a
         # resumed run logs exactly what the uninterrupted one did)
@@ -576,7 +585,7 @@ class Trainer:
             if self.mixup is not None:
                 images, targets = self.mixup(images, labels, np.random.default_rng([config.SEED, self.rank, epoch, i]))
             update = (i + 1) % accum == 0
-            with _no_sync(model, update):
+            with _no_sync(model, update and not self.reduce_after_backward):
                 with autocast(self.use_amp):
                     outputs = model(images)
                     loss = self.criterion(images, outputs, targets)
@@ -587,6 +596,8 @@ class Trainer:
                 scaled = loss / accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             if update:
+                if self.reduce_after_backward:
+                    fused_allreduce_gradients(self.model.parameters(), None)  # the mean over processes
                 lr = self.optimizer.get_lr()
                 if self.scaler:
                     self.scaler.step(self.optimizer)

@@ -223,6 +223,19 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     assert result['steps'] == 1438 // 32 // 2
 
 
+def test_grad_checkpointing_trains_the_same_weights(tmp_path):
+    """TRAIN.GRAD_CHECKPOINTING recomputes the blocks in the backward pass: same checkpoint."""
+    plain_opts = (*PLAIN_RECIPE, 'MODEL.DROPPATH', '0.1', 'VALIDATE_FREQ', '0')
+    main_single_gpu.main(train_args(tmp_path / 'plain', *plain_opts, epochs=1))
+    with capture_stdout() as out:
+        main_single_gpu.main(train_args(tmp_path / 'recomputed', *plain_opts, 'TRAIN.GRAD_CHECKPOINTING', 'True',
+                                        epochs=1))
+    assert 'gradient checkpointing: the XCA blocks recompute their activations' in out.getvalue()
+    runs = [paddle.load(str(tmp_path / run / 'last.pdparams')) for run in ('plain', 'recomputed')]
+    for part in ('model', 'optimizer'):
+        assert max_abs_diff(flat_state(runs[0][part]), flat_state(runs[1][part])) == 0.0, part
+
+
 @pytest.mark.parametrize('flags,message', [
     (['-pretrained', 'a.pdparams', '-resume', 'b.pdparams'], '-pretrained and -resume exclude each other'),
     (['-ema'], '-ema selects the EMA weights of the -pretrained checkpoint'),

@@ -52,10 +52,11 @@ def tiny(tmp_path_factory):
     return root, str(cfg), str(weights)
 
 
-def run_script(script, env, cwd):
-    """Runs one of the repository's shell scripts with ``sh`` and extra environment settings."""
+def run_script(script, env, cwd, args=()):
+    """Runs one of the repository's shell scripts with ``sh``, extra environment settings and
+    arguments."""
     env = {**os.environ, 'PYTHON': sys.executable, **env}
-    done = subprocess.run(['sh', os.path.join(ROOT, script)], env=env, cwd=cwd, capture_output=True,
+    done = subprocess.run(['sh', os.path.join(ROOT, script), *args], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -74,17 +75,27 @@ def test_eval_script_with_two_cpu_processes_matches_one_process(tiny, tmp_path):
     assert json.loads((tmp_path / 'two' / 'eval_summary.json').read_text()) == two
 
 
-def test_train_script_with_two_cpu_processes_matches_one_process(tiny, tmp_path):
+def train_two_processes(cfg, output, args=()):
+    """run_train_multi.sh with 2 CPU processes of 32 images; returns the output folder."""
+    run_script('run_train_multi.sh', dict(NGPUS='2', DATASET='digits', CONFIG=cfg, BATCH_SIZE='32',
+                                          OUTPUT=str(output)), cwd=output.parent, args=args)
+    log = (output / 'log.txt').read_text()
+    assert 'the 2 processes hold the same weights up to 0.0e+00' in log
+    return output
+
+
+@pytest.fixture(scope='module')
+def two_processes(tiny, tmp_path_factory):
+    return train_two_processes(tiny[1], tmp_path_factory.mktemp('two') / 'out')
+
+
+def test_train_script_with_two_cpu_processes_matches_one_process(tiny, two_processes, tmp_path):
     """2 processes x 32 images follow 1 process x 64 images: the same global batches, the same
     (world-size scaled) learning rate, gradients averaged. Not bit for bit: in training mode
     BatchNorm normalises over each process's 32 images instead of 64."""
-    root, cfg, _ = tiny
-    run_script('run_train_multi.sh', dict(NGPUS='2', DATASET='digits', CONFIG=cfg, BATCH_SIZE='32',
-                                          OUTPUT=str(tmp_path / 'two')), cwd=tmp_path)
-    log = (tmp_path / 'two' / 'log.txt').read_text()
-    assert 'the 2 processes hold the same weights up to 0.0e+00' in log
+    _, cfg, _ = tiny
     one = main_single_gpu.main(['-cfg', cfg, '-batch_size', '64', '-output', str(tmp_path / 'one')])
-    runs = [paddle.load(str(tmp_path / run / 'last.pdparams')) for run in ('one', 'two')]
+    runs = [paddle.load(str(folder / 'last.pdparams')) for folder in (tmp_path / 'one', two_processes)]
     assert runs[0]['step'] == runs[1]['step'] == 1438 // 64
     assert runs[0]['lr_scheduler'] == runs[1]['lr_scheduler']
     paddle.seed(0)  # SEED: the initial weights of both runs
@@ -97,8 +108,17 @@ def test_train_script_with_two_cpu_processes_matches_one_process(tiny, tmp_path)
     print(f'1 vs 2 processes: largest relative weight difference {relative[worst]:.3f} ({worst}), '
           f'median {np.median(list(relative.values())):.3f}')
     assert relative[worst] < 0.4 and np.median(list(relative.values())) < 0.15
-    val = [json.loads(line) for line in (tmp_path / 'two' / 'metrics.jsonl').read_text().splitlines()][-1]
+    val = [json.loads(line) for line in (two_processes / 'metrics.jsonl').read_text().splitlines()][-1]
     assert val['kind'] == 'val' and abs(val['acc1'] - one['last_acc1']) < 5.0
+
+
+def test_grad_checkpointing_with_two_cpu_processes_trains_the_same_weights(tiny, two_processes, tmp_path):
+    """With recomputed blocks the gradients are all-reduced after the backward pass instead of
+    by DataParallel during it: the same weights, bit for bit."""
+    output = train_two_processes(tiny[1], tmp_path / 'out', args=['-opts', 'TRAIN.GRAD_CHECKPOINTING', 'True'])
+    runs = [paddle.load(str(folder / 'last.pdparams')) for folder in (two_processes, output)]
+    for name, value in runs[0]['model'].items():
+        np.testing.assert_array_equal(np.asarray(runs[1]['model'][name]), np.asarray(value), err_msg=name)
 
 
 @pytest.mark.parametrize('args,message', [

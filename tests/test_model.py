@@ -66,3 +66,53 @@ def test_build_xcit_reads_every_architecture_key():
     assert model.blocks[2].drop_path.drop_prob == 0.1
     assert float(model.blocks[0].gamma2.numpy()[0]) == 0.5
     assert model.head.weight.shape == [48, 5]
+
+
+def training_step(model, images, state, checkpointing, frozen_embedding):
+    """One forward/backward from ``state`` with a fixed generator seed; returns the loss, the
+    gradients and the state after the step (BatchNorm running statistics included)."""
+    model.set_state_dict(state)
+    model.set_grad_checkpointing(checkpointing)
+    for param in model.patch_embed.parameters() + model.pos_embeder.parameters():
+        param.stop_gradient = frozen_embedding or not param.trainable
+    model.clear_gradients()
+    paddle.seed(3)  # drop path draws
+    loss = model(images).square().mean()
+    loss.backward()
+    grads = {n: p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss), grads, {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize('frozen_embedding', [False, True])
+def test_grad_checkpointing_changes_nothing_but_memory(monkeypatch, frozen_embedding):
+    """Recomputed XCA blocks give the same loss, gradients and BatchNorm statistics, with the
+    same drop-path draws. A block whose input needs no gradient (frozen stem and positional
+    encoding) runs normally: recomputing it would lose its own parameters' gradients."""
+    import xcit
+    calls, recompute = [], xcit.recompute
+
+    def counted_recompute(fn, *args):
+        calls.append(fn)
+        return recompute(fn, *args)
+    monkeypatch.setattr(xcit, 'recompute', counted_recompute)
+    paddle.seed(0)
+    model = tiny(depth=3, drop_path_rate=0.5)
+    model.train()
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    images = paddle.randn([2, 3, 48, 64])
+    plain = training_step(model, images, state, False, frozen_embedding)
+    assert calls == []
+    checkpointed = training_step(model, images, state, True, frozen_embedding)
+    assert len(calls) == (2 if frozen_embedding else 3)
+    assert checkpointed[0] == plain[0]
+    for got, expected in zip(checkpointed[1:], plain[1:]):
+        assert got.keys() == expected.keys()
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    assert 'blocks.0.attn.qkv.weight' in plain[1]
+    assert ('patch_embed.proj.0.0.weight' in plain[1]) is not frozen_embedding
+    assert not np.array_equal(plain[2]['blocks.0.local_mp.bn._mean'], state['blocks.0.local_mp.bn._mean'])
+    model.eval()
+    with paddle.no_grad():
+        model(images)
+    assert len(calls) == (2 if frozen_embedding else 3)  # evaluation never recomputes
