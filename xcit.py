@@ -704,7 +704,7 @@ class XCiT(nn.Layer):
                                 eta=eta, tokens_norm=tokens_norm)
             for _ in range(cls_attn_layers)])
         self.norm = LayerNorm(embed_dim, epsilon=LN_EPS)
-        self.head = Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = self._new_head(num_classes)
         self.pos_embeder = PositionalEncodingFourier(dim=embed_dim)
         self.use_pos = use_pos
         self.grad_checkpointing = False
@@ -719,6 +719,19 @@ class XCiT(nn.Layer):
         elif isinstance(layer, nn.LayerNorm):
             nn.initializer.Constant(1.0)(layer.weight)
             nn.initializer.Constant(0.0)(layer.bias)
+
+    def _new_head(self, num_classes):
+        return Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, num_classes):
+        """Replaces the head by a freshly initialised one with ``num_classes`` outputs (for
+        fine-tuning on other classes); with 0, ``forward`` returns the features."""
+        self.num_classes = num_classes
+        self.head = self._new_head(num_classes)
+        self.head.apply(self._init_weights)
 
     def set_grad_checkpointing(self, enable=True):
         """Gradient checkpointing of the XCA blocks in training: each block keeps only its input

@@ -68,6 +68,21 @@ def test_build_xcit_reads_every_architecture_key():
     assert model.head.weight.shape == [48, 5]
 
 
+def test_reset_classifier_for_other_classes():
+    model = tiny()
+    model.eval()
+    images = paddle.randn([2, 3, 32, 32])
+    features = model.forward_features(images).numpy()
+    model.reset_classifier(5)
+    head = model.get_classifier()
+    assert model.num_classes == 5 and model(images).shape == [2, 5]
+    assert list(model.state_dict()['head.weight'].shape) == [32, 5]
+    assert np.all(head.bias.numpy() == 0) and 0.005 < head.weight.numpy().std() < 0.03  # trunc_normal(0.02)
+    model.reset_classifier(0)
+    assert 'head.weight' not in model.state_dict()
+    np.testing.assert_array_equal(model(images).numpy(), features)
+
+
 def training_step(model, images, state, checkpointing, frozen_embedding):
     """One forward/backward from ``state`` with a fixed generator seed; returns the loss, the
     gradients and the state after the step (BatchNorm running statistics included)."""
