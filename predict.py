@@ -45,7 +45,8 @@ def read_class_names(path, num_classes):
 
 
 def image_paths(inputs):
-    """(path, from_folder) for each input file and each image file below each input folder."""
+    """(path, from_folder) for each input file and each image file below each input folder;
+    raises OSError when there is none."""
     paths = []
     for item in inputs:
         if os.path.isdir(item):
@@ -54,6 +55,8 @@ def image_paths(inputs):
             paths += [(path, True) for path in found]
         else:
             paths.append((item, False))
+    if not paths:
+        raise OSError(f'no image files ({", ".join(IMG_EXTENSIONS)}) in {", ".join(inputs)}')
     return paths
 
 
@@ -122,14 +125,11 @@ def main(argv=None):
         num_classes = config.MODEL.NUM_CLASSES
         default_names = IMAGENET_CLASSES if num_classes == 1000 else None
         names = read_class_names(args.class_names or default_names, num_classes)
+        paths = image_paths(args.inputs)
     except (ConfigError, CheckpointError, ExportError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)
     transform = build_eval_transform(config)
-    paths = image_paths(args.inputs)
-    if not paths:
-        print(f'error: no image files ({", ".join(IMG_EXTENSIONS)}) in {", ".join(args.inputs)}', file=sys.stderr)
-        sys.exit(1)
     as_csv = args.output is not None or any(from_folder for _, from_folder in paths)
     out = open(args.output, 'w', newline='', encoding='utf-8') if args.output else sys.stdout
     writer = csv.writer(out) if as_csv else None

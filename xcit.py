@@ -595,6 +595,19 @@ class ClassAttention(nn.Layer):
 
     def forward(self, cls, patches):
         """Class token (B, 1, C) and patch tokens (B, N, C) -> the attended class token (B, 1, C)."""
+        attn, v, head_of = self._attention(cls, patches)
+        cls_token = paddle.matmul(self.attn_drop(attn), v, transpose_x=True)  # (B, h, C): each head's mix of all channels
+        cls_token = paddle.sum(cls_token * head_of.transpose([1, 0]), axis=1, keepdim=True)  # (B, 1, C)
+        return self.proj_drop(self.proj(cls_token))
+
+    def attention_weights(self, cls, patches):
+        """Class token (B, 1, C) and patch tokens (B, N, C) -> each head's softmax weights
+        (B, 1 + N, h) over the class token (index 0) and the patch tokens."""
+        return self._attention(cls, patches)[0]
+
+    def _attention(self, cls, patches):
+        """-> softmax weights (B, 1 + N, h), values (B, 1 + N, C) and head_of (C, h), where
+        head_of[c, j] = 1 if channel c belongs to head j."""
         C = self.proj.weight.shape[0]
         h = self.num_heads
         # Slices, not paddle.split: Paddle 3.3's inference predictor gets a split of a parameter
@@ -604,13 +617,10 @@ class ClassAttention(nn.Layer):
         q_bias, kv_bias = (None, None) if bias is None else (bias[:C], bias[C:])
         q = _linear(cls, q_weight, q_bias)  # (B, 1, C): only the class token queries
         k, v = paddle.split(_linear(paddle.concat([cls, patches], axis=1), kv_weight, kv_bias), 2, axis=-1)
-        # Per-head products as whole-channel GEMMs: head_of[c, j] = 1 if channel c is in head j
+        # Per-head products as whole-channel GEMMs
         head_of = F.one_hot(paddle.arange(C) // (C // h), h)  # (C, h)
-        attn_cls = paddle.matmul(k, q.transpose([0, 2, 1]) * head_of) * self.scale  # (B, 1 + N, h)
-        attn_cls = self.attn_drop(F.softmax(attn_cls, axis=1))
-        cls_token = paddle.matmul(attn_cls, v, transpose_x=True)  # (B, h, C): each head's mix of all channels
-        cls_token = paddle.sum(cls_token * head_of.transpose([1, 0]), axis=1, keepdim=True)  # (B, 1, C)
-        return self.proj_drop(self.proj(cls_token))
+        attn = paddle.matmul(k, q.transpose([0, 2, 1]) * head_of) * self.scale  # (B, 1 + N, h)
+        return F.softmax(attn, axis=1), v, head_of
 
 
 class ClassAttentionBlock(nn.Layer):
@@ -746,6 +756,28 @@ class XCiT(nn.Layer):
 
     def forward_features(self, x):
         """(B, 3, H, W) -> final-norm class token (B, embed_dim)."""
+        cls, x, _ = self._class_token_and_patches(x)
+        last = len(self.cls_attn_blocks) - 1
+        for i, blk in enumerate(self.cls_attn_blocks):
+            cls, x = blk(cls, x, update_patches=i < last)
+        return self.norm(cls[:, 0])  # LayerNorm is per token: only the class token's is needed
+
+    def class_attention_maps(self, x):
+        """(B, 3, H, W) -> (B, num_heads, Hp, Wp): the softmax weight each head of the last
+        class-attention block gives every patch, on the token grid (the weight of the class
+        token on itself, the rest to 1, is left out)."""
+        if not self.cls_attn_blocks:
+            raise ValueError('this XCiT has no class-attention blocks (cls_attn_layers=0)')
+        cls, x, (Hp, Wp) = self._class_token_and_patches(x)
+        for blk in self.cls_attn_blocks[:-1]:
+            cls, x = blk(cls, x)
+        last = self.cls_attn_blocks[-1]
+        weights = last.attn.attention_weights(last.norm1(cls), last.norm1(x))  # (B, 1 + N, h)
+        return weights[:, 1:].transpose([0, 2, 1]).reshape([0, 0, Hp, Wp])
+
+    def _class_token_and_patches(self, x):
+        """(B, 3, H, W) -> the class token (B, 1, C), the patch tokens after the XCA blocks
+        (B, N, C) and the token grid (Hp, Wp)."""
         x, (Hp, Wp) = self.patch_embed(x)
         if self.use_pos:
             x = x + self.pos_embeder(Hp, Wp)
@@ -758,11 +790,7 @@ class XCiT(nn.Layer):
         # In graph mode the batch comes from paddle.shape: with the size that to_static's x.shape
         # gives, Paddle 2.6's oneDNN predictor leaves the class token unexpanded.
         batch = x.shape[0] if paddle.in_dynamic_mode() else paddle.shape(x)[0]
-        cls = self.cls_token.expand([batch, -1, -1])
-        last = len(self.cls_attn_blocks) - 1
-        for i, blk in enumerate(self.cls_attn_blocks):
-            cls, x = blk(cls, x, update_patches=i < last)
-        return self.norm(cls[:, 0])  # LayerNorm is per token: only the class token's is needed
+        return self.cls_token.expand([batch, -1, -1]), x, (Hp, Wp)
 
     def forward(self, x):
         return self.head(self.forward_features(x))

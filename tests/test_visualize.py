@@ -1,0 +1,99 @@
+"""Class-attention maps (``XCiT.class_attention_maps``) and ``visualize_attention.py``."""
+import numpy as np
+import paddle
+import pytest
+from PIL import Image
+
+import visualize_attention
+from config import get_config
+from xcit import XCiT, build_xcit
+
+TINY_YAML = """\
+DATA:
+  IMAGE_SIZE: 64
+MODEL:
+  NUM_CLASSES: 10
+  PATCH_SIZE: 16
+  EMBED_DIM: 32
+  DEPTH: 1
+  NUM_HEADS: 4
+"""
+
+
+def layer_norm(x, weight, bias, eps=1e-6):
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps) * weight + bias
+
+
+def test_class_attention_maps_are_the_class_tokens_softmax_over_the_patches():
+    """One class-attention block, computed as the official code does: LayerNorm of [class token,
+    patches], q from the class token, k from all tokens, a softmax per head over all tokens."""
+    paddle.seed(0)
+    model = XCiT(patch_size=16, embed_dim=32, depth=1, num_heads=4, num_classes=5, cls_attn_layers=1)
+    model.eval()
+    images = paddle.randn([2, 3, 48, 80])
+    maps = model.class_attention_maps(images).numpy()
+    assert maps.shape == (2, 4, 3, 5)
+    with paddle.no_grad():
+        tokens, (Hp, Wp) = model.patch_embed(images)
+        tokens = model.blocks[0](tokens + model.pos_embeder(Hp, Wp), Hp, Wp).numpy()
+    block = model.cls_attn_blocks[0]
+    cls = np.broadcast_to(model.cls_token.numpy(), (2, 1, 32))
+    normed = layer_norm(np.concatenate([cls, tokens], axis=1), block.norm1.weight.numpy(), block.norm1.bias.numpy())
+    qkv = normed @ block.attn.qkv.weight.numpy() + block.attn.qkv.bias.numpy()  # (B, 1 + N, 3C)
+    q = qkv[:, 0, :32].reshape(2, 4, 8)
+    k = qkv[:, :, 32:64].reshape(2, -1, 4, 8)
+    scores = np.einsum('bhd,bnhd->bhn', q, k) * 8 ** -0.5
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    np.testing.assert_allclose(maps, weights[:, :, 1:].reshape(2, 4, Hp, Wp), atol=1e-6)
+
+
+def test_class_attention_maps_of_the_default_two_blocks_are_distributions():
+    model = XCiT(patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=5)
+    model.eval()
+    maps = model.class_attention_maps(paddle.randn([1, 3, 40, 24])).numpy()
+    assert maps.shape == (1, 2, 5, 3)
+    assert np.all(maps >= 0) and np.all(maps.sum(axis=(2, 3)) <= 1 + 1e-6)
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp('visualize')
+    cfg = root / 'tiny.yaml'
+    cfg.write_text(TINY_YAML)
+    paddle.seed(1)
+    weights = root / 'tiny.pdparams'
+    paddle.save(build_xcit(get_config(str(cfg))).state_dict(), str(weights))
+    return str(cfg), str(weights)
+
+
+def test_script_draws_one_png_per_image_and_names_unreadable_files(tiny, tmp_path, capsys):
+    cfg, weights = tiny
+    images = tmp_path / 'images'
+    (images / 'sub').mkdir(parents=True)
+    Image.new('RGB', (120, 90), (200, 40, 40)).save(images / 'cat.jpg')
+    Image.new('RGB', (90, 120), (40, 40, 200)).save(images / 'sub' / 'cat.png')
+    (images / 'broken.jpg').write_bytes(b'not an image')
+    with pytest.raises(SystemExit) as exit_info:
+        visualize_attention.main(['-cfg', cfg, '-pretrained', weights, '-image_size', '96',
+                                  '-output', str(tmp_path / 'out'), str(images)])
+    assert exit_info.value.code == 1
+    out, err = capsys.readouterr()
+    assert f'{images / "broken.jpg"}: cannot read the image' in err
+    assert 'error: 1 of 3 files could not be read' in err
+    assert '4 heads on a 6 x 6 token grid' in out
+    pngs = sorted(p.name for p in (tmp_path / 'out').iterdir())
+    assert pngs == ['cat_attention.png', 'cat_attention_2.png']  # same name, not overwritten
+    with Image.open(tmp_path / 'out' / 'cat_attention.png') as figure:
+        # image, mean and 4 heads: 6 tiles of 96 x 96 in one row, under the title line
+        assert figure.size == (6 * 96, visualize_attention.TITLE_HEIGHT + 96)
+
+
+def test_script_without_images_is_one_error_line(tiny, tmp_path, capsys):
+    cfg, weights = tiny
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        visualize_attention.main(['-cfg', cfg, '-pretrained', weights, str(tmp_path / 'empty')])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.startswith('error: no image files (')
