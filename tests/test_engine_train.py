@@ -14,7 +14,7 @@ from PIL import Image
 import engine
 import main_single_gpu
 import utils
-from config import ConfigError
+from config import ConfigError, get_config
 from datasets import DataError
 from utils import CheckpointError
 
@@ -106,6 +106,8 @@ def test_checkpoint_and_metrics_contents(full_run):
     assert {'model', 'model_ema', 'optimizer', 'lr_scheduler', 'epoch', 'step', 'config', 'best_acc',
             'best_epoch'} <= set(last)
     assert 'DATASET: digits' in last['config'] and last['step'] == 2 * (1438 // 64)
+    # the run's config.yaml is a config file of its own (-cfg for evaluation, export, prediction)
+    assert get_config(str(output / 'config.yaml')).dump() == last['config']
     assert any(k.startswith('blocks.0.mlp.fc1.weight_moment1') for k in last['optimizer'])  # structured names
     assert sorted(p.name for p in output.glob('*.pdparams')) == ['best.pdparams', 'epoch_1.pdparams',
                                                                  'epoch_2.pdparams', 'last.pdparams']
