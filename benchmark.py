@@ -7,7 +7,9 @@
 Paths: ``dygraph`` (the eager model under ``paddle.no_grad``), ``static``
 (``paddle.jit.to_static``) and ``infer`` (``paddle.jit.save`` + ``paddle.inference`` with
 oneDNN), and on request ``onnx`` (that export converted by ``export_model.py -onnx``'s
-Paddle2ONNX and run by ONNX Runtime). Weights are random: speed does not depend on them.
+Paddle2ONNX and run by ONNX Runtime), ``train`` (one training step: forward in training mode,
+cross-entropy, backward, AdamW update) and ``train_gc`` (the same with gradient checkpointing,
+``TRAIN.GRAD_CHECKPOINTING``). Weights are random: speed does not depend on them.
 
 Every measurement runs in a fresh subprocess (``--threads`` OpenMP/math threads), so that
 memory figures do not mix: after one warm-up batch, the median over ``--reps`` timed batches
@@ -39,7 +41,7 @@ from config import ConfigError, get_config
 from export_model import ExportError, check_onnx_packages
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PATHS = ('dygraph', 'static', 'infer', 'onnx')
+PATHS = ('dygraph', 'static', 'infer', 'onnx', 'train', 'train_gc')
 DEFAULT_PATHS = ('dygraph', 'static', 'infer')  # onnx needs packages outside requirements.txt
 SCALING_SIZES = (224, 320, 448, 576, 704, 832, 1024)
 
@@ -88,15 +90,21 @@ def peak_kb():
 
 
 def build_runner(cfg, path, batch, size, threads):
-    """A callable running one batch of random images through ``path``; the model is built."""
+    """A callable running one batch of random images through ``path`` (for the training paths,
+    one training step on them); the model is built."""
     import numpy as np
     import paddle
     from xcit import build_xcit
 
     paddle.set_device('cpu')
-    model = build_xcit(get_config(cfg))
+    config = get_config(cfg)
+    model = build_xcit(config)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((batch, 3, size, size)).astype('float32')
+    if path in ('train', 'train_gc'):
+        labels = rng.integers(0, config.MODEL.NUM_CLASSES, batch)
+        return training_step(model, images, labels, grad_checkpointing=path == 'train_gc')
     model.eval()
-    images = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype('float32')
     if path in ('infer', 'onnx'):
         from export_model import in_memory_predictor
         predictor = in_memory_predictor(model, size, mkldnn=True, threads=threads, onnx=path == 'onnx')
@@ -109,6 +117,26 @@ def build_runner(cfg, path, batch, size, threads):
         with paddle.no_grad():
             return net(x).numpy()
     return run
+
+
+def training_step(model, images, labels, grad_checkpointing):
+    """A callable running one training step of ``model`` on ``images`` (B, 3, S, S) and
+    ``labels`` (B,): forward, cross-entropy, backward and an AdamW update."""
+    import paddle
+    import paddle.nn.functional as F
+
+    model.train()
+    model.set_grad_checkpointing(grad_checkpointing)
+    optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=model.parameters())
+    x, y = paddle.to_tensor(images), paddle.to_tensor(labels)
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        return float(loss)
+    return step
 
 
 def measure(cfg, path, batch, size, threads, reps):
@@ -131,7 +159,7 @@ def measure(cfg, path, batch, size, threads, reps):
 def run_worker(cfg, path, batch, size, threads, reps):
     """One measurement in a fresh process: its dict, or {'error': ...}."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), GLOG_minloglevel='2')
-    job = json.dumps([cfg, path, batch, size, threads, reps])
+    job = json.dumps([os.path.abspath(cfg), path, batch, size, threads, reps])  # the worker runs in HERE
     cmd = [sys.executable, os.path.abspath(__file__), '--worker', job]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE)
     lines = [line for line in done.stdout.splitlines() if line.startswith('{')]

@@ -37,6 +37,21 @@ def test_table_measures_every_path_batch_and_size(cfg, tmp_path, capsys):
     assert 'machine: ' in printed and 'img/s' in printed
 
 
+def test_training_paths_and_the_memory_gradient_checkpointing_saves(tmp_path, monkeypatch, capsys):
+    """A training step with and without recomputed blocks; six blocks on 256 tokens: the
+    activations of five are not kept. The config is given relative to the working folder."""
+    deeper = {'DATA': {'IMAGE_SIZE': 128}, 'MODEL': {**TINY['MODEL'], 'PATCH_SIZE': 8, 'DEPTH': 6}}
+    (tmp_path / 'deeper.yaml').write_text(yaml.safe_dump(deeper), encoding='utf-8')
+    monkeypatch.chdir(tmp_path)
+    benchmark.main(['-cfg', 'deeper.yaml', '--paths', 'train', 'train_gc', '--batch', '8', '--reps', '1',
+                    '--threads', '1', '--json', 'rows.json'])
+    train, checkpointed = json.loads((tmp_path / 'rows.json').read_text())['rows']
+    assert 'error' not in train and 'error' not in checkpointed, (train, checkpointed)
+    assert (train['path'], checkpointed['path']) == ('train', 'train_gc')
+    assert train['images_per_s'] > 0 and checkpointed['images_per_s'] > 0
+    assert checkpointed['peak_mb'] < 0.8 * train['peak_mb'], (checkpointed['peak_mb'], train['peak_mb'])
+
+
 def test_onnx_path_is_measured_on_request(cfg, tmp_path, capsys):
     out = tmp_path / 'rows.json'
     benchmark.main(['-cfg', cfg, '--paths', 'infer', 'onnx', '--batch', '2', '--reps', '1',
