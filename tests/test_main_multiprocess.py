@@ -1,5 +1,5 @@
-"""The command line and the shell scripts, with 2 CPU processes (gloo): evaluation and training
-agree with a single process, and bad input ends the program with one clear error line."""
+"""The command line and the shell scripts, with 2 CPU processes (gloo) and one: evaluation and
+training agree with a single process, and bad input ends the program with one clear error line."""
 import json
 import os
 import subprocess
@@ -73,6 +73,11 @@ def test_eval_script_with_two_cpu_processes_matches_one_process(tiny, tmp_path):
     assert (two['acc1'], two['acc5']) == (one['acc1'], one['acc5'])
     assert two['loss'] == pytest.approx(one['loss'], abs=2e-6)
     assert json.loads((tmp_path / 'two' / 'eval_summary.json').read_text()) == two
+    done = run_script('run_eval_single.sh', dict(DATASET='digits', CONFIG=cfg, PRETRAINED=weights, BATCH_SIZE='64',
+                                                 OUTPUT=str(tmp_path / 'single')), cwd=tmp_path)
+    single = json.loads(done.stdout.strip().splitlines()[-1])
+    assert single['processes'] == 1 and {k: single[k] for k in ('images', 'acc1', 'acc5', 'loss')} == \
+        {k: one[k] for k in ('images', 'acc1', 'acc5', 'loss')}
 
 
 def train_two_processes(cfg, output, args=()):
@@ -95,7 +100,12 @@ def test_train_script_with_two_cpu_processes_matches_one_process(tiny, two_proce
     BatchNorm normalises over each process's 32 images instead of 64."""
     _, cfg, _ = tiny
     one = main_single_gpu.main(['-cfg', cfg, '-batch_size', '64', '-output', str(tmp_path / 'one')])
+    run_script('run_train_single.sh', dict(DATASET='digits', CONFIG=cfg, BATCH_SIZE='64',
+                                           OUTPUT=str(tmp_path / 'single')), cwd=tmp_path)
     runs = [paddle.load(str(folder / 'last.pdparams')) for folder in (tmp_path / 'one', two_processes)]
+    single = paddle.load(str(tmp_path / 'single' / 'last.pdparams'))
+    for name, value in runs[0]['model'].items():  # the single-process script is that same run
+        np.testing.assert_array_equal(np.asarray(single['model'][name]), np.asarray(value), err_msg=name)
     assert runs[0]['step'] == runs[1]['step'] == 1438 // 64
     assert runs[0]['lr_scheduler'] == runs[1]['lr_scheduler']
     paddle.seed(0)  # SEED: the initial weights of both runs
