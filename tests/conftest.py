@@ -1,5 +1,5 @@
-"""Shared test set-up: the project root on sys.path, the golden fixtures' location, and a way
-to make installed packages look absent."""
+"""Shared test set-up: the project root on sys.path, the golden fixtures' location, a config
+with random weights, and a way to make installed packages look absent."""
 import importlib.util
 import os
 import sys
@@ -16,3 +16,18 @@ def hide_packages(monkeypatch, *names):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, 'find_spec',
                         lambda name, *args: None if name in names else find_spec(name, *args))
+
+
+def random_model_files(folder, config_yaml, seed=1):
+    """Writes ``config_yaml`` to ``folder``/tiny.yaml and the random initial weights of its model
+    (``paddle.seed(seed)``) to ``folder``/tiny.pdparams; returns both paths as strings."""
+    import paddle
+    from config import get_config
+    from xcit import build_xcit
+    cfg = os.path.join(folder, 'tiny.yaml')
+    with open(cfg, 'w', encoding='utf-8') as f:
+        f.write(config_yaml)
+    paddle.seed(seed)
+    weights = os.path.join(folder, 'tiny.pdparams')
+    paddle.save(build_xcit(get_config(cfg)).state_dict(), weights)
+    return cfg, weights

@@ -9,7 +9,7 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, random_model_files
 import main_single_gpu
 from config import get_config
 from xcit import build_xcit
@@ -43,13 +43,7 @@ REPORT_FREQ: 10
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
     """A tiny digits config and random weights for it."""
-    root = tmp_path_factory.mktemp('multi')
-    cfg = root / 'tiny.yaml'
-    cfg.write_text(TINY_YAML)
-    paddle.seed(1)
-    weights = root / 'tiny.pdparams'
-    paddle.save(build_xcit(get_config(str(cfg))).state_dict(), str(weights))
-    return root, str(cfg), str(weights)
+    return random_model_files(tmp_path_factory.mktemp('multi'), TINY_YAML)
 
 
 def run_script(script, env, cwd, args=()):
@@ -63,7 +57,7 @@ def run_script(script, env, cwd, args=()):
 
 
 def test_eval_script_with_two_cpu_processes_matches_one_process(tiny, tmp_path):
-    root, cfg, weights = tiny
+    cfg, weights = tiny
     done = run_script('run_eval_multi.sh', dict(NGPUS='2', DATASET='digits', CONFIG=cfg, PRETRAINED=weights,
                                                 BATCH_SIZE='100', OUTPUT=str(tmp_path / 'two')), cwd=tmp_path)
     two = json.loads(done.stdout.strip().splitlines()[-1])
@@ -91,14 +85,14 @@ def train_two_processes(cfg, output, args=()):
 
 @pytest.fixture(scope='module')
 def two_processes(tiny, tmp_path_factory):
-    return train_two_processes(tiny[1], tmp_path_factory.mktemp('two') / 'out')
+    return train_two_processes(tiny[0], tmp_path_factory.mktemp('two') / 'out')
 
 
 def test_train_script_with_two_cpu_processes_matches_one_process(tiny, two_processes, tmp_path):
     """2 processes x 32 images follow 1 process x 64 images: the same global batches, the same
     (world-size scaled) learning rate, gradients averaged. Not bit for bit: in training mode
     BatchNorm normalises over each process's 32 images instead of 64."""
-    _, cfg, _ = tiny
+    cfg, _ = tiny
     one = main_single_gpu.main(['-cfg', cfg, '-batch_size', '64', '-output', str(tmp_path / 'one')])
     run_script('run_train_single.sh', dict(DATASET='digits', CONFIG=cfg, BATCH_SIZE='64',
                                            OUTPUT=str(tmp_path / 'single')), cwd=tmp_path)
@@ -125,7 +119,7 @@ def test_train_script_with_two_cpu_processes_matches_one_process(tiny, two_proce
 def test_grad_checkpointing_with_two_cpu_processes_trains_the_same_weights(tiny, two_processes, tmp_path):
     """With recomputed blocks the gradients are all-reduced after the backward pass instead of
     by DataParallel during it: the same weights, bit for bit."""
-    output = train_two_processes(tiny[1], tmp_path / 'out', args=['-opts', 'TRAIN.GRAD_CHECKPOINTING', 'True'])
+    output = train_two_processes(tiny[0], tmp_path / 'out', args=['-opts', 'TRAIN.GRAD_CHECKPOINTING', 'True'])
     runs = [paddle.load(str(folder / 'last.pdparams')) for folder in (two_processes, output)]
     for name, value in runs[0]['model'].items():
         np.testing.assert_array_equal(np.asarray(runs[1]['model'][name]), np.asarray(value), err_msg=name)
@@ -139,7 +133,7 @@ def test_grad_checkpointing_with_two_cpu_processes_trains_the_same_weights(tiny,
     (['-eval', '-pretrained', 'no_such.pdparams'], 'error: checkpoint not found: no_such.pdparams'),
 ])
 def test_bad_command_line_is_one_error_line(tiny, tmp_path, args, message):
-    root, cfg, _ = tiny
+    cfg, _ = tiny
     done = subprocess.run([sys.executable, os.path.join(ROOT, 'main_multi_gpu.py'), '-cfg', cfg, '-ngpus', '2',
                            '-output', str(tmp_path), *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1

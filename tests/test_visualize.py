@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 import visualize_attention
-from config import get_config
-from xcit import XCiT, build_xcit
+from conftest import random_model_files
+from xcit import XCiT
 
 TINY_YAML = """\
 DATA:
@@ -59,13 +59,7 @@ def test_class_attention_maps_of_the_default_two_blocks_are_distributions():
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp('visualize')
-    cfg = root / 'tiny.yaml'
-    cfg.write_text(TINY_YAML)
-    paddle.seed(1)
-    weights = root / 'tiny.pdparams'
-    paddle.save(build_xcit(get_config(str(cfg))).state_dict(), str(weights))
-    return str(cfg), str(weights)
+    return random_model_files(tmp_path_factory.mktemp('visualize'), TINY_YAML)
 
 
 def test_script_draws_one_png_per_image_and_names_unreadable_files(tiny, tmp_path, capsys):
