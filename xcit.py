@@ -775,18 +775,47 @@ class XCiT(nn.Layer):
         weights = last.attn.attention_weights(last.norm1(cls), last.norm1(x))  # (B, 1 + N, h)
         return weights[:, 1:].transpose([0, 2, 1]).reshape([0, 0, Hp, Wp])
 
-    def _class_token_and_patches(self, x):
-        """(B, 3, H, W) -> the class token (B, 1, C), the patch tokens after the XCA blocks
-        (B, N, C) and the token grid (Hp, Wp)."""
+    def forward_intermediates(self, x, indices=4):
+        """(B, 3, H, W) -> the patch tokens after some XCA blocks as feature maps
+        [(B, embed_dim, Hp, Wp), ...], for dense prediction (XCiT's detection and segmentation
+        backbones take blocks 3, 5, 7 and 11 of the 12-block models). ``indices``: an int n for
+        the last n blocks, or a list of block indices (negative ones count from the end); the
+        blocks after the last one asked for are not run."""
+        depth = len(self.blocks)
+        wanted = list(range(depth - indices, depth)) if isinstance(indices, int) else list(indices)
+        wanted = sorted({i + depth if i < 0 else i for i in wanted})
+        if not wanted or wanted[0] < 0 or wanted[-1] >= depth:
+            raise ValueError(f'block indices {indices} do not select among the {depth} XCA blocks')
+        x, (Hp, Wp) = self._embedded_patches(x)
+        maps = []
+        for i, blk in enumerate(self.blocks[:wanted[-1] + 1]):
+            x = self._run_block(blk, x, Hp, Wp)
+            if i in wanted:
+                maps.append(x.transpose([0, 2, 1]).reshape([0, 0, Hp, Wp]))
+        return maps
+
+    def _run_block(self, blk, x, Hp, Wp):
+        """``blk(x, Hp, Wp)``, recomputed in the backward pass under gradient checkpointing."""
+        checkpointing = self.grad_checkpointing and self.training and paddle.in_dynamic_mode() \
+            and paddle.is_grad_enabled()
+        # an input without gradient (frozen stem) would hide the block's own gradients
+        if checkpointing and not x.stop_gradient:
+            return _recomputed(blk, x, Hp, Wp)
+        return blk(x, Hp, Wp)
+
+    def _embedded_patches(self, x):
+        """(B, 3, H, W) -> the patch tokens entering the XCA blocks (B, N, C) and their grid (Hp, Wp)."""
         x, (Hp, Wp) = self.patch_embed(x)
         if self.use_pos:
             x = x + self.pos_embeder(Hp, Wp)
-        x = self.pos_drop(x)
-        checkpointing = self.grad_checkpointing and self.training and paddle.in_dynamic_mode() \
-            and paddle.is_grad_enabled()
+        return self.pos_drop(x), (Hp, Wp)
+
+    def _class_token_and_patches(self, x):
+        """(B, 3, H, W) -> the class token (B, 1, C), the patch tokens after the XCA blocks
+        (B, N, C) and the token grid (Hp, Wp)."""
+        x, (Hp, Wp) = self._embedded_patches(x)
         for blk in self.blocks:
-            # an input without gradient (frozen stem) would hide the block's own gradients
-            x = _recomputed(blk, x, Hp, Wp) if checkpointing and not x.stop_gradient else blk(x, Hp, Wp)
+            x = self._run_block(blk, x, Hp, Wp)
         # In graph mode the batch comes from paddle.shape: with the size that to_static's x.shape
         # gives, Paddle 2.6's oneDNN predictor leaves the class token unexpanded.
         batch = x.shape[0] if paddle.in_dynamic_mode() else paddle.shape(x)[0]

@@ -131,3 +131,23 @@ def test_grad_checkpointing_changes_nothing_but_memory(monkeypatch, frozen_embed
     with paddle.no_grad():
         model(images)
     assert len(calls) == (2 if frozen_embedding else 3)  # evaluation never recomputes
+
+
+def test_forward_intermediates_are_block_outputs_as_maps():
+    model = tiny(depth=4)
+    model.eval()
+    images = paddle.randn([2, 3, 48, 80])
+    with paddle.no_grad():
+        tokens, (Hp, Wp) = model.patch_embed(images)
+        tokens = tokens + model.pos_embeder(Hp, Wp)
+        outputs = []
+        for blk in model.blocks:
+            tokens = blk(tokens, Hp, Wp)
+            outputs.append(tokens.numpy())
+        maps = [m.numpy() for m in model.forward_intermediates(images, [0, -2])]
+        last_two = [m.numpy() for m in model.forward_intermediates(images, 2)]
+    assert [m.shape for m in maps] == [(2, 32, 3, 5)] * 2
+    for got, block in zip(maps + last_two, [0, 2, 2, 3]):
+        np.testing.assert_array_equal(got, outputs[block].transpose(0, 2, 1).reshape(2, 32, 3, 5))
+    with pytest.raises(ValueError, match=r'block indices \[4\] do not select among the 4 XCA blocks'):
+        model.forward_intermediates(images, [4])
