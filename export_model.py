@@ -45,12 +45,12 @@ class ExportError(RuntimeError):
     """The export cannot be written, or it does not reproduce the dygraph model."""
 
 
-def load_model(cfg_path, pretrained, image_size=None):
+def load_model(cfg_path, pretrained, image_size=None, use_ema=False):
     """(config, eval-mode XCiT) of ``cfg_path`` with every weight of ``pretrained``.
 
-    ``pretrained`` is a converted ``.pdparams`` or a training checkpoint (its 'model' entry).
-    Unlike training, nothing may be missing: a missing, unexpected or differently shaped
-    key raises ``CheckpointError`` with a table of them.
+    ``pretrained`` is a converted ``.pdparams`` or a training checkpoint (its 'model' entry, or
+    with ``use_ema`` its 'model_ema'). Unlike training, nothing may be missing: a missing,
+    unexpected or differently shaped key raises ``CheckpointError`` with a table of them.
     """
     config = get_config(cfg_path)
     if image_size:
@@ -59,7 +59,7 @@ def load_model(cfg_path, pretrained, image_size=None):
         check_values(config, '-image_size')
         config.freeze()
     model = build_xcit(config)
-    load_every_weight(model, pretrained, f'the model of {cfg_path}')
+    load_every_weight(model, pretrained, f'the model of {cfg_path}', use_ema)
     model.eval()
     return config, model
 
@@ -204,6 +204,7 @@ def parse_args(argv=None):
     parser.add_argument('-cfg', required=True, help='model YAML config')
     parser.add_argument('-pretrained', required=True,
                         help='weights: a converted .pdparams or a training checkpoint')
+    parser.add_argument('-ema', action='store_true', help="the training checkpoint's EMA weights ('model_ema')")
     parser.add_argument('-output', required=True,
                         help='folder for model.json / model.pdmodel and model.pdiparams')
     parser.add_argument('-image_size', type=int, default=None,
@@ -231,7 +232,7 @@ def main(argv=None):
                               f'one up in ./.venv26), whose export is the .pdmodel format.')
         if args.onnx:
             check_onnx_packages()
-        config, model = load_model(args.cfg, args.pretrained, args.image_size)
+        config, model = load_model(args.cfg, args.pretrained, args.image_size, args.ema)
         path = export(model, args.output, args.image_size)
         dynamic = 'batch' if args.image_size else 'batch, height and width'
         print(f'exported {config.MODEL.NAME} to {path} and model.pdiparams '

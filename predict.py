@@ -84,7 +84,7 @@ def build_predictor(args):
     if args.model_dir:
         return get_config(args.cfg), InferenceModel(args.model_dir, device=args.device)
     paddle.set_device(args.device)
-    config, model = load_model(args.cfg, args.pretrained)
+    config, model = load_model(args.cfg, args.pretrained, use_ema=args.ema)
 
     def run(images):
         with paddle.no_grad():
@@ -104,6 +104,8 @@ def parse_args(argv=None):
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument('-pretrained', help='weights for the dygraph model (.pdparams or training checkpoint)')
     weights.add_argument('-model_dir', help='folder of a model exported by export_model.py')
+    parser.add_argument('-ema', action='store_true',
+                        help="with -pretrained, the training checkpoint's EMA weights ('model_ema')")
     parser.add_argument('-output', default=None, help='write the CSV here (default: stdout)')
     parser.add_argument('-class_names', default=None,
                         help='class names, one per line (default: ImageNet-1k names for 1000 classes)')
@@ -111,6 +113,9 @@ def parse_args(argv=None):
     parser.add_argument('-device', default=None,
                         help='cpu, gpu or gpu:N (default: the first GPU if Paddle sees one, else the CPU)')
     args = parser.parse_args(argv)
+    if args.ema and args.model_dir:
+        parser.error('-ema selects weights of a -pretrained checkpoint; an exported model has its own '
+                     '(export it with export_model.py -ema)')
     try:
         args.device = resolve_device(args.device)
     except ValueError as e:

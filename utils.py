@@ -208,10 +208,10 @@ def weights_of(checkpoint, path, use_ema=False):
     return state
 
 
-def load_every_weight(model, path, what):
+def load_every_weight(model, path, what, use_ema=False):
     """Loads ``path`` (a converted ``.pdparams`` or a training checkpoint, see ``weights_of``)
     into ``model``, which must take every entry: a missing, unexpected or differently shaped
     key raises ``CheckpointError`` naming ``what`` the model is, with a table of them."""
-    state = weights_of(load_checkpoint(path), path)
+    state = weights_of(load_checkpoint(path), path, use_ema)
     check_fits(state, state_shapes(model.state_dict()), f'{path} does not fit {what}')
     model.set_state_dict(state)

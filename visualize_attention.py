@@ -94,6 +94,7 @@ def parse_args(argv=None):
     parser.add_argument('inputs', nargs='+', metavar='IMAGE_OR_FOLDER')
     parser.add_argument('-cfg', required=True, help='model YAML config (its DATA section sets the transform)')
     parser.add_argument('-pretrained', required=True, help='weights (.pdparams or training checkpoint)')
+    parser.add_argument('-ema', action='store_true', help="the training checkpoint's EMA weights ('model_ema')")
     parser.add_argument('-image_size', type=int, default=None, help='input side in pixels (default: the config\'s)')
     parser.add_argument('-output', default='attention', help='folder for the PNGs (default: ./attention)')
     parser.add_argument('-class_names', default=None,
@@ -105,7 +106,7 @@ def main(argv=None):
     args = parse_args(argv)
     paddle.set_device('cpu')
     try:
-        config, model = load_model(args.cfg, args.pretrained, args.image_size)
+        config, model = load_model(args.cfg, args.pretrained, args.image_size, args.ema)
         num_classes = config.MODEL.NUM_CLASSES
         names = read_class_names(args.class_names or (IMAGENET_CLASSES if num_classes == 1000 else None),
                                  num_classes)

@@ -173,6 +173,17 @@ def test_legacy_format_needs_paddle_2(tiny, tmp_path, capsys):
         assert os.path.isfile(tmp_path / 'model.pdmodel')
 
 
+def test_ema_weights_of_a_training_checkpoint_are_exported(tiny, tmp_path, capsys):
+    cfg, weights, model = tiny
+    state = paddle.load(weights)
+    checkpoint = str(tmp_path / 'last.pdparams')
+    paddle.save({'model': {name: value * 0.5 for name, value in state.items()}, 'model_ema': state}, checkpoint)
+    main(['-cfg', cfg, '-pretrained', checkpoint, '-ema', '-image_size', '48', '-output', str(tmp_path / 'out')])
+    assert 'OK: the exported model matches' in capsys.readouterr().out
+    x = np.random.default_rng(1).standard_normal((2, 3, 48, 48)).astype('float32')
+    np.testing.assert_allclose(InferenceModel(str(tmp_path / 'out'))(x), logits(model, x), atol=1e-4, rtol=0)
+
+
 def test_checkpoint_that_does_not_fit_is_named(tiny, tmp_path, capsys):
     cfg, weights, _ = tiny
     state = paddle.load(weights)

@@ -105,6 +105,25 @@ def test_exported_model_gives_the_same_predictions(setup):
         np.testing.assert_allclose([float(v) for v in row[11:16]], probs[0], atol=1e-5)
 
 
+def test_ema_weights_of_a_training_checkpoint(setup, tmp_path, capsys):
+    """-ema predicts with the checkpoint's 'model_ema' (here the fixture's weights), not its 'model'."""
+    weights = paddle.load(setup['weights'])
+    other = {name: value * 0.5 for name, value in weights.items()}
+    checkpoint = str(tmp_path / 'last.pdparams')
+    paddle.save({'model': other, 'model_ema': weights, 'epoch': 3}, checkpoint)
+    a = str(setup['images'] / 'a.jpg')
+    main(['-cfg', setup['cfg'], '-pretrained', checkpoint, '-ema', '-class_names', setup['names'], a])
+    (best, *_), (prob, *_) = (row[0] for row in setup['expected'][a])
+    assert capsys.readouterr().out.splitlines()[1] == f'  1. {NAMES[best]} ({best}): {prob:.4f}'
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-cfg', setup['cfg'], '-pretrained', setup['weights'], '-ema', a])
+    assert exit_info.value.code == 1
+    assert "-ema needs EMA weights ('model_ema'), but this plain state dict has none" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-cfg', setup['cfg'], '-model_dir', str(tmp_path), '-ema', a])
+    assert exit_info.value.code == 2 and 'an exported model has its own' in capsys.readouterr().err
+
+
 def test_wrong_number_of_class_names_is_an_error(setup, tmp_path, capsys):
     names = tmp_path / 'three.txt'
     names.write_text('a\nb\nc\n')

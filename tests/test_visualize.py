@@ -91,3 +91,11 @@ def test_script_without_images_is_one_error_line(tiny, tmp_path, capsys):
         visualize_attention.main(['-cfg', cfg, '-pretrained', weights, str(tmp_path / 'empty')])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.startswith('error: no image files (')
+
+
+def test_ema_asks_for_the_checkpoints_ema_weights(tiny, tmp_path, capsys):
+    cfg, weights = tiny
+    with pytest.raises(SystemExit) as exit_info:
+        visualize_attention.main(['-cfg', cfg, '-pretrained', weights, '-ema', str(tmp_path)])
+    assert exit_info.value.code == 1
+    assert "-ema needs EMA weights ('model_ema'), but this plain state dict has none" in capsys.readouterr().err
