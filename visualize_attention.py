@@ -9,8 +9,8 @@ evaluation transform of ``-cfg``, at ``-image_size`` if given: XCiT takes any si
 inputs give finer maps). Each map is scaled to its own maximum; a head's label gives the share
 of its attention on the patches (the rest is on the class token). The PNG,
 ``<output>/<image name>_attention.png``, has the image, the mean of the heads' maps and each
-head's map, with the model's top-1 class as the title line. A file that cannot be read as an
-image is reported on stderr and skipped; the exit status is then 1.
+head's map, with the model's top-1 class as the title line. The model runs on the CPU. A file
+that cannot be read as an image is reported on stderr and skipped; the exit status is then 1.
 """
 import argparse
 import os
