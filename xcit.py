@@ -596,7 +596,7 @@ class ClassAttention(nn.Layer):
     def forward(self, cls, patches):
         """Class token (B, 1, C) and patch tokens (B, N, C) -> the attended class token (B, 1, C)."""
         attn, v, head_of = self._attention(cls, patches)
-        cls_token = paddle.matmul(self.attn_drop(attn), v, transpose_x=True)  # (B, h, C): each head's mix of all channels
+        cls_token = paddle.matmul(self.attn_drop(attn), v, transpose_x=True)  # (B, h, C): each head's mix
         cls_token = paddle.sum(cls_token * head_of.transpose([1, 0]), axis=1, keepdim=True)  # (B, 1, C)
         return self.proj_drop(self.proj(cls_token))
 
@@ -692,7 +692,10 @@ class XCiT(nn.Layer):
     """Cross-Covariance Image Transformer.
 
     ``forward(x)``: images (B, 3, H, W), any H and W -> logits (B, num_classes), in train
-    and eval mode alike. ``forward_features(x)`` -> final-norm class token (B, embed_dim).
+    and eval mode alike. ``forward_features(x)`` -> final-norm class token (B, embed_dim);
+    ``forward_intermediates(x, indices)`` -> XCA block outputs as feature maps;
+    ``class_attention_maps(x)`` -> where the class token looks, per head. Fine-tuning:
+    ``reset_classifier(n)``, ``set_grad_checkpointing()``, ``no_weight_decay()``.
     """
 
     def __init__(self, patch_size=16, num_classes=1000, embed_dim=768, depth=12, num_heads=12,
