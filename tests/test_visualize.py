@@ -69,14 +69,16 @@ def test_script_draws_one_png_per_image_and_names_unreadable_files(tiny, tmp_pat
     Image.new('RGB', (120, 90), (200, 40, 40)).save(images / 'cat.jpg')
     Image.new('RGB', (90, 120), (40, 40, 200)).save(images / 'sub' / 'cat.png')
     (images / 'broken.jpg').write_bytes(b'not an image')
+    names = tmp_path / 'names.txt'
+    names.write_text(''.join(f'digit {i}\n' for i in range(10)), encoding='utf-8')
     with pytest.raises(SystemExit) as exit_info:
-        visualize_attention.main(['-cfg', cfg, '-pretrained', weights, '-image_size', '96',
-                                  '-output', str(tmp_path / 'out'), str(images)])
+        visualize_attention.main(['-cfg', cfg, '-pretrained', weights, '-image_size', '96', '-class_names',
+                                  str(names), '-output', str(tmp_path / 'out'), str(images)])
     assert exit_info.value.code == 1
     out, err = capsys.readouterr()
     assert f'{images / "broken.jpg"}: cannot read the image' in err
     assert 'error: 1 of 3 files could not be read' in err
-    assert '4 heads on a 6 x 6 token grid' in out
+    assert '4 heads on a 6 x 6 token grid' in out and f'{images / "cat.jpg"}: digit ' in out
     pngs = sorted(p.name for p in (tmp_path / 'out').iterdir())
     assert pngs == ['cat_attention.png', 'cat_attention_2.png']  # same name, not overwritten
     with Image.open(tmp_path / 'out' / 'cat_attention.png') as figure:
