@@ -7,7 +7,11 @@
 * ``imagefolder``: ``train/<class>/...`` and ``val/<class>/...``; classes sorted by folder name get
   labels 0, 1, ...; image files found as torchvision's ``ImageFolder`` finds them;
 * ``digits``: scikit-learn's 8x8 handwritten digits bundled in ``data/digits.npz`` (1,797 images,
-  10 classes, fixed split documented in ``data/README.md``); DATA_PATH is not used.
+  10 classes, fixed split documented in ``data/README.md``); DATA_PATH is not used;
+* ``cifar10`` / ``cifar100``: the CIFAR "python version" (train / test as train / val), either
+  extracted (``cifar-10-batches-py/`` or ``cifar-100-python/`` in DATA_PATH) or as the archive
+  (``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``, also Paddle's cached download). Its
+  batches are pickles: they are read with an unpickler that builds numpy arrays and nothing else.
 
 An item is ``(image, label)``: image float32 (3, S, S) from the evaluation or training transform,
 label int64. In 'train' mode the augmentation of item ``index`` draws all its randomness from
@@ -18,8 +22,12 @@ Problems with the data raise ``DataError`` naming the file (and list-file line):
 images when they are loaded; everything else (missing files or folders, malformed list lines,
 labels outside [0, MODEL.NUM_CLASSES), empty datasets) when the dataset is built.
 """
+import codecs
+import io
 import itertools
 import os
+import pickle
+import tarfile
 
 import numpy as np
 import paddle
@@ -32,7 +40,13 @@ from transforms import build_eval_transform, build_train_transform
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 DIGITS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'digits.npz')
 MODES = ('train', 'val')
-FOLDER_DATASETS = ('imagenet2012', 'imagefolder')  # read from DATA.DATA_PATH; digits is bundled
+FOLDER_DATASETS = ('imagenet2012', 'imagefolder', 'cifar10', 'cifar100')  # in DATA.DATA_PATH; digits is bundled
+# name -> (archive, its folder, train batches, test batches, label key, classes)
+CIFAR = {
+    'cifar10': ('cifar-10-python.tar.gz', 'cifar-10-batches-py', [f'data_batch_{i}' for i in range(1, 6)],
+                ['test_batch'], b'labels', 10),
+    'cifar100': ('cifar-100-python.tar.gz', 'cifar-100-python', ['train'], ['test'], b'fine_labels', 100),
+}
 
 
 class DataError(ValueError):
@@ -98,15 +112,15 @@ class ImageFileDataset(ImageDataset):
         return img
 
 
-class DigitsDataset(ImageDataset):
-    """8x8 grayscale digits, pixel values 0..16 stretched to 0..255."""
+class ArrayDataset(ImageDataset):
+    """Images held in memory: uint8 (N, H, W) grayscale or (N, H, W, 3) RGB."""
 
-    def __init__(self, images, labels, mode, transform, seed):
-        super().__init__(labels, 10, mode, transform, seed)
-        self.images = np.rint(images.astype(np.float32) * (255 / 16)).astype(np.uint8)
+    def __init__(self, images, labels, num_classes, mode, transform, seed):
+        super().__init__(labels, num_classes, mode, transform, seed)
+        self.images = images
 
     def load_image(self, i):
-        return Image.fromarray(self.images[i])  # 2-D uint8: mode 'L'
+        return Image.fromarray(self.images[i])  # mode 'L' or 'RGB'
 
 
 def _check_dir(path, what):
@@ -201,16 +215,106 @@ def _imagefolder(config, mode, transform):
     return dataset
 
 
-def _digits(config, mode, transform):
-    if config.MODEL.NUM_CLASSES < 10:
-        raise DataError(f'{DIGITS_FILE}: labels 0..9 need MODEL.NUM_CLASSES >= 10, '
+def _check_num_classes(config, num_classes, where):
+    if config.MODEL.NUM_CLASSES < num_classes:
+        raise DataError(f'{where}: labels 0..{num_classes - 1} need MODEL.NUM_CLASSES >= {num_classes}, '
                         f'got {config.MODEL.NUM_CLASSES}')
+
+
+def _digits(config, mode, transform):
+    _check_num_classes(config, 10, DIGITS_FILE)
     with np.load(DIGITS_FILE) as data:
         keep = data['is_val'] == (mode == 'val')
-        return DigitsDataset(data['images'][keep], data['labels'][keep], mode, transform, config.SEED)
+        images = np.rint(data['images'][keep].astype(np.float32) * (255 / 16)).astype(np.uint8)  # 0..16 -> 0..255
+        return ArrayDataset(images, data['labels'][keep], 10, mode, transform, config.SEED)
 
 
-DATASETS = {'imagenet2012': _imagenet2012, 'imagefolder': _imagefolder, 'digits': _digits}
+def _numpy_multiarray():
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1.x before 1.26
+        from numpy.core import multiarray
+    return multiarray
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """Unpickles containers of numpy arrays (CIFAR's batches): the only globals it hands out are
+    numpy's array and scalar constructors, ``ndarray`` and ``dtype``, and ``codecs.encode`` (how
+    Python 3 writes bytes in protocol 2); any other raises ``DataError``."""
+
+    ALLOWED = ({(module, name) for module in ('numpy.core.multiarray', 'numpy._core.multiarray')
+                for name in ('_reconstruct', 'scalar')}
+               | {('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')})
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise DataError(f"refused global '{module}.{name}': a CIFAR batch holds only arrays, lists "
+                            f"and bytes, and nothing from the file is ever executed")
+        if module == '_codecs':
+            return codecs.encode
+        return getattr(np if module == 'numpy' else _numpy_multiarray(), name)
+
+
+def _cifar_batch(raw, where, label_key):
+    """(images uint8 (N, 32, 32, 3), labels) of one pickled CIFAR batch; ``where`` names it."""
+    try:
+        batch = ArrayUnpickler(io.BytesIO(raw), encoding='bytes').load()
+    except DataError as e:
+        raise DataError(f'{where}: {e}') from None
+    except Exception as e:  # a truncated or foreign file: whatever pickle raises, name the file
+        raise DataError(f'{where}: not a CIFAR batch ({type(e).__name__}: {e})') from e
+    data = batch.get(b'data') if isinstance(batch, dict) else None
+    labels = np.asarray(batch.get(label_key, []) if isinstance(batch, dict) else [])
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] == (3 * 32 * 32,)
+            and labels.shape == (len(data),) and labels.dtype.kind in 'iu'):
+        raise DataError(f"{where}: not a CIFAR batch (expected b'data' uint8 (N, 3072) and {label_key!r}, "
+                        f"N integer labels)")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels.astype(np.int64)
+
+
+def _cifar_files(root, archive, folder, names):
+    """[(raw bytes, where)] of the batch files ``names`` of ``folder``, read from the extracted
+    folder in ``root`` or else from the ``archive`` there."""
+    extracted = os.path.join(root, folder)
+    if os.path.isdir(extracted):
+        files = []
+        for name in names:
+            path = os.path.join(extracted, name)
+            if not os.path.isfile(path):
+                raise DataError(f'CIFAR batch not found: {path}')
+            with open(path, 'rb') as f:
+                files.append((f.read(), path))
+        return files
+    archive = os.path.join(root, archive)
+    if not os.path.isfile(archive):
+        raise DataError(f'{root}: neither {folder}/ nor {os.path.basename(archive)} found')
+    with tarfile.open(archive) as tar:
+        files = []
+        for name in names:
+            try:
+                member = tar.extractfile(f'{folder}/{name}')
+            except KeyError:
+                member = None
+            if member is None:
+                raise DataError(f'{archive}: no {folder}/{name} in the archive')
+            files.append((member.read(), f'{archive}:{folder}/{name}'))
+        return files
+
+
+def _cifar(config, mode, transform):
+    check_data_path(config)
+    archive, folder, train_names, test_names, label_key, num_classes = CIFAR[config.DATA.DATASET]
+    _check_num_classes(config, num_classes, config.DATA.DATASET)
+    files = _cifar_files(config.DATA.DATA_PATH, archive, folder, train_names if mode == 'train' else test_names)
+    batches = [_cifar_batch(raw, where, label_key) for raw, where in files]
+    images, labels = (np.concatenate(parts) for parts in zip(*batches))
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise DataError(f'{files[0][1]}: labels outside [0, {num_classes})')
+    return ArrayDataset(np.ascontiguousarray(images), labels, num_classes, mode, transform, config.SEED)
+
+
+DATASETS = {'imagenet2012': _imagenet2012, 'imagefolder': _imagefolder, 'digits': _digits,
+            'cifar10': _cifar, 'cifar100': _cifar}
 
 
 def build_dataset(config, mode):

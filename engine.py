@@ -77,7 +77,8 @@ def build_arg_parser(multi_process=False):
                       else 'one process (a GPU if there is one, else the CPU).')))
     add = parser.add_argument
     add('-cfg', type=str, default=None, help='YAML config file')
-    add('-dataset', type=str, default=None, help='imagenet2012, imagefolder or digits (DATA.DATASET)')
+    add('-dataset', type=str, default=None,
+        help='imagenet2012, imagefolder, cifar10, cifar100 or digits (DATA.DATASET)')
     add('-data_path', type=str, default=None, help='dataset folder (DATA.DATA_PATH)')
     add('-batch_size', type=int, default=None,
         help='training batch per process (DATA.BATCH_SIZE); with -eval and no -batch_size_eval, '

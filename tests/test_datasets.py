@@ -1,7 +1,10 @@
 """Datasets, samplers and loaders: layouts built from generated images, the bundled digits, every
 bad-input error, rank sharding, and the determinism of the training stream."""
+import io
 import multiprocessing
 import os
+import pickle
+import tarfile
 
 import numpy as np
 import paddle
@@ -54,6 +57,90 @@ def test_digits_split_sizes_and_pixels():
 def test_digits_need_ten_classes():
     with pytest.raises(DataError, match='digits.npz.*NUM_CLASSES'):
         build_dataset(make_config(**{'DATA.DATASET': 'digits', 'MODEL.NUM_CLASSES': 9}), 'val')
+
+
+# ------------------------------------------------------------------ CIFAR
+
+
+def cifar_batch(seed, count, label_key, num_classes, numpy_labels=False):
+    """A CIFAR "python version" batch as pickled bytes (protocol 2, bytes keys, as the originals;
+    labels Python ints as there, or numpy integers as in some re-saved copies)."""
+    rng = np.random.default_rng(seed)
+    labels = list(rng.integers(0, num_classes, count))
+    batch = {b'data': rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+             label_key: labels if numpy_labels else [int(v) for v in labels], b'batch_label': b'test'}
+    return pickle.dumps(batch, protocol=2)
+
+
+def write_cifar10(root, count=4):
+    """An extracted cifar-10-batches-py with ``count`` images per batch; returns the batches."""
+    folder = root / 'cifar-10-batches-py'
+    folder.mkdir(parents=True)
+    batches = {name: cifar_batch(i, count, b'labels', 10)
+               for i, name in enumerate([f'data_batch_{i}' for i in range(1, 6)] + ['test_batch'])}
+    for name, raw in batches.items():
+        (folder / name).write_bytes(raw)
+    return batches
+
+
+def test_cifar10_from_the_extracted_folder(tmp_path):
+    batches = write_cifar10(tmp_path)
+    config = make_config(**{'DATA.DATASET': 'cifar10', 'DATA.DATA_PATH': str(tmp_path)})
+    train, val = build_dataset(config, 'train'), build_dataset(config, 'val')
+    assert (len(train), len(val), train.num_classes) == (20, 4, 10)
+    test = pickle.loads(batches['test_batch'], encoding='bytes')
+    np.testing.assert_array_equal(val.labels, test[b'labels'])
+    # row-major planes R, G, B of 32 x 32 pixels -> an RGB image
+    expected = Image.fromarray(test[b'data'][2].reshape(3, 32, 32).transpose(1, 2, 0))
+    image, label = val[2]
+    np.testing.assert_array_equal(image, build_eval_transform(config)(expected))
+    assert label == test[b'labels'][2]
+    first = pickle.loads(batches['data_batch_1'], encoding='bytes')
+    np.testing.assert_array_equal(train.labels[:4], first[b'labels'])
+
+
+def test_cifar100_from_the_archive_and_its_fine_labels(tmp_path):
+    with tarfile.open(tmp_path / 'cifar-100-python.tar.gz', 'w:gz') as tar:
+        for i, name in enumerate(['train', 'test']):
+            raw = cifar_batch(i, 6 - 2 * i, b'fine_labels', 100, numpy_labels=True)
+            info = tarfile.TarInfo(f'cifar-100-python/{name}')
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    config = make_config(**{'DATA.DATASET': 'cifar100', 'DATA.DATA_PATH': str(tmp_path), 'MODEL.NUM_CLASSES': 100})
+    train, val = build_dataset(config, 'train'), build_dataset(config, 'val')
+    assert (len(train), len(val), train.num_classes) == (6, 4, 100)
+    expected = pickle.loads(cifar_batch(1, 4, b'fine_labels', 100), encoding='bytes')[b'fine_labels']
+    np.testing.assert_array_equal(val.labels, expected)
+    with pytest.raises(DataError, match=r'labels 0\.\.99 need MODEL.NUM_CLASSES >= 100, got 10'):
+        build_dataset(make_config(**{'DATA.DATASET': 'cifar100', 'DATA.DATA_PATH': str(tmp_path)}), 'val')
+
+
+class RunsACommand:
+    def __reduce__(self):
+        return os.system, ('touch pwned',)
+
+
+def test_cifar_batches_never_run_code_and_bad_ones_are_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_cifar10(tmp_path)
+    config = make_config(**{'DATA.DATASET': 'cifar10', 'DATA.DATA_PATH': str(tmp_path)})
+    test_batch = tmp_path / 'cifar-10-batches-py' / 'test_batch'
+    test_batch.write_bytes(pickle.dumps({b'data': RunsACommand(), b'labels': []}, protocol=2))
+    with pytest.raises(DataError, match=f"{test_batch}: refused global '(posix|nt).system'"):
+        build_dataset(config, 'val')
+    assert not (tmp_path / 'pwned').exists()
+    for content in (b'truncated', pickle.dumps({b'data': np.zeros((2, 3072), np.uint8), b'labels': 7}),
+                    pickle.dumps(['not', 'a', 'dict'])):
+        test_batch.write_bytes(content)
+        with pytest.raises(DataError, match=f'{test_batch}: not a CIFAR batch'):
+            build_dataset(config, 'val')
+    (tmp_path / 'cifar-10-batches-py' / 'data_batch_3').unlink()
+    with pytest.raises(DataError, match='CIFAR batch not found: .*data_batch_3'):
+        build_dataset(config, 'train')
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    with pytest.raises(DataError, match='neither cifar-10-batches-py/ nor cifar-10-python.tar.gz found'):
+        build_dataset(make_config(**{'DATA.DATASET': 'cifar10', 'DATA.DATA_PATH': str(empty)}), 'val')
 
 
 # ------------------------------------------------------------------ imagefolder and imagenet2012
