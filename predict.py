@@ -34,7 +34,10 @@ IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'dat
 
 
 def read_class_names(path, num_classes):
-    """Class names from ``path`` (one per line), or the class indices as text when ``path`` is None."""
+    """Class names from ``path`` (one per line); when ``path`` is None, the bundled ImageNet-1k
+    names for a 1000-class model, else the class indices as text."""
+    if path is None and num_classes == 1000:
+        path = IMAGENET_CLASSES
     if path is None:
         return [str(i) for i in range(num_classes)]
     with open(path, encoding='utf-8') as f:
@@ -127,9 +130,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         config, predict = build_predictor(args)
-        num_classes = config.MODEL.NUM_CLASSES
-        default_names = IMAGENET_CLASSES if num_classes == 1000 else None
-        names = read_class_names(args.class_names or default_names, num_classes)
+        names = read_class_names(args.class_names, config.MODEL.NUM_CLASSES)
         paths = image_paths(args.inputs)
     except (ConfigError, CheckpointError, ExportError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from config import ConfigError
 from export_model import load_model
-from predict import IMAGENET_CLASSES, image_paths, load_image, read_class_names
+from predict import image_paths, load_image, read_class_names
 from transforms import build_eval_transform
 from utils import CheckpointError
 
@@ -107,9 +107,7 @@ def main(argv=None):
     paddle.set_device('cpu')
     try:
         config, model = load_model(args.cfg, args.pretrained, args.image_size, args.ema)
-        num_classes = config.MODEL.NUM_CLASSES
-        names = read_class_names(args.class_names or (IMAGENET_CLASSES if num_classes == 1000 else None),
-                                 num_classes)
+        names = read_class_names(args.class_names, config.MODEL.NUM_CLASSES)
         paths = [path for path, _ in image_paths(args.inputs)]
     except (ConfigError, CheckpointError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
