@@ -13,7 +13,7 @@ from PIL import Image
 import utils
 from config import get_config
 from export_model import GPU_MEMORY_POOL_MB, export
-from predict import main, top_k
+from predict import main, read_class_names, top_k
 from transforms import build_eval_transform
 from xcit import build_xcit
 
@@ -122,6 +122,13 @@ def test_ema_weights_of_a_training_checkpoint(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(['-cfg', setup['cfg'], '-model_dir', str(tmp_path), '-ema', a])
     assert exit_info.value.code == 2 and 'an exported model has its own' in capsys.readouterr().err
+
+
+def test_default_class_names():
+    """The bundled ImageNet-1k names for 1000-class models, the indices otherwise."""
+    names = read_class_names(None, 1000)
+    assert len(names) == 1000 and names[0] == 'tench' and names[999] == 'toilet_tissue'
+    assert read_class_names(None, 3) == ['0', '1', '2']
 
 
 def test_wrong_number_of_class_names_is_an_error(setup, tmp_path, capsys):
