@@ -34,7 +34,7 @@ _C.MODEL = CN()
 _C.MODEL.NAME = 'xcit_nano_12_p16_224'
 _C.MODEL.PRETRAINED = ''  # a converted .pdparams or a training checkpoint
 _C.MODEL.RESUME = ''  # a training checkpoint to continue from
-_C.MODEL.NUM_CLASSES = 1000
+_C.MODEL.NUM_CLASSES = 1000  # 0: no classifier head, the model outputs the final-norm class token
 _C.MODEL.PATCH_SIZE = 16
 _C.MODEL.EMBED_DIM = 128
 _C.MODEL.DEPTH = 12
@@ -219,7 +219,7 @@ _VALUE_RULES = {
     'DATA.BATCH_SIZE_EVAL': (_positive, '> 0'),
     'DATA.IMAGE_SIZE': (_positive, '> 0'),
     'DATA.NUM_WORKERS': (_non_negative, '>= 0'),
-    'MODEL.NUM_CLASSES': (_positive, '> 0'),
+    'MODEL.NUM_CLASSES': (_non_negative, '>= 0'),
     'MODEL.PATCH_SIZE': (lambda v: v in (8, 16), '8 or 16'),
     'MODEL.EMBED_DIM': (_positive, '> 0'),
     'MODEL.DEPTH': (_positive, '> 0'),

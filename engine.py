@@ -136,6 +136,10 @@ def check_inputs(config):
     if pretrained and resume and not auto:
         raise ConfigError('-pretrained and -resume exclude each other: -resume restores the weights '
                           '(and when training the optimizer, schedule and epoch) from its checkpoint')
+    if config.MODEL.NUM_CLASSES == 0:
+        raise ConfigError('MODEL.NUM_CLASSES is 0: the model is a backbone without a classifier head, whose '
+                          'features cannot be trained or evaluated against labels; give the number of classes '
+                          '(-opts MODEL.NUM_CLASSES N) to put a head on it')
     if config.EVAL and auto:
         raise ConfigError('-resume auto continues a training run; to evaluate a checkpoint give its path')
     if config.EVAL and not (pretrained or resume):
@@ -196,25 +200,30 @@ def load_weights(model, path, use_ema, logger, new_head_ok):
     """Loads weights from ``path`` (see ``weights_of``) into ``model``.
 
     With ``new_head_ok`` (fine-tuning) a classifier head whose class count differs is dropped
-    and stays freshly initialised. Any other shape mismatch raises ``CheckpointError`` with a
-    table of the differences; missing or unexpected keys are reported as warnings.
+    and stays freshly initialised, as does the head of a model loaded from a backbone without
+    one (e.g. self-supervised DINO weights). Any other shape mismatch raises ``CheckpointError``
+    with a table of the differences; missing or unexpected keys are reported as warnings.
     """
     state = dict(weights_of(load_checkpoint(path), path, use_ema))
     expected = state_shapes(model.state_dict())
-    dropped = []
+    new_head = []
     if new_head_ok:
-        dropped = [k for k in HEAD_KEYS if k in state and k in expected and tuple(state[k].shape) != expected[k]]
-        if dropped:
+        new_head = [k for k in HEAD_KEYS if k in state and k in expected and tuple(state[k].shape) != expected[k]]
+        if new_head:
             logger.info(f'{path}: dropping the classifier head ({state["head.weight"].shape[-1]} classes) '
                         f'for a new one with {model.num_classes} classes, freshly initialised')
-            for key in dropped:
+            for key in new_head:
                 del state[key]
+        elif not any(k in state for k in HEAD_KEYS) and all(k in expected for k in HEAD_KEYS):
+            new_head = list(HEAD_KEYS)
+            logger.info(f'{path}: a backbone without classifier head; the model\'s head '
+                        f'({model.num_classes} classes) starts freshly initialised')
     rows = find_mismatches(state, expected)
     mismatched = [row for row in rows if row[1] is not None and row[2] is not None]
     if mismatched:
         raise CheckpointError(f'{path} does not fit the model ({len(mismatched)} shape mismatches):\n'
                               f'{format_mismatches(mismatched)}')
-    missing = [row[0] for row in rows if row[1] is None and row[0] not in dropped]
+    missing = [row[0] for row in rows if row[1] is None and row[0] not in new_head]
     unexpected = [row[0] for row in rows if row[2] is None]
     if missing:
         logger.warning(f'{path}: {len(missing)} model weights not in the checkpoint, left as initialised: '

@@ -35,7 +35,10 @@ IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'dat
 
 def read_class_names(path, num_classes):
     """Class names from ``path`` (one per line); when ``path`` is None, the bundled ImageNet-1k
-    names for a 1000-class model, else the class indices as text."""
+    names for a 1000-class model, else the class indices as text. A model without classifier
+    head (``num_classes`` 0) has no classes: ``ConfigError``."""
+    if num_classes == 0:
+        raise ConfigError('MODEL.NUM_CLASSES is 0: a backbone without classifier head has no classes to predict')
     if path is None and num_classes == 1000:
         path = IMAGENET_CLASSES
     if path is None:

@@ -9,7 +9,8 @@ evaluation transform of ``-cfg``, at ``-image_size`` if given: XCiT takes any si
 inputs give finer maps). Each map is scaled to its own maximum; a head's label gives the share
 of its attention on the patches (the rest is on the class token). The PNG,
 ``<output>/<image name>_attention.png``, has the image, the mean of the heads' maps and each
-head's map, with the model's top-1 class as the title line. The model runs on the CPU. A file
+head's map, with the model's top-1 class as the title line (none for a backbone without
+classifier head, such as the self-supervised DINO models). The model runs on the CPU. A file
 that cannot be read as an image is reported on stderr and skipped; the exit status is then 1.
 """
 import argparse
@@ -77,6 +78,15 @@ def attention_figure(image, maps, title):
     return figure
 
 
+def top1_label(model, batch, names):
+    """``'<name> (<index>); '`` of the model's top-1 class for ``batch`` (one image), or ``''``
+    when ``names`` is None (a backbone without classifier head)."""
+    if names is None:
+        return ''
+    top1 = int(model(batch)[0].argmax())
+    return f'{names[top1]} ({top1}); '
+
+
 def output_path(folder, image_path, written):
     """``folder``/<image name>_attention.png, numbered (_2, _3, ...) when an image of the same
     name was written before in this run; the path is added to ``written``."""
@@ -107,7 +117,7 @@ def main(argv=None):
     paddle.set_device('cpu')
     try:
         config, model = load_model(args.cfg, args.pretrained, args.image_size, args.ema)
-        names = read_class_names(args.class_names, config.MODEL.NUM_CLASSES)
+        names = read_class_names(args.class_names, config.MODEL.NUM_CLASSES) if config.MODEL.NUM_CLASSES else None
         paths = [path for path, _ in image_paths(args.inputs)]
     except (ConfigError, CheckpointError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
@@ -126,13 +136,12 @@ def main(argv=None):
         with paddle.no_grad():
             batch = paddle.to_tensor(image[None])
             maps = model.class_attention_maps(batch)[0].numpy()
-            top1 = int(model(batch)[0].argmax())
-        title = f'{os.path.basename(path)}: {names[top1]} ({top1}); mean and {len(maps)} heads'
+            prediction = top1_label(model, batch, names)
+        title = f'{os.path.basename(path)}: {prediction}mean and {len(maps)} heads'
         figure = attention_figure(to_rgb(image, config.DATA.IMAGENET_MEAN, config.DATA.IMAGENET_STD), maps, title)
         target = output_path(args.output, path, written)
         figure.save(target)
-        print(f'{path}: {names[top1]} ({top1}); {len(maps)} heads on a {maps.shape[1]} x {maps.shape[2]} '
-              f'token grid -> {target}')
+        print(f'{path}: {prediction}{len(maps)} heads on a {maps.shape[1]} x {maps.shape[2]} token grid -> {target}')
     if failed:
         print(f'error: {failed} of {len(paths)} files could not be read', file=sys.stderr)
         sys.exit(1)

@@ -12,6 +12,11 @@ are stored [in, out] (transposed), BatchNorm's running_mean / running_var are ``
 brought to the official one (``pos_embed.`` -> ``pos_embeder.``, class-attention q, k, v
 concatenated into qkv).
 
+Self-supervised DINO checkpoints (facebookresearch/dino) convert too: the backbone-only files
+as they are, a full training checkpoint with ``--key teacher`` (or ``student``), whose XCiT sits
+under ``backbone.`` beside DINO's projection head (left out), and ``--linear`` adds the ImageNet
+classifier that DINO's linear evaluation trained on the backbone's features as the model's head.
+
 With ``--cfg`` the result is checked against the model that config builds, and nothing is
 written unless every key and shape matches. Output files are written atomically.
 """
@@ -34,7 +39,7 @@ from port_weights.safe_load import CheckpointError, read_checkpoint  # noqa: E40
 from xcit import build_xcit  # noqa: E402
 
 __all__ = ['CheckpointError', 'load_checkpoint_arrays', 'from_timm_layout', 'strip_wrapper_prefix',
-           'convert_state_dict', 'state_shapes', 'model_shapes', 'find_mismatches', 'format_mismatches', 'check_fits',
+           'take_backbone', 'read_linear_head', 'convert_state_dict', 'state_shapes', 'model_shapes', 'find_mismatches', 'format_mismatches', 'check_fits',
            'count_parameters', 'write_pdparams', 'convert_file', 'main']
 
 CHECKPOINT_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors')
@@ -43,33 +48,41 @@ BN_RENAMES = {'running_mean': '_mean', 'running_var': '_variance'}
 DROPPED_LEAVES = {'num_batches_tracked'}  # a torch BatchNorm counter, not a weight
 BN_BUFFERS = ('._mean', '._variance')
 WRAPPER_PREFIX = 'module.'  # torch DataParallel / DistributedDataParallel saves
+BACKBONE_PREFIX = 'backbone.'  # DINO's training wrapper: the XCiT, beside its projection 'head.'
+LINEAR_HEAD = {'linear.weight': 'head.weight', 'linear.bias': 'head.bias'}  # DINO's LinearClassifier
 TIMM_SPLIT_QKV = re.compile(r'^(?P<prefix>cls_attn_blocks\.\d+\.attn)\.(?P<part>[qkv])\.(?P<leaf>weight|bias)$')
 
-ConversionResult = namedtuple('ConversionResult', 'src dst tensors parameters ignored')
+ConversionResult = namedtuple('ConversionResult', 'src dst tensors parameters ignored outside_backbone')
 ConversionResult.__doc__ = """What ``convert_file`` wrote: ``tensors`` entries holding ``parameters``
 trainable values (BatchNorm statistics excluded); ``ignored`` lists the checkpoint's
-entries that are not weights (optimizer state, epoch, ...)."""
+entries that are not weights (optimizer state, epoch, ...), ``outside_backbone`` the weights
+left out beside a ``backbone.`` (DINO's projection head)."""
 
 
-def extract_state_dict(obj, path):
-    """Finds the weights in a loaded checkpoint.
+def extract_state_dict(obj, path, key=None):
+    """Finds the weights in a loaded checkpoint: its ``key`` entry if given, else its 'model' or
+    'state_dict' entry, else the top level.
 
     Returns ``(state_dict, ignored)``: name -> array, and the names of the entries left out
     (the wrapper's other keys such as ``optimizer`` or ``epoch``, and non-tensor values).
     """
     if not isinstance(obj, dict):
         raise CheckpointError(f'{path}: not a checkpoint: holds a {type(obj).__name__}, not a dict')
+    top_level = ', '.join(map(str, obj)) or 'none'
+    if key is not None and not isinstance(obj.get(key), dict):
+        raise CheckpointError(f'{path}: no entry {key!r} holding weights (top-level keys: {top_level})')
     ignored = []
-    for key in STATE_DICT_KEYS:
-        if isinstance(obj.get(key), dict):
-            ignored = [k for k in obj if k != key]
-            obj = obj[key]
+    for name in (key,) if key is not None else STATE_DICT_KEYS:
+        if isinstance(obj.get(name), dict):
+            ignored = [k for k in obj if k != name]
+            obj = obj[name]
             break
     state_dict = {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
     ignored += [k for k in obj if k not in state_dict]
     if not state_dict:
-        raise CheckpointError(f'{path}: not a checkpoint: no tensors found '
-                              f'(top-level keys: {", ".join(map(str, obj)) or "none"})')
+        hint = ('; name the entry that holds the weights with --key'
+                if key is None and any(isinstance(v, dict) for v in obj.values()) else '')
+        raise CheckpointError(f'{path}: not a checkpoint: no tensors found (top-level keys: {top_level}){hint}')
     return state_dict, ignored
 
 
@@ -113,6 +126,46 @@ def strip_wrapper_prefix(arrays):
     if arrays and all(name.startswith(WRAPPER_PREFIX) for name in arrays):
         return {name[len(WRAPPER_PREFIX):]: value for name, value in arrays.items()}
     return arrays
+
+
+def take_backbone(arrays):
+    """The weights under ``backbone.`` with that prefix removed, when there are any (a DINO
+    training checkpoint's student or teacher), and the names of the others (DINO's projection
+    head); otherwise ``arrays`` unchanged and no names."""
+    arrays = strip_wrapper_prefix(arrays)
+    if not any(name.startswith(BACKBONE_PREFIX) for name in arrays):
+        return arrays, []
+    backbone = {name[len(BACKBONE_PREFIX):]: value for name, value in arrays.items()
+                if name.startswith(BACKBONE_PREFIX)}
+    return backbone, [name for name in arrays if not name.startswith(BACKBONE_PREFIX)]
+
+
+def read_linear_head(path):
+    """The classifier of DINO's linear evaluation (``eval_linear.py``: one Linear on the final-norm
+    class token, saved from a DistributedDataParallel wrapper under 'state_dict'), as the
+    official XCiT ``head.weight`` [classes, features] and ``head.bias``. Raises ``CheckpointError``."""
+    state_dict, _ = extract_state_dict(read_checkpoint(path), path)
+    state_dict = strip_wrapper_prefix(state_dict)
+    if sorted(state_dict) != sorted(LINEAR_HEAD):
+        raise CheckpointError(f'{path}: not a linear classifier: expected {" and ".join(LINEAR_HEAD)}, '
+                              f'found {", ".join(sorted(state_dict))}')
+    weight, bias = state_dict['linear.weight'], state_dict['linear.bias']
+    if weight.ndim != 2 or bias.shape != weight.shape[:1]:
+        raise CheckpointError(f'{path}: linear.weight {list(weight.shape)} and linear.bias {list(bias.shape)} '
+                              f'do not make a classifier')
+    return {LINEAR_HEAD[name]: value for name, value in state_dict.items()}
+
+
+def add_linear_head(arrays, head, path):
+    """``arrays`` (official layout) with the classifier ``head`` from ``path``; a backbone that
+    already has a head, or whose width is not the classifier's input, raises ``CheckpointError``."""
+    if any(name.startswith('head.') for name in arrays):
+        raise CheckpointError(f'--linear {path}: the checkpoint has a classifier head already')
+    width = arrays['norm.weight'].shape[0] if 'norm.weight' in arrays else None
+    if width is not None and head['head.weight'].shape[1] != width:
+        raise CheckpointError(f'--linear {path}: the classifier takes {head["head.weight"].shape[1]} features, '
+                              f'the backbone gives {width}')
+    return {**arrays, **head}
 
 
 def paddle_name(name):
@@ -217,14 +270,20 @@ def write_pdparams(arrays, dst):
             os.remove(tmp)
 
 
-def convert_file(src, dst, cfg_path=None, dtype='float32'):
+def convert_file(src, dst, cfg_path=None, dtype='float32', key=None, linear=None):
     """Converts checkpoint ``src`` to Paddle file ``dst``; returns a ``ConversionResult``.
 
-    With ``cfg_path`` (a model YAML) the converted keys and shapes must equal those of the
-    model it builds; otherwise ``CheckpointError`` carries a table of the differences and
-    ``dst`` is not written. ``dtype`` is the dtype of floating arrays in the output.
+    ``key`` names the checkpoint entry holding the weights (default 'model', 'state_dict' or the
+    top level); weights under ``backbone.`` are taken alone (see ``take_backbone``). ``linear``
+    is a DINO linear-evaluation checkpoint whose classifier becomes the head. With ``cfg_path``
+    (a model YAML) the converted keys and shapes must equal those of the model it builds;
+    otherwise ``CheckpointError`` carries a table of the differences and ``dst`` is not
+    written. ``dtype`` is the dtype of floating arrays in the output.
     """
-    state_dict, ignored = extract_state_dict(read_checkpoint(src), src)
+    state_dict, ignored = extract_state_dict(read_checkpoint(src), src, key)
+    state_dict, outside_backbone = take_backbone(state_dict)
+    if linear:
+        state_dict = add_linear_head(state_dict, read_linear_head(linear), linear)
     arrays = convert_state_dict(state_dict, dtype)
     if cfg_path:
         try:
@@ -233,7 +292,7 @@ def convert_file(src, dst, cfg_path=None, dtype='float32'):
             raise CheckpointError(str(e)) from None
         check_fits(arrays, expected, f'{src} does not fit the model of {cfg_path}')
     write_pdparams(arrays, dst)
-    return ConversionResult(src, dst, len(arrays), count_parameters(arrays), ignored)
+    return ConversionResult(src, dst, len(arrays), count_parameters(arrays), ignored, outside_backbone)
 
 
 def split_suffix(name):
@@ -277,7 +336,14 @@ def parse_args(argv=None):
     parser.add_argument('--cfg', help='model YAML; check the result against that model before writing')
     parser.add_argument('--dtype', default='float32', choices=['float32', 'float16'],
                         help='dtype of the written floating tensors (default float32)')
-    return parser.parse_args(argv)
+    parser.add_argument('--key', help="the checkpoint entry that holds the weights, e.g. 'teacher' or 'student' "
+                                      "of a DINO training checkpoint (default: 'model', 'state_dict' or the top level)")
+    parser.add_argument('--linear', help="a DINO linear-evaluation checkpoint (*_linearweights.pth): its classifier "
+                                         "becomes the model's head")
+    args = parser.parse_args(argv)
+    if args.linear and os.path.isdir(args.src):
+        parser.error('--linear belongs to one backbone: give --src a file, not a folder')
+    return args
 
 
 def main(argv=None):
@@ -291,14 +357,18 @@ def main(argv=None):
     failures = 0
     for src, dst in jobs:
         try:
-            result = convert_file(src, dst, args.cfg, args.dtype)
+            result = convert_file(src, dst, args.cfg, args.dtype, args.key, args.linear)
         except CheckpointError as e:
             failures += 1
             print(f'error: {e}', file=sys.stderr)
             continue
         if result.ignored:
             print(f'{src}: ignored entries that are not weights: {", ".join(map(str, result.ignored))}')
+        if result.outside_backbone:
+            print(f'{src}: took the weights under {BACKBONE_PREFIX!r}; left out {len(result.outside_backbone)} others '
+                  f'(a projection head): {", ".join(result.outside_backbone)}')
         print(f'{src} -> {dst}: {result.tensors} tensors, {result.parameters:,} parameters, {args.dtype}'
+              + (f', classifier from {args.linear}' if args.linear else '')
               + (f', matches {args.cfg}' if args.cfg else ''))
     if len(jobs) > 1:
         print(f'{len(jobs) - failures} of {len(jobs)} files converted')

@@ -196,6 +196,7 @@ def test_wrong_type_in_opts_is_named():
 
 @pytest.mark.parametrize('text, message', [
     ('MODEL:\n  DEPTH: 0\n', 'MODEL.DEPTH must be > 0, got 0'),
+    ('MODEL:\n  NUM_CLASSES: -1\n', 'MODEL.NUM_CLASSES must be >= 0, got -1'),
     ('MODEL:\n  PATCH_SIZE: 14\n', 'MODEL.PATCH_SIZE must be 8 or 16, got 14'),
     ('MODEL:\n  NUM_HEADS: 5\n', 'MODEL.EMBED_DIM (128) must be a multiple of MODEL.NUM_HEADS (5)'),
     ('MODEL:\n  EMBED_DIM: 36\n  NUM_HEADS: 3\n',

@@ -173,6 +173,35 @@ def test_fine_tuning_drops_a_head_of_another_class_count(golden, caplog):
         engine.load_weights(model, golden['full'], False, logger, new_head_ok=False)
 
 
+def test_fine_tuning_from_a_backbone_without_head(golden, tmp_path, caplog):
+    """Self-supervised weights (DINO) have no head: the model's stays initialised, said once."""
+    state = {k: v for k, v in paddle.load(golden['weights']).items() if not k.startswith('head.')}
+    path = tmp_path / 'backbone.pdparams'
+    paddle.save(state, str(path))
+    model = build_xcit(get_config(golden['cfg']))
+    before = model.head.weight.numpy().copy()
+    logger = setup_logger()
+    logger.propagate = True
+    engine.load_weights(model, str(path), False, logger, new_head_ok=True)
+    assert "a backbone without classifier head; the model's head (10 classes) starts freshly initialised" in caplog.text
+    assert 'not in the checkpoint' not in caplog.text
+    np.testing.assert_array_equal(model.head.weight.numpy(), before)
+    np.testing.assert_array_equal(model.norm.weight.numpy(), state['norm.weight'])
+    caplog.clear()
+    engine.load_weights(build_xcit(get_config(golden['cfg'])), str(path), False, logger, new_head_ok=False)
+    assert '2 model weights not in the checkpoint, left as initialised: head.weight, head.bias' in caplog.text
+
+
+@pytest.mark.parametrize('mode', ['-eval', 'train'])
+def test_a_model_without_head_is_not_trained_or_evaluated_on_labels(golden, tmp_path, mode):
+    args = eval_args(golden, tmp_path, '-opts', 'MODEL.NUM_CLASSES', '0')
+    if mode == 'train':
+        args.remove('-eval')
+    with pytest.raises(engine.ConfigError, match=r'MODEL.NUM_CLASSES is 0: the model is a backbone without a '
+                                                 r'classifier head.*-opts MODEL.NUM_CLASSES N'):
+        main_single_gpu.main(args)
+
+
 def test_missing_and_unexpected_keys_are_reported(golden, tmp_path, caplog):
     state = dict(paddle.load(golden['weights']))
     del state['norm.weight']

@@ -11,7 +11,7 @@ from paddle import inference
 from PIL import Image
 
 import utils
-from config import get_config
+from config import ConfigError, get_config
 from export_model import GPU_MEMORY_POOL_MB, export
 from predict import main, read_class_names, top_k
 from transforms import build_eval_transform
@@ -129,6 +129,12 @@ def test_default_class_names():
     names = read_class_names(None, 1000)
     assert len(names) == 1000 and names[0] == 'tench' and names[999] == 'toilet_tissue'
     assert read_class_names(None, 3) == ['0', '1', '2']
+
+
+def test_a_backbone_without_head_has_no_classes_to_predict():
+    with pytest.raises(ConfigError, match='MODEL.NUM_CLASSES is 0: a backbone without classifier head has no '
+                                          'classes to predict'):
+        read_class_names(None, 0)
 
 
 def test_wrong_number_of_class_names_is_an_error(setup, tmp_path, capsys):

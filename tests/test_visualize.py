@@ -86,6 +86,18 @@ def test_script_draws_one_png_per_image_and_names_unreadable_files(tiny, tmp_pat
         assert figure.size == (6 * 96, visualize_attention.TITLE_HEIGHT + 96)
 
 
+def test_backbone_without_head_draws_maps_without_a_class(tmp_path, capsys):
+    """Self-supervised backbones (DINO) have no classifier: the maps, no top-1 class."""
+    cfg, weights = random_model_files(tmp_path, TINY_YAML.replace('NUM_CLASSES: 10', 'NUM_CLASSES: 0'))
+    Image.new('RGB', (64, 64), (20, 160, 40)).save(tmp_path / 'leaf.jpg')
+    visualize_attention.main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path / 'out'),
+                              str(tmp_path / 'leaf.jpg')])
+    out = capsys.readouterr().out
+    assert f'{tmp_path / "leaf.jpg"}: 4 heads on a 4 x 4 token grid -> {tmp_path / "out" / "leaf_attention.png"}' in out
+    with Image.open(tmp_path / 'out' / 'leaf_attention.png') as figure:
+        assert figure.size == (6 * 64, visualize_attention.TITLE_HEIGHT + 64)
+
+
 def test_script_without_images_is_one_error_line(tiny, tmp_path, capsys):
     cfg, weights = tiny
     (tmp_path / 'empty').mkdir()
