@@ -2,8 +2,24 @@
 import copy
 
 import paddle
+from paddle.nn.layer.norm import _BatchNormBase  # BatchNorm1D/2D/3D and SyncBatchNorm
 
-__all__ = ['ModelEma']
+__all__ = ['ModelEma', 'fixed_entries']
+
+
+def fixed_entries(model):
+    """State-dict names of ``model`` (or of the model a ``paddle.DataParallel`` wraps) that
+    training leaves unchanged: every entry without gradient, except the running statistics of
+    BatchNorm layers in training mode."""
+    model = getattr(model, '_layers', model)
+    fixed = set()
+    for prefix, layer in model.named_sublayers(include_self=True):
+        if layer.training and isinstance(layer, _BatchNormBase):
+            continue  # its statistics move
+        entries = list(layer.named_parameters(include_sublayers=False)) + list(
+            layer.named_buffers(include_sublayers=False))
+        fixed.update(f'{prefix}.{name}' if prefix else name for name, value in entries if value.stop_gradient)
+    return fixed
 
 
 class ModelEma:
@@ -12,6 +28,9 @@ class ModelEma:
     Every floating-point state-dict entry, parameters and buffers alike (BatchNorm running mean
     and variance included), follows ``ema = decay * ema + (1 - decay) * value`` at each
     ``update(model)``, as timm's ``ModelEma`` / ``ModelEmaV2`` do; other entries are copied.
+    Entries that training cannot change are left as they are (averaging equal values would still
+    move them by rounding): the weights of a frozen backbone (``XCiT.freeze_backbone``) and the
+    statistics of BatchNorm layers in eval mode (see ``fixed_entries``).
     Create it from the bare model, before any ``paddle.DataParallel`` wrapping; ``update`` accepts
     either, since both have the same state-dict names.
     """
@@ -29,7 +48,10 @@ class ModelEma:
     def update(self, model):
         """Moves every entry of ``module``'s state dict towards ``model``'s, matched by name."""
         model_state = model.state_dict()
+        fixed = fixed_entries(model)
         for name, ema_value in self.module.state_dict().items():
+            if name in fixed:
+                continue
             value = model_state[name]
             if paddle.is_floating_point(ema_value):
                 value = ema_value * self.decay + value.astype(ema_value.dtype) * (1.0 - self.decay)

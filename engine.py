@@ -473,6 +473,14 @@ class Trainer:
         resume = resume_path(config)
         if config.MODEL.PRETRAINED and not resume:
             load_weights(model, config.MODEL.PRETRAINED, config.EMA_EVAL, logger, new_head_ok=True)
+        if train.FREEZE_BACKBONE:
+            model.freeze_backbone()
+            trained = sum(int(np.prod(p.shape)) for p in model.parameters() if not p.stop_gradient)
+            logger.info(f'frozen backbone: the head alone trains ({trained:,} parameters); the rest keeps its '
+                        f'weights and BatchNorm statistics')
+            if not (config.MODEL.PRETRAINED or resume):
+                logger.warning('TRAIN.FREEZE_BACKBONE without -pretrained: the head learns on the features of '
+                               'a randomly initialised model')
         if device.startswith('gpu') and self.world_size > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         paddle.seed(config.SEED + self.rank)
@@ -577,7 +585,7 @@ class Trainer:
         config, logger = self.config, self.logger
         accum, report_freq = config.TRAIN.ACCUM_ITER, config.REPORT_FREQ
         model = self.train_model
-        model.train()
+        self.model.train()  # XCiT's own train(): a frozen backbone stays in eval mode
         self.train_set.set_epoch(epoch)
         self.train_loader.batch_sampler.set_epoch(epoch)
         paddle.seed(config.SEED + self.rank + 1000 * epoch)

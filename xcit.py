@@ -695,7 +695,9 @@ class XCiT(nn.Layer):
     and eval mode alike. ``forward_features(x)`` -> final-norm class token (B, embed_dim);
     ``forward_intermediates(x, indices)`` -> XCA block outputs as feature maps;
     ``class_attention_maps(x)`` -> where the class token looks, per head. Fine-tuning:
-    ``reset_classifier(n)``, ``set_grad_checkpointing()``, ``no_weight_decay()``.
+    ``reset_classifier(n)``, ``freeze_backbone()``, ``set_grad_checkpointing()``,
+    ``no_weight_decay()``. With ``num_classes`` 0 there is no head and ``forward`` returns
+    the features.
     """
 
     def __init__(self, patch_size=16, num_classes=1000, embed_dim=768, depth=12, num_heads=12,
@@ -721,6 +723,7 @@ class XCiT(nn.Layer):
         self.pos_embeder = PositionalEncodingFourier(dim=embed_dim)
         self.use_pos = use_pos
         self.grad_checkpointing = False
+        self.backbone_frozen = False
         self.apply(self._init_weights)
 
     @staticmethod
@@ -752,6 +755,30 @@ class XCiT(nn.Layer):
         instead of all, for one more forward pass of the blocks (10-20% more time per training
         step on CPU). Results are unchanged."""
         self.grad_checkpointing = enable
+
+    def freeze_backbone(self, frozen=True):
+        """Trains the classifier head alone (a linear probe, e.g. of self-supervised DINO
+        features): every other parameter stops taking gradients, and under ``train()`` the rest
+        of the model stays in eval mode, so its BatchNorm statistics do not move and dropout and
+        drop path are off; the head learns on the features the model gives at inference.
+        ``freeze_backbone(False)`` undoes both."""
+        self.backbone_frozen = frozen
+        head = {id(p) for p in self.head.parameters()}
+        for p in self.parameters():
+            if id(p) not in head:
+                p.stop_gradient = frozen
+        if self.training:
+            self.train()
+
+    def train(self, *args, **kwargs):
+        """``nn.Layer.train``; with a frozen backbone only the head is put in training mode."""
+        result = super().train(*args, **kwargs)
+        if self.training and self.backbone_frozen:
+            for layer in self.sublayers():
+                layer.training = False
+            for layer in [self.head] + self.head.sublayers():
+                layer.training = True
+        return result
 
     def no_weight_decay(self):
         """Names of the parameters that, besides all 1-D ones, get no weight decay."""

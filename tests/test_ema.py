@@ -61,6 +61,28 @@ def test_update_averages_parameters_and_buffers():
     assert 'blocks.0.local_mp.bn._mean' in got and 'patch_embed.proj.0.1._variance' in got
 
 
+def test_frozen_backbone_stays_exact_and_the_head_is_averaged():
+    """With ``freeze_backbone`` only the head can change: the EMA keeps the rest bit for bit
+    (decay * w + (1 - decay) * w is not always w in float32) and averages the head."""
+    paddle.seed(0)
+    model = small_xcit()
+    model.freeze_backbone()
+    model.train()
+    decay = 0.9
+    ema = ModelEma(model, decay)
+    start = snapshot(model)
+    with paddle.no_grad():
+        model.head.weight.set_value(model.head.weight.numpy() + 1.0)
+    for _ in range(3):
+        ema.update(model)
+    got = snapshot(ema.module)
+    for name, value in start.items():
+        if name.startswith('head.weight'):
+            np.testing.assert_allclose(value + (1 - decay ** 3), got[name], rtol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
 def test_decay_one_keeps_and_decay_zero_copies():
     paddle.seed(0)
     model = small_xcit()

@@ -238,6 +238,33 @@ def test_grad_checkpointing_trains_the_same_weights(tmp_path):
         assert max_abs_diff(flat_state(runs[0][part]), flat_state(runs[1][part])) == 0.0, part
 
 
+def test_frozen_backbone_trains_the_head_alone(full_run, tmp_path):
+    """A linear probe from a checkpoint: with the full recipe's drop path and EMA, every weight and
+    BatchNorm statistic but the new 12-class head's stays exactly as loaded, in the model and its
+    EMA; the head learns; the run resumes exactly."""
+    output, _ = full_run
+    source = paddle.load(str(output / 'last.pdparams'))['model']
+    opts = (*FULL_RECIPE, 'MODEL.NUM_CLASSES', '12', 'TRAIN.FREEZE_BACKBONE', 'True', 'DATA.NUM_WORKERS', '0')
+    with capture_stdout() as out:
+        main_single_gpu.main(train_args(tmp_path / 'probe', *opts, epochs=2,
+                                        extra=['-pretrained', str(output / 'last.pdparams')]))
+    assert 'frozen backbone: the head alone trains (396 parameters)' in out.getvalue()
+    probe = paddle.load(str(tmp_path / 'probe' / 'last.pdparams'))
+    for part in ('model', 'model_ema'):
+        for name, value in probe[part].items():
+            if name.startswith('head.'):
+                assert value.shape[-1] == 12
+            else:
+                np.testing.assert_array_equal(value.numpy(), source[name].numpy(), err_msg=f'{part} {name}')
+    assert np.abs(probe['model']['head.weight'].numpy() - probe['model_ema']['head.weight'].numpy()).max() > 0
+    shutil.copytree(tmp_path / 'probe', tmp_path / 'resumed')
+    shutil.copy(tmp_path / 'probe' / 'epoch_1.pdparams', tmp_path / 'resumed' / 'last.pdparams')
+    main_single_gpu.main(train_args(tmp_path / 'resumed', *opts, epochs=2, extra=['-resume', 'auto']))
+    resumed = paddle.load(str(tmp_path / 'resumed' / 'last.pdparams'))
+    for part in ('model', 'model_ema', 'optimizer'):
+        assert max_abs_diff(flat_state(probe[part]), flat_state(resumed[part])) == 0.0, part
+
+
 @pytest.mark.parametrize('flags,message', [
     (['-pretrained', 'a.pdparams', '-resume', 'b.pdparams'], '-pretrained and -resume exclude each other'),
     (['-ema'], '-ema selects the EMA weights of the -pretrained checkpoint'),

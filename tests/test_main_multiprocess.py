@@ -125,6 +125,25 @@ def test_grad_checkpointing_with_two_cpu_processes_trains_the_same_weights(tiny,
         np.testing.assert_array_equal(np.asarray(runs[1]['model'][name]), np.asarray(value), err_msg=name)
 
 
+def test_frozen_backbone_with_two_cpu_processes_matches_one_process(tiny, tmp_path):
+    """A linear probe: the backbone, in eval mode, keeps its weights and statistics in every
+    process, and with no BatchNorm in training mode 2 x 32 images train the head as 1 x 64 do
+    (up to the order of the gradient sums)."""
+    cfg, weights = tiny
+    probe = ['-pretrained', weights, '-opts', 'TRAIN.FREEZE_BACKBONE', 'True']
+    two = train_two_processes(cfg, tmp_path / 'two', args=probe)
+    main_single_gpu.main(['-cfg', cfg, '-batch_size', '64', '-output', str(tmp_path / 'one'), *probe])
+    runs = [paddle.load(str(folder / 'last.pdparams'))['model'] for folder in (tmp_path / 'one', two)]
+    start = paddle.load(weights)
+    for name, value in start.items():
+        if name.startswith('head.'):
+            moved = np.abs(np.asarray(runs[0][name]) - value.numpy()).max()
+            assert moved > 1e-3 and np.abs(np.asarray(runs[1][name]) - np.asarray(runs[0][name])).max() < 1e-5 * moved
+        else:
+            for run in runs:
+                np.testing.assert_array_equal(np.asarray(run[name]), value.numpy(), err_msg=name)
+
+
 @pytest.mark.parametrize('args,message', [
     (['-opts', 'TRAIN.NO_SUCH_KEY', '1'], 'error: -opts: unknown config key TRAIN.NO_SUCH_KEY'),
     (['-opts', 'TRAIN.NUM_EPOCHS', 'many'], 'error: -opts: TRAIN.NUM_EPOCHS must be int'),

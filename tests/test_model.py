@@ -83,6 +83,29 @@ def test_reset_classifier_for_other_classes():
     np.testing.assert_array_equal(model(images).numpy(), features)
 
 
+def test_frozen_backbone_trains_the_head_alone_on_inference_features():
+    model = XCiT(patch_size=16, num_classes=4, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.5,
+                 drop_rate=0.3)
+    images = paddle.randn([3, 3, 32, 32])
+    model.eval()
+    expected = model(images).numpy()
+    model.freeze_backbone()
+    model.train()
+    assert model.training and model.head.training
+    assert not any(layer.training for layer in model.sublayers() if layer is not model.head)
+    trainable = [name for name, p in model.named_parameters() if not p.stop_gradient]
+    assert trainable == ['head.weight', 'head.bias']
+    mean = model.blocks[0].local_mp.bn._mean.numpy().copy()
+    logits = model(images)  # no drop path, no dropout, BatchNorm on its running statistics
+    np.testing.assert_allclose(logits.numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(model.blocks[0].local_mp.bn._mean.numpy(), mean)
+    logits.sum().backward()
+    assert model.head.weight.grad is not None and model.cls_token.grad is None
+    model.freeze_backbone(False)
+    assert all(layer.training for layer in model.sublayers())
+    assert all(not p.stop_gradient for name, p in model.named_parameters() if not name.endswith(('_mean', '_variance')))
+
+
 def training_step(model, images, state, checkpointing, frozen_embedding):
     """One forward/backward from ``state`` with a fixed generator seed; returns the loss, the
     gradients and the state after the step (BatchNorm running statistics included)."""
