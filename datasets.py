@@ -54,7 +54,8 @@ class DataError(ValueError):
 
 
 class ImageDataset(paddle.io.Dataset):
-    """Images with int64 labels, transformed for 'train' or 'val'.
+    """Images with int64 labels, transformed for ``mode`` 'train' (the random augmentation, seeded
+    per item) or 'val' (the evaluation transform).
 
     ``num_classes`` is the number of classes the dataset defines: the class folders of an image
     folder, 10 for digits, MODEL.NUM_CLASSES for list files (which do not say).
@@ -317,14 +318,19 @@ DATASETS = {'imagenet2012': _imagenet2012, 'imagefolder': _imagefolder, 'digits'
             'cifar10': _cifar, 'cifar100': _cifar}
 
 
-def build_dataset(config, mode):
-    """The ``mode`` ('train' or 'val') split of ``DATA.DATASET`` with its transform."""
+def build_dataset(config, mode, augment=None):
+    """The ``mode`` ('train' or 'val') split of ``DATA.DATASET``, through the training augmentation
+    when ``augment`` (by default for 'train') and the evaluation transform otherwise (e.g. the
+    training images for a k-NN classifier, ``eval_knn.py``)."""
     if mode not in MODES:
         raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
     if config.DATA.DATASET not in DATASETS:
         raise ConfigError(f'DATA.DATASET must be one of {sorted(DATASETS)}, got {config.DATA.DATASET!r}')
-    transform = build_train_transform(config) if mode == 'train' else build_eval_transform(config)
-    return DATASETS[config.DATA.DATASET](config, mode, transform)
+    augment = mode == 'train' if augment is None else augment
+    transform = build_train_transform(config) if augment else build_eval_transform(config)
+    dataset = DATASETS[config.DATA.DATASET](config, mode, transform)
+    dataset.mode = 'train' if augment else 'val'  # how items go through the transform
+    return dataset
 
 
 def collate(samples):

@@ -1,0 +1,161 @@
+"""Weighted k-NN classification on an XCiT's features, DINO's evaluation of self-supervised models.
+
+    python eval_knn.py -cfg configs/dino/xcit_small_12_p16_dino.yaml \\
+        -pretrained dino_xcit_small_12_p16.pdparams -dataset imagefolder -data_path /dataset/imagenet
+
+The model's final-norm class token (``forward_features``: a backbone without head, or any
+classifier's features) is computed for every training and validation image, both through the
+evaluation transform of the config, and L2-normalised. Each validation image then takes its
+``k`` most similar training images (cosine similarity s) and gives every class the sum of
+exp(s / T) over the neighbours of that class; the top-1 and top-5 classes are compared with its
+label. Defaults are DINO's (k = 10, 20, 100, 200 and T = 0.07). The model runs in one process on
+``-device``; the result is printed per k, its last line is the summary as JSON, also written to
+``<output>/knn_summary.json`` with ``-output``.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import paddle
+
+from config import ConfigError, get_config, update_config
+from datasets import DataError, build_dataloader, build_dataset
+from utils import CheckpointError, format_seconds, load_every_weight, resolve_device, write_json
+from xcit import build_xcit
+
+DEFAULT_K = (10, 20, 100, 200)
+SIMILARITIES_PER_CHUNK = 2 ** 26  # validation images x training images scored at once (256 MiB of float32)
+
+
+def normalise(features):
+    """Rows scaled to unit L2 norm (norms below 1e-12 count as 1e-12, as torch's ``normalize``)."""
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+
+
+def knn_accuracy(train_features, train_labels, test_features, test_labels, k, temperature, num_classes):
+    """Top-1 and top-5 accuracy (%) of weighted k-NN voting.
+
+    Features are (N, D) and (M, D) unit rows, labels int (N,) and (M,). A test image's score for
+    class c is the sum of exp(similarity / ``temperature``) over those of its ``k`` nearest
+    training images (largest dot product) labelled c; classes are ranked by score, ties by
+    index. With k < 5, top-5 counts the first k classes (the others have no votes).
+    """
+    if not 0 < k <= len(train_labels):
+        raise ValueError(f'k={k} must be between 1 and the number of training images ({len(train_labels)})')
+    correct1 = correct5 = 0
+    chunk = max(1, SIMILARITIES_PER_CHUNK // len(train_labels))
+    for start in range(0, len(test_labels), chunk):
+        similarity = test_features[start:start + chunk] @ train_features.T  # (b, N)
+        rows = np.arange(len(similarity))[:, None]
+        nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+        weights = np.exp(similarity[rows, nearest].astype(np.float64) / temperature)
+        scores = np.zeros((len(similarity), num_classes))
+        np.add.at(scores, (np.broadcast_to(rows, nearest.shape), train_labels[nearest]), weights)
+        ranked = np.argsort(-scores, axis=1, kind='stable')[:, :min(5, k)]
+        hits = ranked == test_labels[start:start + chunk, None]
+        correct1 += int(hits[:, 0].sum())
+        correct5 += int(hits.any(axis=1).sum())
+    return 100.0 * correct1 / len(test_labels), 100.0 * correct5 / len(test_labels)
+
+
+@paddle.no_grad()
+def extract_features(model, loader, what, report_freq=50):
+    """(features float32 (N, D) with unit rows, labels int64 (N,)) of ``loader``'s images, in order."""
+    features, labels = [], []
+    start = time.time()
+    done = 0
+    for i, (images, batch_labels) in enumerate(loader):
+        features.append(model.forward_features(images).numpy())
+        labels.append(batch_labels.numpy())
+        done += len(labels[-1])
+        if (i + 1) % report_freq == 0 or i + 1 == len(loader):
+            elapsed = time.time() - start
+            print(f'{what} features: batch {i + 1}/{len(loader)}, {done / elapsed:.1f} images/s, '
+                  f'ETA {format_seconds(elapsed / (i + 1) * (len(loader) - i - 1))}', flush=True)
+    return normalise(np.concatenate(features).astype(np.float32)), np.concatenate(labels)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('-cfg', required=True, help='model YAML config (its DATA section sets the transform)')
+    parser.add_argument('-pretrained', required=True, help='weights (.pdparams or training checkpoint)')
+    parser.add_argument('-ema', action='store_true', help="the training checkpoint's EMA weights ('model_ema')")
+    parser.add_argument('-dataset', default=None, help='imagenet2012, imagefolder, cifar10, cifar100 or digits')
+    parser.add_argument('-data_path', default=None, help='dataset folder (DATA.DATA_PATH)')
+    parser.add_argument('-batch_size', dest='batch_size_eval', type=int, default=None,
+                        help='images per forward pass (DATA.BATCH_SIZE_EVAL)')
+    parser.add_argument('-image_size', type=int, default=None, help='input side in pixels (DATA.IMAGE_SIZE)')
+    parser.add_argument('-k', type=int, nargs='+', default=list(DEFAULT_K), help='numbers of neighbours')
+    parser.add_argument('-temperature', type=float, default=0.07, help='T of the exp(similarity / T) votes')
+    parser.add_argument('-num_classes', type=int, default=None,
+                        help='labels are in [0, this): needed by list-file datasets when the model has no '
+                             'head (default: MODEL.NUM_CLASSES, or 1000 without head)')
+    parser.add_argument('-output', default=None, help='folder for knn_summary.json')
+    parser.add_argument('-device', default=None, help='cpu, gpu or gpu:N (default: the first GPU if any)')
+    parser.add_argument('-opts', nargs='+', default=None, metavar='KEY VALUE', help='config overrides')
+    args = parser.parse_args(argv)
+    if args.temperature <= 0:
+        parser.error(f'-temperature must be > 0, got {args.temperature}')
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as e:
+        parser.error(f'argument -device: {e}')
+    return args
+
+
+def data_config(config, num_classes):
+    """``config`` whose MODEL.NUM_CLASSES, which the datasets check labels against, is ``num_classes``
+    (default: the model's, or 1000 for a model without head)."""
+    config = config.clone()
+    config.defrost()
+    config.MODEL.NUM_CLASSES = num_classes or config.MODEL.NUM_CLASSES or 1000
+    config.freeze()
+    return config
+
+
+def run(args):
+    """Extracts the features, votes for every k; returns the summary dict."""
+    config = update_config(get_config(), argparse.Namespace(
+        cfg=args.cfg, dataset=args.dataset, data_path=args.data_path, batch_size_eval=args.batch_size_eval,
+        image_size=args.image_size, opts=args.opts))
+    data = data_config(config, args.num_classes)
+    sets = {split: build_dataset(data, split, augment=False) for split in ('train', 'val')}
+    for k in args.k:
+        if not 0 < k <= len(sets['train']):
+            raise ConfigError(f'-k {k}: must be between 1 and the number of training images ({len(sets["train"])})')
+    paddle.set_device(args.device)
+    model = build_xcit(config)
+    load_every_weight(model, args.pretrained, f'the model of {args.cfg}', args.ema)
+    model.eval()
+    (train_features, train_labels), (val_features, val_labels) = (
+        extract_features(model, build_dataloader(data, sets[split], 'val'), split) for split in ('train', 'val'))
+    num_classes = max(sets['train'].num_classes, int(train_labels.max()) + 1, int(val_labels.max()) + 1)
+    summary = {'train_images': len(train_labels), 'val_images': len(val_labels),
+               'feature_dim': int(train_features.shape[1]), 'temperature': args.temperature, 'knn': {}}
+    for k in args.k:
+        acc1, acc5 = knn_accuracy(train_features, train_labels, val_features, val_labels, k, args.temperature,
+                                  num_classes)
+        summary['knn'][str(k)] = {'acc1': acc1, 'acc5': acc5}
+        print(f'{k}-NN (T={args.temperature}): Acc@1 {acc1:.2f}% Acc@5 {acc5:.2f}% '
+              f'({len(val_labels)} images against {len(train_labels)})', flush=True)
+    if args.output:
+        os.makedirs(args.output, exist_ok=True)
+        write_json(os.path.join(args.output, 'knn_summary.json'), summary)
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    main()

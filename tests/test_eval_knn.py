@@ -1,0 +1,126 @@
+"""``eval_knn.py``: DINO's weighted k-NN evaluation on an XCiT's features."""
+import json
+
+import numpy as np
+import paddle
+import pytest
+
+import eval_knn
+from conftest import random_model_files
+from datasets import build_dataloader, build_dataset
+from config import get_config
+from xcit import build_xcit
+
+DIGITS_YAML = """\
+DATA:
+  DATASET: digits
+  IMAGE_SIZE: 32
+  NUM_WORKERS: 0
+  BATCH_SIZE_EVAL: 256
+MODEL:
+  NUM_CLASSES: {classes}
+  PATCH_SIZE: 8
+  EMBED_DIM: 32
+  DEPTH: 1
+  NUM_HEADS: 2
+"""
+
+
+def reference_knn(train_features, train_labels, test_features, test_labels, k, temperature, num_classes):
+    """The voting written out one test image at a time, as DINO's ``knn_classifier`` does it."""
+    top1 = top5 = 0
+    for feature, label in zip(test_features, test_labels):
+        similarity = train_features @ feature
+        nearest = np.argsort(-similarity, kind='stable')[:k]
+        scores = np.zeros(num_classes)
+        for j in nearest:
+            scores[train_labels[j]] += np.exp(similarity[j] / temperature)
+        ranked = np.argsort(-scores, kind='stable')[:min(5, k)]
+        top1 += ranked[0] == label
+        top5 += label in ranked
+    return 100.0 * top1 / len(test_labels), 100.0 * top5 / len(test_labels)
+
+
+def test_votes_are_weighted_by_similarity():
+    """Two far neighbours of class 0 lose against one close neighbour of class 1 at T = 0.07, and
+    win when every vote counts about the same (T = 100)."""
+    angles = np.array([0.0, 1.2, -1.2, 0.05])
+    train = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)[1:]
+    labels = np.array([0, 0, 1])
+    test = np.array([[1.0, 0.0]], np.float32)
+    assert eval_knn.knn_accuracy(train, labels, test, np.array([1]), 3, 0.07, 2) == (100.0, 100.0)
+    assert eval_knn.knn_accuracy(train, labels, test, np.array([1]), 3, 100.0, 2) == (0.0, 100.0)
+    assert eval_knn.knn_accuracy(train, labels, test, np.array([1]), 1, 100.0, 2) == (100.0, 100.0)
+    with pytest.raises(ValueError, match='k=4 must be between 1 and the number of training images'):
+        eval_knn.knn_accuracy(train, labels, test, np.array([1]), 4, 0.07, 2)
+
+
+@pytest.mark.parametrize('k', [1, 3, 20])
+def test_matches_the_voting_written_out(k, monkeypatch):
+    rng = np.random.default_rng(k)
+    train, test = (eval_knn.normalise(rng.standard_normal((n, 8)).astype(np.float32)) for n in (300, 70))
+    train_labels, test_labels = rng.integers(0, 7, 300), rng.integers(0, 7, 70)
+    expected = reference_knn(train, train_labels, test, test_labels, k, 0.07, 7)
+    monkeypatch.setattr(eval_knn, 'SIMILARITIES_PER_CHUNK', 300 * 16)  # several chunks, the last one short
+    assert eval_knn.knn_accuracy(train, train_labels, test, test_labels, k, 0.07, 7) == pytest.approx(expected)
+
+
+@pytest.fixture(scope='module')
+def backbone(tmp_path_factory):
+    """A tiny digits model without head, random weights."""
+    return random_model_files(tmp_path_factory.mktemp('knn'), DIGITS_YAML.format(classes=0))
+
+
+def test_script_on_a_backbone_without_head(backbone, tmp_path, capsys):
+    cfg, weights = backbone
+    summary = eval_knn.main(['-cfg', cfg, '-pretrained', weights, '-k', '1', '20', '-output', str(tmp_path),
+                             '-device', 'cpu'])
+    out = capsys.readouterr().out
+    assert 'train features: batch 6/6' in out and 'val features: batch 2/2' in out
+    assert json.loads(out.strip().splitlines()[-1]) == summary
+    assert json.loads((tmp_path / 'knn_summary.json').read_text()) == summary
+    assert (summary['train_images'], summary['val_images'], summary['feature_dim']) == (1438, 359, 32)
+    # the same numbers from the model's features computed here and voted on by the reference
+    config = get_config(cfg)
+    model = build_xcit(config)
+    model.set_state_dict(paddle.load(weights))
+    model.eval()
+    features = {}
+    for split in ('train', 'val'):
+        data_config = eval_knn.data_config(config, None)
+        loader = build_dataloader(data_config, build_dataset(data_config, split, augment=False), 'val')
+        with paddle.no_grad():
+            pairs = [(model.forward_features(x).numpy(), y.numpy()) for x, y in loader]
+        features[split] = (eval_knn.normalise(np.concatenate([p[0] for p in pairs])),
+                           np.concatenate([p[1] for p in pairs]))
+    for k in (1, 20):
+        acc1, acc5 = eval_knn.knn_accuracy(*features['train'], *features['val'], k, 0.07, 10)
+        assert summary['knn'][str(k)]['acc1'] == pytest.approx(acc1, abs=1e-9)
+        assert summary['knn'][str(k)]['acc5'] == pytest.approx(acc5, abs=1e-9)
+        assert f'{k}-NN (T=0.07): Acc@1 {acc1:.2f}% Acc@5 {acc5:.2f}% (359 images against 1438)' in out
+    assert summary['knn']['1']['acc1'] > 30  # random features of digits are far better than chance (10%)
+
+
+def test_training_images_go_through_the_evaluation_transform():
+    config = get_config()
+    config.defrost()
+    config.DATA.DATASET, config.DATA.IMAGE_SIZE = 'digits', 32
+    dataset = build_dataset(config, 'train', augment=False)
+    image, _ = dataset[0]
+    again, _ = dataset[0]
+    np.testing.assert_array_equal(image, again)  # no random augmentation
+    assert len(dataset) == 1438 and dataset.mode == 'val'
+    augmented = build_dataset(config, 'train')
+    assert augmented.mode == 'train' and not np.array_equal(augmented[0][0], image)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['-k', '2000'], 'error: -k 2000: must be between 1 and the number of training images (1438)'),
+    (['-dataset', 'imagefolder', '-data_path', 'no/such/folder'], 'error: DATA.DATA_PATH not found: no/such/folder'),
+])
+def test_bad_arguments_are_one_error_line(backbone, capsys, args, message):
+    cfg, weights = backbone
+    with pytest.raises(SystemExit) as exit_info:
+        eval_knn.main(['-cfg', cfg, '-pretrained', weights, '-device', 'cpu', *args])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip() == message
