@@ -39,8 +39,9 @@ from port_weights.safe_load import CheckpointError, read_checkpoint  # noqa: E40
 from xcit import build_xcit  # noqa: E402
 
 __all__ = ['CheckpointError', 'load_checkpoint_arrays', 'from_timm_layout', 'strip_wrapper_prefix',
-           'take_backbone', 'read_linear_head', 'convert_state_dict', 'state_shapes', 'model_shapes', 'find_mismatches', 'format_mismatches', 'check_fits',
-           'count_parameters', 'write_pdparams', 'convert_file', 'main']
+           'take_backbone', 'read_linear_head', 'add_linear_head', 'convert_state_dict', 'state_shapes',
+           'model_shapes', 'find_mismatches', 'format_mismatches', 'check_fits', 'count_parameters',
+           'write_pdparams', 'convert_file', 'main']
 
 CHECKPOINT_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors')
 STATE_DICT_KEYS = ('model', 'state_dict')  # where training checkpoints keep the weights
