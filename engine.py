@@ -139,7 +139,8 @@ def check_inputs(config):
     if config.MODEL.NUM_CLASSES == 0:
         raise ConfigError('MODEL.NUM_CLASSES is 0: the model is a backbone without a classifier head, whose '
                           'features cannot be trained or evaluated against labels; give the number of classes '
-                          '(-opts MODEL.NUM_CLASSES N) to put a head on it')
+                          '(-opts MODEL.NUM_CLASSES N) to train a head on it (a linear probe with '
+                          'TRAIN.FREEZE_BACKBONE True), or evaluate its features with eval_knn.py')
     if config.EVAL and auto:
         raise ConfigError('-resume auto continues a training run; to evaluate a checkpoint give its path')
     if config.EVAL and not (pretrained or resume):

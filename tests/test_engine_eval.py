@@ -198,7 +198,7 @@ def test_a_model_without_head_is_not_trained_or_evaluated_on_labels(golden, tmp_
     if mode == 'train':
         args.remove('-eval')
     with pytest.raises(engine.ConfigError, match=r'MODEL.NUM_CLASSES is 0: the model is a backbone without a '
-                                                 r'classifier head.*-opts MODEL.NUM_CLASSES N'):
+                                                 r'classifier head.*-opts MODEL.NUM_CLASSES N.*eval_knn.py'):
         main_single_gpu.main(args)
 
 
