@@ -127,8 +127,8 @@ def exit_on_user_error(fn, *args):
 
 def check_inputs(config):
     """Raises ``ConfigError`` for combinations of -pretrained, -resume, -ema and -eval that
-    would leave one of them without effect or a fresh training run that would overwrite another
-    run's checkpoints, and ``DataError`` / ``CheckpointError`` for a data folder or weights file
+    would leave one of them without effect or a training run that would overwrite another run's
+    checkpoints, and ``DataError`` / ``CheckpointError`` for a data folder or weights file
     that does not exist: checks cheap enough to make before any process starts or any model is
     built."""
     pretrained, resume = config.MODEL.PRETRAINED, config.MODEL.RESUME
@@ -149,8 +149,10 @@ def check_inputs(config):
     if config.EMA_EVAL and not pretrained and not (config.EVAL and resume):
         raise ConfigError('-ema selects the EMA weights of the -pretrained checkpoint (with -eval also of '
                           '-resume); when training, -resume restores both the model and its EMA')
-    if not config.EVAL and not resume:
-        check_output_is_free(config.SAVE)
+    continues_here = auto or resume and os.path.realpath(os.path.dirname(resume) or '.') == os.path.realpath(
+        config.SAVE)
+    if not config.EVAL and not continues_here:
+        check_output_is_free(config.SAVE)  # a fresh run, or one continued from a checkpoint elsewhere
     check_data_path(config)
     for path in (pretrained, '' if auto else resume):
         if path and not os.path.isfile(path):
@@ -159,7 +161,7 @@ def check_inputs(config):
 
 def check_output_is_free(folder):
     """Raises ``ConfigError`` if ``folder`` holds the checkpoints of a training run, which a
-    fresh run would overwrite after its first epoch."""
+    fresh run (or one continued from a checkpoint elsewhere) would overwrite after its first epoch."""
     for name in RUN_CHECKPOINTS:
         path = os.path.join(folder, name)
         if os.path.exists(path):

@@ -197,6 +197,18 @@ def test_fresh_run_does_not_overwrite_another_runs_checkpoints(tmp_path, name):
     assert checkpoint.read_bytes() == b'another run'
 
 
+def test_run_continued_from_elsewhere_does_not_overwrite_another_runs_checkpoints(full_run, tmp_path):
+    """-resume of a checkpoint in another folder into an -output holding a run is refused; a
+    checkpoint of the output folder itself continues that run."""
+    output, _ = full_run
+    (tmp_path / 'last.pdparams').write_bytes(b'another run')
+    with pytest.raises(ConfigError, match=f'{tmp_path / "last.pdparams"} exists: the output folder holds another'):
+        main_single_gpu.main(train_args(tmp_path, *FULL_RECIPE, extra=['-resume', str(output / 'epoch_1.pdparams')]))
+    assert (tmp_path / 'last.pdparams').read_bytes() == b'another run'
+    same_folder = train_args(output, *FULL_RECIPE, extra=['-resume', str(output / 'epoch_1.pdparams')])
+    engine.check_inputs(engine.parse_config(same_folder))  # no error
+
+
 def test_corrupt_image_is_named(tmp_path):
     for split in ('train', 'val'):
         for label in ('a', 'b'):
