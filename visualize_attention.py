@@ -78,12 +78,12 @@ def attention_figure(image, maps, title):
     return figure
 
 
-def top1_label(model, batch, names):
-    """``'<name> (<index>); '`` of the model's top-1 class for ``batch`` (one image), or ``''``
-    when ``names`` is None (a backbone without classifier head)."""
+def top1_label(logits, names):
+    """``'<name> (<index>); '`` of the top-1 class of ``logits`` (num_classes,), or ``''`` when
+    ``names`` is None (a backbone without classifier head: the outputs are features)."""
     if names is None:
         return ''
-    top1 = int(model(batch)[0].argmax())
+    top1 = int(logits.argmax())
     return f'{names[top1]} ({top1}); '
 
 
@@ -134,9 +134,9 @@ def main(argv=None):
             failed += 1
             continue
         with paddle.no_grad():
-            batch = paddle.to_tensor(image[None])
-            maps = model.class_attention_maps(batch)[0].numpy()
-            prediction = top1_label(model, batch, names)
+            maps, outputs = model.class_attention_maps(paddle.to_tensor(image[None]), return_outputs=True)
+        maps = maps[0].numpy()
+        prediction = top1_label(outputs[0].numpy(), names)
         title = f'{os.path.basename(path)}: {prediction}mean and {len(maps)} heads'
         figure = attention_figure(to_rgb(image, config.DATA.IMAGENET_MEAN, config.DATA.IMAGENET_STD), maps, title)
         target = output_path(args.output, path, written)

@@ -792,10 +792,11 @@ class XCiT(nn.Layer):
             cls, x = blk(cls, x, update_patches=i < last)
         return self.norm(cls[:, 0])  # LayerNorm is per token: only the class token's is needed
 
-    def class_attention_maps(self, x):
+    def class_attention_maps(self, x, return_outputs=False):
         """(B, 3, H, W) -> (B, num_heads, Hp, Wp): the softmax weight each head of the last
         class-attention block gives every patch, on the token grid (the weight of the class
-        token on itself, the rest to 1, is left out)."""
+        token on itself, the rest to 1, is left out). With ``return_outputs``, ``(maps,
+        forward(x))`` from the same pass through the XCA blocks."""
         if not self.cls_attn_blocks:
             raise ValueError('this XCiT has no class-attention blocks (cls_attn_layers=0)')
         cls, x, (Hp, Wp) = self._class_token_and_patches(x)
@@ -803,7 +804,11 @@ class XCiT(nn.Layer):
             cls, x = blk(cls, x)
         last = self.cls_attn_blocks[-1]
         weights = last.attn.attention_weights(last.norm1(cls), last.norm1(x))  # (B, 1 + N, h)
-        return weights[:, 1:].transpose([0, 2, 1]).reshape([0, 0, Hp, Wp])
+        maps = weights[:, 1:].transpose([0, 2, 1]).reshape([0, 0, Hp, Wp])
+        if not return_outputs:
+            return maps
+        cls, _ = last(cls, x, update_patches=False)
+        return maps, self.head(self.norm(cls[:, 0]))
 
     def forward_intermediates(self, x, indices=4):
         """(B, 3, H, W) -> the patch tokens after some XCA blocks as feature maps

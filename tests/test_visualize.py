@@ -52,9 +52,13 @@ def test_class_attention_maps_are_the_class_tokens_softmax_over_the_patches():
 def test_class_attention_maps_of_the_default_two_blocks_are_distributions():
     model = XCiT(patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=5)
     model.eval()
-    maps = model.class_attention_maps(paddle.randn([1, 3, 40, 24])).numpy()
-    assert maps.shape == (1, 2, 5, 3)
+    images = paddle.randn([2, 3, 40, 24])
+    maps = model.class_attention_maps(images).numpy()
+    assert maps.shape == (2, 2, 5, 3)
     assert np.all(maps >= 0) and np.all(maps.sum(axis=(2, 3)) <= 1 + 1e-6)
+    same_maps, logits = model.class_attention_maps(images, return_outputs=True)  # one pass for both
+    np.testing.assert_array_equal(same_maps.numpy(), maps)
+    np.testing.assert_array_equal(logits.numpy(), model(images).numpy())
 
 
 @pytest.fixture(scope='module')
