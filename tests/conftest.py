@@ -1,5 +1,5 @@
-"""Shared test set-up: the project root on sys.path, the golden fixtures' location, a config
-with random weights, and a way to make installed packages look absent."""
+"""Shared test set-up: the project root on sys.path, the golden fixtures' location and model
+configs, a config with random weights, and a way to make installed packages look absent."""
 import importlib.util
 import os
 import sys
@@ -9,6 +9,15 @@ FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
 GOLDEN = os.path.join(FIXTURES, 'xcit_golden')
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+def write_golden_yaml(meta, path, **model):
+    """A golden checkpoint's model (its JSON ``meta['config']``: MODEL keys, lower-cased) as a model
+    YAML at ``path``, with ``model`` overrides (e.g. ``NUM_CLASSES=0``); returns the path."""
+    import yaml
+    with open(path, 'w', encoding='utf-8') as f:
+        yaml.safe_dump({'MODEL': {**{k.upper(): v for k, v in meta['config'].items()}, **model}}, f)
+    return str(path)
 
 
 def hide_packages(monkeypatch, *names):

@@ -20,10 +20,9 @@ import zipfile
 import numpy as np
 import paddle
 import pytest
-import yaml
 
 from config import get_config
-from conftest import GOLDEN, ROOT
+from conftest import GOLDEN, ROOT, write_golden_yaml
 from port_weights.convert import load_checkpoint_arrays, main
 from xcit import build_xcit
 
@@ -127,14 +126,6 @@ def dino_files(golden, tmp_path_factory):
             'linear': torch_save(linear, folder / 'dino_linearweights.pth')}
 
 
-def model_yaml(meta, path, num_classes):
-    config = {k.upper(): v for k, v in meta['config'].items()}
-    config['NUM_CLASSES'] = num_classes
-    with open(path, 'w', encoding='utf-8') as f:
-        yaml.safe_dump({'MODEL': config}, f)
-    return str(path)
-
-
 def outputs(cfg, weights, x):
     model = build_xcit(get_config(cfg))
     missing, unexpected = model.set_state_dict(paddle.load(weights))
@@ -146,7 +137,8 @@ def outputs(cfg, weights, x):
 
 def test_backbone_with_linear_classifier_reproduces_the_official_logits(golden, dino_files, tmp_path, capsys):
     meta, _, reference = golden
-    cfg, dst = model_yaml(meta, tmp_path / 'linear.yaml', 10), str(tmp_path / 'linear.pdparams')
+    cfg = write_golden_yaml(meta, tmp_path / 'linear.yaml', NUM_CLASSES=10)
+    dst = str(tmp_path / 'linear.pdparams')
     assert main(['--src', dino_files['backbone'], '--linear', dino_files['linear'], '--dst', dst, '--cfg', cfg]) == 0
     assert f'classifier from {dino_files["linear"]}, matches {cfg}' in capsys.readouterr().out
     case = meta['cases'][0]
@@ -156,7 +148,8 @@ def test_backbone_with_linear_classifier_reproduces_the_official_logits(golden, 
 @pytest.mark.parametrize('key', ['teacher', 'student'])
 def test_full_checkpoint_backbone_gives_the_official_features(golden, dino_files, tmp_path, capsys, key):
     meta, _, reference = golden
-    cfg, dst = model_yaml(meta, tmp_path / 'backbone.yaml', 0), str(tmp_path / 'backbone.pdparams')
+    cfg = write_golden_yaml(meta, tmp_path / 'backbone.yaml', NUM_CLASSES=0)
+    dst = str(tmp_path / 'backbone.pdparams')
     assert main(['--src', dino_files['full'], '--key', key, '--dst', dst, '--cfg', cfg]) == 0
     out = capsys.readouterr().out
     others = ('student', 'optimizer', 'epoch', 'args', 'dino_loss') if key == 'teacher' else (
@@ -173,7 +166,7 @@ def test_backbone_only_file_converts_as_it_is(golden, dino_files, tmp_path):
     meta, arrays, _ = golden
     dst = str(tmp_path / 'backbone.pdparams')
     assert main(['--src', dino_files['backbone'], '--dst', dst,
-                 '--cfg', model_yaml(meta, tmp_path / 'backbone.yaml', 0)]) == 0
+                 '--cfg', write_golden_yaml(meta, tmp_path / 'backbone.yaml', NUM_CLASSES=0)]) == 0
     written = paddle.load(dst, return_numpy=True)
     assert not any(k.startswith('head.') for k in written)
     np.testing.assert_array_equal(written['blocks.0.mlp.fc1.weight'], arrays['blocks.0.mlp.fc1.weight'].T)

@@ -14,10 +14,9 @@ import sys
 import numpy as np
 import paddle
 import pytest
-import yaml
 
 import export_model
-from conftest import GOLDEN, ROOT
+from conftest import GOLDEN, ROOT, write_golden_yaml
 from config import get_config
 from xcit import build_xcit
 
@@ -41,13 +40,6 @@ def golden_meta(name):
         return json.load(f)
 
 
-def write_model_yaml(meta, path):
-    """The golden JSON's ``config`` as a model YAML (its keys are the MODEL keys, lower-cased)."""
-    with open(path, 'w', encoding='utf-8') as f:
-        yaml.safe_dump({'MODEL': {k.upper(): v for k, v in meta['config'].items()}}, f)
-    return str(path)
-
-
 @pytest.fixture(scope='module')
 def converted(tmp_path_factory):
     """Folder with every golden checkpoint converted by one folder-mode run of the tool."""
@@ -65,7 +57,7 @@ def converted(tmp_path_factory):
 def test_converted_weights_reproduce_official_outputs(converted, tmp_path, filename):
     name = CONVERTED[filename]
     meta = golden_meta(name)
-    model = build_xcit(get_config(write_model_yaml(meta, tmp_path / 'model.yaml')))
+    model = build_xcit(get_config(write_golden_yaml(meta, tmp_path / 'model.yaml')))
     missing, unexpected = model.set_state_dict(paddle.load(str(converted / filename)))
     assert missing == [] and unexpected == []
     model.eval()
@@ -87,7 +79,7 @@ def test_exported_models_reproduce_official_logits(converted, tmp_path):
     """The deployment formats of the nano checkpoint (paddle.inference with and without oneDNN,
     ONNX through Paddle2ONNX and ONNX Runtime) meet the same bar as the dygraph model."""
     meta = golden_meta('xcit_nano_12_p16')
-    model = build_xcit(get_config(write_model_yaml(meta, tmp_path / 'model.yaml')))
+    model = build_xcit(get_config(write_golden_yaml(meta, tmp_path / 'model.yaml')))
     model.set_state_dict(paddle.load(str(converted / 'xcit_nano_12_p16.pdparams')))
     model.eval()
     folder = str(tmp_path / 'export')
