@@ -266,7 +266,8 @@ def parse_args(argv=None):
     parser.add_argument('--batch', type=int, nargs='+', default=None,
                         help='batch sizes (default: 1 16; with --scaling one size, default 1)')
     parser.add_argument('--sizes', type=int, nargs='+', default=None,
-                        help=f'input sides (default: the config\'s; with --scaling {" ".join(map(str, SCALING_SIZES))})')
+                        help='input sides (default: the config\'s; with --scaling '
+                             f'{" ".join(map(str, SCALING_SIZES))})')
     parser.add_argument('--paths', nargs='+', choices=PATHS, default=None,
                         help=f'compute paths (default: {" ".join(DEFAULT_PATHS)}; with --scaling one path, '
                              f'default infer)')

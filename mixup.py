@@ -51,7 +51,8 @@ def cutmix_box(height, width, lam, minmax, rng):
         cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
         top, bottom = np.clip([cy - cut_h // 2, cy + (cut_h + 1) // 2], 0, height)
         left, right = np.clip([cx - cut_w // 2, cx + (cut_w + 1) // 2], 0, width)
-    return (int(top), int(bottom), int(left), int(right)), float(1.0 - (bottom - top) * (right - left) / (height * width))
+    kept = 1.0 - (bottom - top) * (right - left) / (height * width)
+    return (int(top), int(bottom), int(left), int(right)), float(kept)
 
 
 class Mixup:
