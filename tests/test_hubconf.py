@@ -1,0 +1,37 @@
+"""``hubconf.py``: every config is a Paddle Hub entry point (``paddle.hub`` with source='local')."""
+import glob
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+from conftest import ROOT
+from utils import CheckpointError
+
+
+def test_every_config_is_an_entry_and_nothing_else():
+    names = paddle.hub.list(ROOT, source='local')
+    configs = glob.glob(os.path.join(ROOT, 'configs', 'xcit_*.yaml')) + glob.glob(
+        os.path.join(ROOT, 'configs', 'dino', '*.yaml'))
+    assert sorted(names) == sorted(os.path.basename(p)[:-len('.yaml')] for p in configs)
+    assert len(names) == 50
+    doc = paddle.hub.help(ROOT, 'xcit_tiny_12_p8_384_dist', source='local')
+    assert 'https://dl.fbaipublicfiles.com/xcit/xcit_tiny_12_p8_384_dist.pth' in doc
+    assert 'configs/xcit_tiny_12_p8_384_dist.yaml' in doc
+
+
+def test_load_builds_the_config_and_loads_every_weight(tmp_path):
+    paddle.seed(3)
+    model = paddle.hub.load(ROOT, 'xcit_nano_12_p16_224', source='local')
+    assert sum(int(np.prod(p.shape)) for p in model.parameters() if not p.stop_gradient) == 3_053_224
+    weights = str(tmp_path / 'nano.pdparams')
+    paddle.save(model.state_dict(), weights)
+    paddle.seed(4)
+    loaded = paddle.hub.load(ROOT, 'xcit_nano_12_p16_224', source='local', pretrained=weights)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[name].numpy(), value.numpy(), err_msg=name)
+    backbone = paddle.hub.load(ROOT, 'xcit_small_12_p16_dino', source='local')
+    assert backbone.num_classes == 0 and 'head.weight' not in backbone.state_dict()
+    with pytest.raises(CheckpointError, match=r'does not fit the model of .*xcit_tiny_12_p16_224\.yaml'):
+        paddle.hub.load(ROOT, 'xcit_tiny_12_p16_224', source='local', pretrained=weights)
