@@ -287,7 +287,8 @@ def inference_forward(model, image_size):
 class EvalForward:
     """The forward pass of one evaluation: ``model`` in dygraph or, on CPU, the model exported
     to a Paddle Inference predictor (oneDNN kernels, several times faster than eager Paddle on
-    large batches) when that gives the same logits faster.
+    large batches) when that gives the same outputs (logits, or features of a model without
+    head) faster.
 
     The choice is made once, on the first batch: the predictor must build, run, match dygraph
     within ``COMPILED_TOLERANCE`` and take less time than dygraph on that batch (both timed on a
@@ -345,7 +346,7 @@ class EvalForward:
             return 'unavailable'
         diff = float((fast - self.model(images)).abs().max())
         if not diff <= COMPILED_TOLERANCE:
-            logger.warning(f'paddle.inference logits differ from dygraph by {diff:.2e} (> {COMPILED_TOLERANCE}) '
+            logger.warning(f'paddle.inference outputs differ from dygraph by {diff:.2e} (> {COMPILED_TOLERANCE}) '
                            f'on the first batch; evaluating in dygraph')
             return 'different logits'
         seconds = {}
@@ -355,10 +356,10 @@ class EvalForward:
             seconds[name] = time.perf_counter() - start
         timing = f'{seconds["inference"]:.3f} s vs {seconds["dygraph"]:.3f} s in dygraph on the first batch'
         if seconds['inference'] >= seconds['dygraph']:
-            logger.info(f'paddle.inference matches dygraph (max abs logit diff {diff:.1e}) but is not faster '
+            logger.info(f'paddle.inference matches dygraph (max abs output diff {diff:.1e}) but is not faster '
                         f'({timing}); evaluating in dygraph')
             return 'not faster'
-        logger.info(f'paddle.inference matches dygraph (max abs logit diff {diff:.1e}) and is faster ({timing})')
+        logger.info(f'paddle.inference matches dygraph (max abs output diff {diff:.1e}) and is faster ({timing})')
         return 'passed'
 
     def __call__(self, images):

@@ -9,8 +9,9 @@ evaluation transform of the config, and L2-normalised. Each validation image the
 ``k`` most similar training images (cosine similarity s) and gives every class the sum of
 exp(s / T) over the neighbours of that class; the top-1 and top-5 classes are compared with its
 label. Defaults are DINO's (k = 10, 20, 100, 200 and T = 0.07). The model runs in one process on
-``-device``; the result is printed per k, its last line is the summary as JSON, also written to
-``<output>/knn_summary.json`` with ``-output``.
+``-device`` (on the CPU exported to a ``paddle.inference`` predictor when that gives the same
+features faster, as ``-eval`` does); the result is printed per k, its last line is the summary
+as JSON, also written to ``<output>/knn_summary.json`` with ``-output``.
 """
 import argparse
 import json
@@ -23,7 +24,8 @@ import paddle
 
 from config import ConfigError, get_config, update_config
 from datasets import DataError, build_dataloader, build_dataset
-from utils import CheckpointError, format_seconds, load_every_weight, resolve_device, write_json
+from engine import EvalForward
+from utils import CheckpointError, format_seconds, load_every_weight, resolve_device, setup_logger, write_json
 from xcit import build_xcit
 
 DEFAULT_K = (10, 20, 100, 200)
@@ -62,19 +64,24 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k, te
 
 
 @paddle.no_grad()
-def extract_features(model, loader, what, report_freq=50):
-    """(features float32 (N, D) with unit rows, labels int64 (N,)) of ``loader``'s images, in order."""
+def extract_features(forward, loader, what, logger, report_freq=50):
+    """(features float32 (N, D) with unit rows, labels int64 (N,)) of ``loader``'s images, in order.
+
+    ``forward`` is an ``engine.EvalForward`` of a model without head (its outputs are the
+    features); on its first batch it chooses between dygraph and the exported predictor."""
     features, labels = [], []
     start = time.time()
     done = 0
     for i, (images, batch_labels) in enumerate(loader):
-        features.append(model.forward_features(images).numpy())
+        if forward.path is None:
+            forward.choose(images, len(loader) > 1, logger)
+        features.append(forward(images).numpy())
         labels.append(batch_labels.numpy())
         done += len(labels[-1])
         if (i + 1) % report_freq == 0 or i + 1 == len(loader):
             elapsed = time.time() - start
-            print(f'{what} features: batch {i + 1}/{len(loader)}, {done / elapsed:.1f} images/s, '
-                  f'ETA {format_seconds(elapsed / (i + 1) * (len(loader) - i - 1))}', flush=True)
+            logger.info(f'{what} features: batch {i + 1}/{len(loader)}, {done / elapsed:.1f} images/s, '
+                        f'ETA {format_seconds(elapsed / (i + 1) * (len(loader) - i - 1))}')
     return normalise(np.concatenate(features).astype(np.float32)), np.concatenate(labels)
 
 
@@ -127,20 +134,25 @@ def run(args):
         if not 0 < k <= len(sets['train']):
             raise ConfigError(f'-k {k}: must be between 1 and the number of training images ({len(sets["train"])})')
     paddle.set_device(args.device)
+    logger = setup_logger()
     model = build_xcit(config)
     load_every_weight(model, args.pretrained, f'the model of {args.cfg}', args.ema)
+    model.reset_classifier(0)  # the votes use the final-norm class token, which forward() now returns
     model.eval()
+    forward = EvalForward(model, config.DATA.IMAGE_SIZE, try_inference=args.device == 'cpu')
     (train_features, train_labels), (val_features, val_labels) = (
-        extract_features(model, build_dataloader(data, sets[split], 'val'), split) for split in ('train', 'val'))
+        extract_features(forward, build_dataloader(data, sets[split], 'val'), split, logger)
+        for split in ('train', 'val'))
     num_classes = max(sets['train'].num_classes, int(train_labels.max()) + 1, int(val_labels.max()) + 1)
     summary = {'train_images': len(train_labels), 'val_images': len(val_labels),
-               'feature_dim': int(train_features.shape[1]), 'temperature': args.temperature, 'knn': {}}
+               'feature_dim': int(train_features.shape[1]), 'temperature': args.temperature, 'path': forward.path,
+               'knn': {}}
     for k in args.k:
         acc1, acc5 = knn_accuracy(train_features, train_labels, val_features, val_labels, k, args.temperature,
                                   num_classes)
         summary['knn'][str(k)] = {'acc1': acc1, 'acc5': acc5}
-        print(f'{k}-NN (T={args.temperature}): Acc@1 {acc1:.2f}% Acc@5 {acc5:.2f}% '
-              f'({len(val_labels)} images against {len(train_labels)})', flush=True)
+        logger.info(f'{k}-NN (T={args.temperature}): Acc@1 {acc1:.2f}% Acc@5 {acc5:.2f}% '
+                    f'({len(val_labels)} images against {len(train_labels)}, {forward.path})')
     if args.output:
         os.makedirs(args.output, exist_ok=True)
         write_json(os.path.join(args.output, 'knn_summary.json'), summary)
