@@ -285,6 +285,10 @@ def parse_args(argv=None):
         args.configs = {cfg: get_config(cfg) for cfg in args.cfg}
     except ConfigError as e:
         parser.error(str(e))
+    headless = [cfg for cfg, config in args.configs.items() if config.MODEL.NUM_CLASSES == 0]
+    if headless and {'train', 'train_gc'} & set(args.paths or ()):
+        parser.error(f'{headless[0]}: a model without classifier head (MODEL.NUM_CLASSES 0) has no training step '
+                     f'to time (--paths train, train_gc)')
     if 'onnx' in (args.paths or ()):
         try:
             check_onnx_packages('--paths onnx')

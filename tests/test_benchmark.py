@@ -100,6 +100,16 @@ def test_a_bad_config_is_one_error_line_before_any_measurement(cfg, tmp_path, ca
     assert 'MODEL.EMBED_DIMS' in err and 'bad.yaml' in err
 
 
+def test_a_model_without_head_has_no_training_step_to_time(tmp_path, capsys):
+    headless = tmp_path / 'backbone.yaml'
+    headless.write_text('MODEL:\n  NUM_CLASSES: 0\n', encoding='utf-8')
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(['-cfg', str(headless), '--paths', 'dygraph', 'train'])
+    assert exit_info.value.code == 2
+    assert f'{headless}: a model without classifier head (MODEL.NUM_CLASSES 0) has no training step' in \
+        capsys.readouterr().err
+
+
 def test_scaling_needs_two_measured_sizes(cfg, capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(['-cfg', cfg, '--scaling', '--paths', 'dygraph', '--sizes', '32', '--reps', '1',
