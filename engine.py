@@ -41,8 +41,8 @@ from optim import build_lr_scheduler, build_optimizer
 from port_weights.convert import find_mismatches, format_mismatches, state_shapes
 from teacher import build_teacher
 from utils import (AverageMeter, CheckpointError, MetricsLog, all_reduce_sum, average_batchnorm_statistics,
-                   format_seconds, get_rank, get_world_size, load_checkpoint, save_checkpoint, setup_logger,
-                   visible_gpus, weights_of, write_json)
+                   format_seconds, get_rank, get_world_size, load_checkpoint, load_every_weight, save_checkpoint,
+                   setup_logger, visible_gpus, weights_of, write_json)
 from xcit import build_xcit
 
 # AMP (float16, level O1) op lists for xcit.py's layers. White: its Linear layers compute
@@ -199,28 +199,26 @@ def autocast(enabled):
                                 custom_black_list=set(AMP_BLACK_LIST), level='O1', dtype='float16')
 
 
-def load_weights(model, path, use_ema, logger, new_head_ok):
-    """Loads weights from ``path`` (see ``weights_of``) into ``model``.
+def load_pretrained(model, path, use_ema, logger):
+    """Loads ``-pretrained`` weights from ``path`` (see ``weights_of``) into ``model`` to train from.
 
-    With ``new_head_ok`` (fine-tuning) a classifier head whose class count differs is dropped
-    and stays freshly initialised, as does the head of a model loaded from a backbone without
-    one (e.g. self-supervised DINO weights). Any other shape mismatch raises ``CheckpointError``
-    with a table of the differences; missing or unexpected keys are reported as warnings.
+    A classifier head whose class count differs is dropped and stays freshly initialised, as does
+    the head of a model loaded from a backbone without one (e.g. self-supervised DINO weights).
+    Any other shape mismatch raises ``CheckpointError`` with a table of the differences; other
+    missing or unexpected keys are reported as warnings.
     """
     state = dict(weights_of(load_checkpoint(path), path, use_ema))
     expected = state_shapes(model.state_dict())
-    new_head = []
-    if new_head_ok:
-        new_head = [k for k in HEAD_KEYS if k in state and k in expected and tuple(state[k].shape) != expected[k]]
-        if new_head:
-            logger.info(f'{path}: dropping the classifier head ({state["head.weight"].shape[-1]} classes) '
-                        f'for a new one with {model.num_classes} classes, freshly initialised')
-            for key in new_head:
-                del state[key]
-        elif not any(k in state for k in HEAD_KEYS) and all(k in expected for k in HEAD_KEYS):
-            new_head = list(HEAD_KEYS)
-            logger.info(f'{path}: a backbone without classifier head; the model\'s head '
-                        f'({model.num_classes} classes) starts freshly initialised')
+    new_head = [k for k in HEAD_KEYS if k in state and k in expected and tuple(state[k].shape) != expected[k]]
+    if new_head:
+        logger.info(f'{path}: dropping the classifier head ({state["head.weight"].shape[-1]} classes) '
+                    f'for a new one with {model.num_classes} classes, freshly initialised')
+        for key in new_head:
+            del state[key]
+    elif not any(k in state for k in HEAD_KEYS) and all(k in expected for k in HEAD_KEYS):
+        new_head = list(HEAD_KEYS)
+        logger.info(f'{path}: a backbone without classifier head; the model\'s head '
+                    f'({model.num_classes} classes) starts freshly initialised')
     rows = find_mismatches(state, expected)
     mismatched = [row for row in rows if row[1] is not None and row[2] is not None]
     if mismatched:
@@ -416,7 +414,8 @@ def run_evaluation(config, device, use_amp, logger):
     dataset = build_dataset(config, 'val')
     loader = build_dataloader(config, dataset, 'val', rank, world_size)
     model = build_xcit(config)
-    load_weights(model, source, config.EMA_EVAL, logger, new_head_ok=False)
+    load_every_weight(model, source, f'the {config.MODEL.NAME} model of the config', config.EMA_EVAL)
+    logger.info(f'loaded {"EMA " if config.EMA_EVAL else ""}weights from {source}')
     forward = EvalForward(model, config.DATA.IMAGE_SIZE, try_inference=device == 'cpu')
     stats = evaluate(forward, loader, logger, use_amp, config.REPORT_FREQ)
     summary = {'acc1': round(stats['acc1'], 4), 'acc5': round(stats['acc5'], 4), 'loss': round(stats['loss'], 6),
@@ -476,7 +475,7 @@ class Trainer:
             logger.info('gradient checkpointing: the XCA blocks recompute their activations in the backward pass')
         resume = resume_path(config)
         if config.MODEL.PRETRAINED and not resume:
-            load_weights(model, config.MODEL.PRETRAINED, config.EMA_EVAL, logger, new_head_ok=True)
+            load_pretrained(model, config.MODEL.PRETRAINED, config.EMA_EVAL, logger)
         if train.FREEZE_BACKBONE:
             model.freeze_backbone()
             trained = sum(int(np.prod(p.shape)) for p in model.parameters() if not p.stop_gradient)

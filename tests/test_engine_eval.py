@@ -164,13 +164,32 @@ def test_fine_tuning_drops_a_head_of_another_class_count(golden, caplog):
     logger = setup_logger()
     logger.propagate = True  # let caplog see the records
     before = model.head.weight.numpy().copy()
-    engine.load_weights(model, golden['full'], False, logger, new_head_ok=True)
+    engine.load_pretrained(model, golden['full'], False, logger)
     assert 'dropping the classifier head (1000 classes) for a new one with 10 classes' in caplog.text
     np.testing.assert_array_equal(model.head.weight.numpy(), before)
     golden_state = paddle.load(golden['full'])
     np.testing.assert_array_equal(model.blocks[1].attn.qkv.weight.numpy(), golden_state['blocks.1.attn.qkv.weight'])
-    with pytest.raises(CheckpointError, match=r'head\.weight +\[64, 1000\] +\[64, 10\] +shape mismatch'):
-        engine.load_weights(model, golden['full'], False, logger, new_head_ok=False)
+
+
+@pytest.mark.parametrize('change', ['head of 1000 classes', 'no head', 'an extra entry'])
+def test_evaluated_weights_must_fit_exactly(golden, tmp_path, change):
+    """-eval does not drop or invent anything: any difference is an error with its table."""
+    state = dict(paddle.load(golden['weights']))
+    if change == 'head of 1000 classes':
+        state = dict(paddle.load(golden['full']))
+        row = r'head\.weight +\[64, 1000\] +\[64, 10\] +shape mismatch'
+    elif change == 'no head':
+        del state['head.weight'], state['head.bias']
+        row = r'head\.weight +- +\[64, 10\] +missing from checkpoint'
+    else:
+        state['extra.scale'] = np.ones(3, dtype=np.float32)
+        row = r'extra\.scale +\[3\] +- +unexpected in checkpoint'
+    path = tmp_path / 'weights.pdparams'
+    paddle.save(state, str(path))
+    args = eval_args(golden, tmp_path)
+    args[args.index('-pretrained') + 1] = str(path)
+    with pytest.raises(CheckpointError, match=rf'(?s)does not fit the \w+ model of the config.*{row}'):
+        main_single_gpu.main(args)
 
 
 def test_fine_tuning_from_a_backbone_without_head(golden, tmp_path, caplog):
@@ -182,14 +201,11 @@ def test_fine_tuning_from_a_backbone_without_head(golden, tmp_path, caplog):
     before = model.head.weight.numpy().copy()
     logger = setup_logger()
     logger.propagate = True
-    engine.load_weights(model, str(path), False, logger, new_head_ok=True)
+    engine.load_pretrained(model, str(path), False, logger)
     assert "a backbone without classifier head; the model's head (10 classes) starts freshly initialised" in caplog.text
     assert 'not in the checkpoint' not in caplog.text
     np.testing.assert_array_equal(model.head.weight.numpy(), before)
     np.testing.assert_array_equal(model.norm.weight.numpy(), state['norm.weight'])
-    caplog.clear()
-    engine.load_weights(build_xcit(get_config(golden['cfg'])), str(path), False, logger, new_head_ok=False)
-    assert '2 model weights not in the checkpoint, left as initialised: head.weight, head.bias' in caplog.text
 
 
 @pytest.mark.parametrize('mode', ['-eval', 'train'])
@@ -211,7 +227,7 @@ def test_missing_and_unexpected_keys_are_reported(golden, tmp_path, caplog):
     model = build_xcit(get_config(golden['cfg']))
     logger = setup_logger()
     logger.propagate = True
-    engine.load_weights(model, str(path), False, logger, new_head_ok=True)
+    engine.load_pretrained(model, str(path), False, logger)
     assert '1 model weights not in the checkpoint, left as initialised: norm.weight' in caplog.text
     assert '1 checkpoint entries not in the model, ignored: extra.scale' in caplog.text
 
