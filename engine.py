@@ -149,8 +149,8 @@ def check_inputs(config):
     if config.EMA_EVAL and not pretrained and not (config.EVAL and resume):
         raise ConfigError('-ema selects the EMA weights of the -pretrained checkpoint (with -eval also of '
                           '-resume); when training, -resume restores both the model and its EMA')
-    continues_here = auto or resume and os.path.realpath(os.path.dirname(resume) or '.') == os.path.realpath(
-        config.SAVE)
+    resume_folder = os.path.dirname(resume) or '.'
+    continues_here = auto or (resume and os.path.realpath(resume_folder) == os.path.realpath(config.SAVE))
     if not config.EVAL and not continues_here:
         check_output_is_free(config.SAVE)  # a fresh run, or one continued from a checkpoint elsewhere
     check_data_path(config)
