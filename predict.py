@@ -156,7 +156,13 @@ def main(argv=None):
                 failed += 1
         if not batch:
             continue
-        indices, probs = top_k(predict(np.stack(images)))
+        logits = predict(np.stack(images))
+        if logits.shape[1] != len(names):  # an exported model run with another model's config
+            print(f'error: {args.model_dir}: the exported model gives {logits.shape[1]} outputs per image, but the '
+                  f'model of {args.cfg} has {len(names)} classes; give -cfg the config it was exported with',
+                  file=sys.stderr)
+            sys.exit(1)
+        indices, probs = top_k(logits)
         for path, idx, prob in zip(batch, indices, probs):
             if writer:
                 writer.writerow([path] + [int(i) for i in idx] + [names[i] for i in idx]

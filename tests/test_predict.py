@@ -105,6 +105,20 @@ def test_exported_model_gives_the_same_predictions(setup):
         np.testing.assert_allclose([float(v) for v in row[11:16]], probs[0], atol=1e-5)
 
 
+def test_exported_model_with_another_models_config_is_an_error(setup, tmp_path, capsys):
+    """The class names come from -cfg: an exported 5-class model with a 1000-class config would
+    print ImageNet names for its 5 outputs."""
+    model_dir = tmp_path / 'exported'
+    export(setup['model'], str(model_dir))
+    imagenet = tmp_path / 'imagenet.yaml'
+    imagenet.write_text(yaml.safe_dump({**TINY, 'MODEL': {**TINY['MODEL'], 'NUM_CLASSES': 1000}}), encoding='utf-8')
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-cfg', str(imagenet), '-model_dir', str(model_dir), str(setup['images'] / 'a.jpg')])
+    assert exit_info.value.code == 1
+    assert (f'error: {model_dir}: the exported model gives 5 outputs per image, but the model of {imagenet} has '
+            f'1000 classes; give -cfg the config it was exported with') in capsys.readouterr().err
+
+
 def test_ema_weights_of_a_training_checkpoint(setup, tmp_path, capsys):
     """-ema predicts with the checkpoint's 'model_ema' (here the fixture's weights), not its 'model'."""
     weights = paddle.load(setup['weights'])
