@@ -1,4 +1,4 @@
-"""Top-5 predictions of an XCiT for image files and folders.
+"""Top-5 predictions (or features) of an XCiT for image files and folders.
 
     python predict.py -cfg configs/xcit_nano_12_p16_224.yaml -pretrained xcit_nano_12_p16_224.pdparams cat.jpg
     python predict.py -cfg configs/xcit_nano_12_p16_224.yaml -model_dir export/xcit_nano_12_p16_224 \
@@ -11,8 +11,10 @@ of ``-cfg``. Single images are printed as a ranked list. Folders (every
 image file below them, sorted) and ``-output`` give a CSV instead: path, the top-5 class
 indices, their names and their probabilities, to ``-output`` or stdout. Class names come from
 ``-class_names`` (one per line, in class-index order), by default the bundled ImageNet-1k list
-for 1000-class models. A file that cannot be read as an image is reported on stderr and
-skipped; the exit status is then 1.
+for 1000-class models. A model without classifier head (``MODEL.NUM_CLASSES: 0``, e.g. a DINO
+backbone) gives its features instead: ``-output FILE.npz`` receives ``paths`` and ``features``
+(N, EMBED_DIM), the final-norm class tokens. A file that cannot be read as an image is reported
+on stderr and skipped; the exit status is then 1.
 """
 import argparse
 import csv
@@ -35,10 +37,7 @@ IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'dat
 
 def read_class_names(path, num_classes):
     """Class names from ``path`` (one per line); when ``path`` is None, the bundled ImageNet-1k
-    names for a 1000-class model, else the class indices as text. A model without classifier
-    head (``num_classes`` 0) has no classes: ``ConfigError``."""
-    if num_classes == 0:
-        raise ConfigError('MODEL.NUM_CLASSES is 0: a backbone without classifier head has no classes to predict')
+    names for a 1000-class model, else the class indices as text."""
     if path is None and num_classes == 1000:
         path = IMAGENET_CLASSES
     if path is None:
@@ -129,39 +128,41 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        config, predict = build_predictor(args)
-        names = read_class_names(args.class_names, config.MODEL.NUM_CLASSES)
-        paths = image_paths(args.inputs)
-    except (ConfigError, CheckpointError, ExportError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(1)
-    transform = build_eval_transform(config)
-    as_csv = args.output is not None or any(from_folder for _, from_folder in paths)
-    out = open(args.output, 'w', newline='', encoding='utf-8') if args.output else sys.stdout
-    writer = csv.writer(out) if as_csv else None
-    if writer:
-        writer.writerow(csv_header())
-    failed = 0
-    for start in range(0, len(paths), args.batch_size):
+def readable_batches(paths, transform, batch_size, failed):
+    """Yields ``(paths, images (B, 3, S, S) float32)`` of the readable images of ``paths``,
+    ``batch_size`` at a time; unreadable files are reported on stderr and appended to ``failed``."""
+    for start in range(0, len(paths), batch_size):
         batch, images = [], []
-        for path, _ in paths[start:start + args.batch_size]:
+        for path in paths[start:start + batch_size]:
             try:
                 images.append(load_image(path, transform))
                 batch.append(path)
             except OSError as e:
                 print(f'error: {e}', file=sys.stderr)
-                failed += 1
-        if not batch:
-            continue
-        logits = predict(np.stack(images))
-        if logits.shape[1] != len(names):  # an exported model run with another model's config
-            print(f'error: {args.model_dir}: the exported model gives {logits.shape[1]} outputs per image, but the '
-                  f'model of {args.cfg} has {len(names)} classes; give -cfg the config it was exported with',
-                  file=sys.stderr)
-            sys.exit(1)
+                failed.append(path)
+        if batch:
+            yield batch, np.stack(images)
+
+
+def check_output_width(outputs, expected, args):
+    """Exits with an error when an exported model gives other than ``expected`` outputs per image
+    (it was exported from another config than ``-cfg``)."""
+    if outputs.shape[1] != expected:
+        print(f'error: {args.model_dir}: the exported model gives {outputs.shape[1]} outputs per image, but the '
+              f'model of {args.cfg} gives {expected}; give -cfg the config it was exported with', file=sys.stderr)
+        sys.exit(1)
+
+
+def write_predictions(predict, batches, names, args, as_csv):
+    """Top-5 classes per image: a CSV to ``args.output`` (or stdout), or a ranked list per image."""
+    out = open(args.output, 'w', newline='', encoding='utf-8') if args.output else sys.stdout
+    writer = csv.writer(out) if as_csv else None
+    if writer:
+        writer.writerow(csv_header())
+    written = 0
+    for batch, images in batches:
+        logits = predict(images)
+        check_output_width(logits, len(names), args)
         indices, probs = top_k(logits)
         for path, idx, prob in zip(batch, indices, probs):
             if writer:
@@ -171,11 +172,48 @@ def main(argv=None):
                 print(path)
                 for rank, (i, p) in enumerate(zip(idx, prob), 1):
                     print(f'  {rank}. {names[i]} ({i}): {p:.4f}')
+        written += len(batch)
     if args.output:
         out.close()
-        print(f'wrote {len(paths) - failed} predictions to {args.output}', file=sys.stderr)
+        print(f'wrote {written} predictions to {args.output}', file=sys.stderr)
+
+
+def write_features(predict, batches, width, args):
+    """The outputs of a model without head, its final-norm class tokens, to ``args.output`` (.npz):
+    ``paths`` (N,) and ``features`` (N, width) float32, in the order of the images."""
+    paths, features = [], []
+    for batch, images in batches:
+        outputs = predict(images)
+        check_output_width(outputs, width, args)
+        paths += batch
+        features.append(outputs.astype(np.float32))
+    features = np.concatenate(features) if features else np.zeros((0, width), np.float32)
+    np.savez(args.output, paths=np.array(paths), features=features)
+    print(f'wrote the features of {len(paths)} images to {args.output}', file=sys.stderr)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        config, predict = build_predictor(args)
+        features_only = config.MODEL.NUM_CLASSES == 0
+        if features_only and not (args.output or '').endswith('.npz'):
+            raise ConfigError(f'{args.cfg}: a model without classifier head (MODEL.NUM_CLASSES 0) gives features, '
+                              f'not classes: write them with -output FILE.npz')
+        names = None if features_only else read_class_names(args.class_names, config.MODEL.NUM_CLASSES)
+        paths = image_paths(args.inputs)
+    except (ConfigError, CheckpointError, ExportError, OSError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(1)
+    failed = []
+    batches = readable_batches([path for path, _ in paths], build_eval_transform(config), args.batch_size, failed)
+    if features_only:
+        write_features(predict, batches, config.MODEL.EMBED_DIM, args)
+    else:
+        as_csv = args.output is not None or any(from_folder for _, from_folder in paths)
+        write_predictions(predict, batches, names, args, as_csv)
     if failed:
-        print(f'error: {failed} of {len(paths)} files could not be read', file=sys.stderr)
+        print(f'error: {len(failed)} of {len(paths)} files could not be read', file=sys.stderr)
         sys.exit(1)
 
 

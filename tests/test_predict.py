@@ -11,7 +11,7 @@ from paddle import inference
 from PIL import Image
 
 import utils
-from config import ConfigError, get_config
+from config import get_config
 from export_model import GPU_MEMORY_POOL_MB, export
 from predict import main, read_class_names, top_k
 from transforms import build_eval_transform
@@ -115,8 +115,8 @@ def test_exported_model_with_another_models_config_is_an_error(setup, tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         main(['-cfg', str(imagenet), '-model_dir', str(model_dir), str(setup['images'] / 'a.jpg')])
     assert exit_info.value.code == 1
-    assert (f'error: {model_dir}: the exported model gives 5 outputs per image, but the model of {imagenet} has '
-            f'1000 classes; give -cfg the config it was exported with') in capsys.readouterr().err
+    assert (f'error: {model_dir}: the exported model gives 5 outputs per image, but the model of {imagenet} gives '
+            f'1000; give -cfg the config it was exported with') in capsys.readouterr().err
 
 
 def test_ema_weights_of_a_training_checkpoint(setup, tmp_path, capsys):
@@ -145,10 +145,27 @@ def test_default_class_names():
     assert read_class_names(None, 3) == ['0', '1', '2']
 
 
-def test_a_backbone_without_head_has_no_classes_to_predict():
-    with pytest.raises(ConfigError, match='MODEL.NUM_CLASSES is 0: a backbone without classifier head has no '
-                                          'classes to predict'):
-        read_class_names(None, 0)
+def test_a_backbone_without_head_writes_its_features(setup, tmp_path, capsys):
+    cfg = tmp_path / 'backbone.yaml'
+    cfg.write_text(yaml.safe_dump({**TINY, 'MODEL': {**TINY['MODEL'], 'NUM_CLASSES': 0}}), encoding='utf-8')
+    weights = str(tmp_path / 'backbone.pdparams')
+    paddle.save({k: v for k, v in setup['model'].state_dict().items() if not k.startswith('head.')}, weights)
+    out = tmp_path / 'features.npz'
+    with pytest.raises(SystemExit) as exit_info:  # broken.jpg
+        main(['-cfg', str(cfg), '-pretrained', weights, '-output', str(out), str(setup['images'])])
+    assert exit_info.value.code == 1
+    assert f'wrote the features of 3 images to {out}' in capsys.readouterr().err
+    with np.load(out) as saved:
+        assert list(saved['paths']) == sorted(setup['expected'])
+        transform = build_eval_transform(get_config(str(cfg)))
+        for path, feature in zip(saved['paths'], saved['features']):
+            with Image.open(path) as img:
+                x = paddle.to_tensor(transform(img)[None])
+            with paddle.no_grad():
+                np.testing.assert_allclose(feature, setup['model'].forward_features(x).numpy()[0], atol=1e-6)
+    with pytest.raises(SystemExit):
+        main(['-cfg', str(cfg), '-pretrained', weights, str(setup['images'] / 'a.jpg')])
+    assert 'gives features, not classes: write them with -output FILE.npz' in capsys.readouterr().err
 
 
 def test_wrong_number_of_class_names_is_an_error(setup, tmp_path, capsys):
