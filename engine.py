@@ -364,6 +364,13 @@ class EvalForward:
         return self.compiled(images) if self.path == 'inference' else self.model(images)
 
 
+def log_progress(logger, what, batches_done, num_batches, images_done, start):
+    """Logs '<what>: batch i/n, images/s, ETA' of a pass over a loader begun at time ``start``."""
+    elapsed = time.time() - start
+    logger.info(f'{what}: batch {batches_done}/{num_batches}, {images_done / elapsed:.1f} images/s, '
+                f'ETA {format_seconds(elapsed / batches_done * (num_batches - batches_done))}')
+
+
 @paddle.no_grad()
 def evaluate(forward, loader, logger, use_amp=False, report_freq=50, name='model'):
     """Top-1 / top-5 accuracy (%) and mean cross-entropy of ``forward.model`` on ``loader``'s dataset.
@@ -394,10 +401,7 @@ def evaluate(forward, loader, logger, use_amp=False, report_freq=50, name='model
         else:
             steady_images += labels.shape[0]
         if (i + 1) % report_freq == 0 or i + 1 == num_batches:
-            elapsed = time.time() - start
-            logger.info(f'eval {name}: batch {i + 1}/{num_batches}, '
-                        f'{sums[3] * world_size / elapsed:.1f} images/s, '
-                        f'ETA {format_seconds(elapsed / (i + 1) * (num_batches - i - 1))}')
+            log_progress(logger, f'eval {name}', i + 1, num_batches, sums[3] * world_size, start)
     steady_seconds = time.time() - steady_start
     sums, (steady_images,) = all_reduce_sum(sums), all_reduce_sum([steady_images])
     seconds = time.time() - start

@@ -24,8 +24,8 @@ import paddle
 
 from config import ConfigError, get_config, update_config
 from datasets import DataError, build_dataloader, build_dataset
-from engine import EvalForward
-from utils import CheckpointError, format_seconds, load_every_weight, resolve_device, setup_logger, write_json
+from engine import EvalForward, log_progress
+from utils import CheckpointError, load_every_weight, resolve_device, setup_logger, write_json
 from xcit import build_xcit
 
 DEFAULT_K = (10, 20, 100, 200)
@@ -79,9 +79,7 @@ def extract_features(forward, loader, what, logger, report_freq=50):
         labels.append(batch_labels.numpy())
         done += len(labels[-1])
         if (i + 1) % report_freq == 0 or i + 1 == len(loader):
-            elapsed = time.time() - start
-            logger.info(f'{what} features: batch {i + 1}/{len(loader)}, {done / elapsed:.1f} images/s, '
-                        f'ETA {format_seconds(elapsed / (i + 1) * (len(loader) - i - 1))}')
+            log_progress(logger, f'{what} features', i + 1, len(loader), done, start)
     return normalise(np.concatenate(features).astype(np.float32)), np.concatenate(labels)
 
 
