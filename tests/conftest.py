@@ -1,5 +1,6 @@
 """Shared test set-up: the project root on sys.path, the golden fixtures' location and model
-configs, a config with random weights, and a way to make installed packages look absent."""
+configs, a config with random weights, torch.save's zip layout, and a way to make installed
+packages look absent."""
 import importlib.util
 import os
 import sys
@@ -17,6 +18,19 @@ def write_golden_yaml(meta, path, **model):
     import yaml
     with open(path, 'w', encoding='utf-8') as f:
         yaml.safe_dump({'MODEL': {**{k.upper(): v for k, v in meta['config'].items()}, **model}}, f)
+    return str(path)
+
+
+def write_torch_zip(path, data_pkl, storages=()):
+    """A zip laid out like ``torch.save``'s: the pickle ``data_pkl`` and the ``(key, bytes)``
+    storage files; returns the path as a string."""
+    import zipfile
+    with zipfile.ZipFile(path, 'w') as archive:
+        archive.writestr('archive/data.pkl', data_pkl)
+        archive.writestr('archive/byteorder', 'little')
+        archive.writestr('archive/version', '3\n')
+        for key, raw in storages:
+            archive.writestr(f'archive/data/{key}', raw)
     return str(path)
 
 

@@ -15,7 +15,7 @@ import paddle
 import pytest
 import yaml
 
-from conftest import FIXTURES, GOLDEN
+from conftest import FIXTURES, GOLDEN, write_torch_zip
 from config import get_config
 from port_weights.convert import (CheckpointError, convert_state_dict, count_parameters, find_mismatches,
                                   from_timm_layout, load_checkpoint_arrays, main, model_shapes)
@@ -166,15 +166,6 @@ def hostile_payloads(marker):
         'subprocess.call': Payload(subprocess.call, ['touch', str(marker)]),
         'builtins.exec': Payload(builtins.exec, f'open({str(marker)!r}, "w").close()'),
     }
-
-
-def write_torch_zip(path, data_pkl, storages=()):
-    """A zip laid out like ``torch.save``'s, with the given pickle and storage files."""
-    with zipfile.ZipFile(path, 'w') as archive:
-        archive.writestr('archive/data.pkl', data_pkl)
-        archive.writestr('archive/byteorder', 'little')
-        for key, raw in storages:
-            archive.writestr(f'archive/data/{key}', raw)
 
 
 @pytest.mark.parametrize('container', ['zip', 'bare pickle'])

@@ -15,14 +15,13 @@ import io
 import json
 import os
 import pickle
-import zipfile
 
 import numpy as np
 import paddle
 import pytest
 
 from config import get_config
-from conftest import GOLDEN, ROOT, write_golden_yaml
+from conftest import GOLDEN, ROOT, write_golden_yaml, write_torch_zip
 from port_weights.convert import load_checkpoint_arrays, main
 from xcit import build_xcit
 
@@ -43,44 +42,41 @@ class TorchGlobal:
 
 class TorchPickler(pickle._Pickler):
     """Pickles like torch.save (protocol 2): each float32 numpy array becomes a tensor rebuilt by
-    ``torch._utils._rebuild_tensor_v2`` from a storage kept in ``self.storages``."""
+    ``torch._utils._rebuild_tensor_v2`` from a storage; ``storages`` lists ``(key, bytes)``."""
 
     def __init__(self, file):
         super().__init__(file, protocol=2)
         self.storages = []
+        self.storage_keys = {}  # id of a storage's bytes -> its key
 
     def persistent_id(self, obj):
-        if isinstance(obj, bytes) and any(obj is raw for raw in self.storages):
-            return ('storage', TorchGlobal('torch', 'FloatStorage'), str(self.storages.index(obj)), 'cpu',
-                    len(obj) // 4)
-        return None
+        key = self.storage_keys.get(id(obj))
+        if key is None:
+            return None
+        return ('storage', TorchGlobal('torch', 'FloatStorage'), key, 'cpu', len(obj) // 4)
 
     def save(self, obj, save_persistent_id=True):
         if isinstance(obj, TorchGlobal):
             self.write(pickle.GLOBAL + f'{obj.module}\n{obj.name}\n'.encode('ascii'))
         elif isinstance(obj, np.ndarray):
             array = np.ascontiguousarray(obj, dtype='<f4')
-            self.storages.append(array.tobytes())
+            raw = array.tobytes()
+            self.storage_keys[id(raw)] = str(len(self.storages))
+            self.storages.append((self.storage_keys[id(raw)], raw))
             strides = tuple(s // 4 for s in array.strides)
             self.save_reduce(TorchGlobal('torch._utils', '_rebuild_tensor_v2'),
-                             (self.storages[-1], 0, array.shape, strides, False, collections.OrderedDict()))
+                             (raw, 0, array.shape, strides, False, collections.OrderedDict()))
         else:
             super().save(obj, save_persistent_id)
 
 
 def torch_save(obj, path):
     """``obj`` (dicts, lists, numbers, strings, argparse.Namespace, float32 arrays as tensors) in
-    torch.save's zip layout."""
+    torch.save's zip layout; returns the path as a string."""
     buffer = io.BytesIO()
     pickler = TorchPickler(buffer)
     pickler.dump(obj)
-    with zipfile.ZipFile(path, 'w') as archive:
-        archive.writestr('archive/data.pkl', buffer.getvalue())
-        archive.writestr('archive/byteorder', 'little')
-        archive.writestr('archive/version', '3\n')
-        for key, raw in enumerate(pickler.storages):
-            archive.writestr(f'archive/data/{key}', raw)
-    return str(path)
+    return write_torch_zip(path, buffer.getvalue(), pickler.storages)
 
 
 def split_head(arrays):
