@@ -163,6 +163,18 @@ def test_a_backbone_without_head_writes_its_features(setup, tmp_path, capsys):
                 x = paddle.to_tensor(transform(img)[None])
             with paddle.no_grad():
                 np.testing.assert_allclose(feature, setup['model'].forward_features(x).numpy()[0], atol=1e-6)
+    # the exported backbone gives the same features
+    model_dir = tmp_path / 'exported'
+    backbone = build_xcit(get_config(str(cfg)))
+    backbone.set_state_dict(paddle.load(weights))
+    backbone.eval()
+    export(backbone, str(model_dir))
+    exported = tmp_path / 'exported_features.npz'
+    main(['-cfg', str(cfg), '-model_dir', str(model_dir), '-output', str(exported), str(setup['images'] / 'a.jpg'),
+          str(setup['images'] / 'sub' / 'c.png')])
+    with np.load(out) as dygraph, np.load(exported) as inference:
+        assert list(inference['paths']) == [str(setup['images'] / 'a.jpg'), str(setup['images'] / 'sub' / 'c.png')]
+        np.testing.assert_allclose(inference['features'], dygraph['features'][[0, 2]], atol=1e-4)
     with pytest.raises(SystemExit):
         main(['-cfg', str(cfg), '-pretrained', weights, str(setup['images'] / 'a.jpg')])
     assert 'gives features, not classes: write them with -output FILE.npz' in capsys.readouterr().err
