@@ -45,14 +45,15 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k, te
     training images (largest dot product) labelled c; classes are ranked by score, ties by
     index. With k < 5, top-5 counts the first k classes (the others have no votes).
     """
-    if not 0 < k <= len(train_labels):
-        raise ValueError(f'k={k} must be between 1 and the number of training images ({len(train_labels)})')
+    num_train = len(train_labels)
+    if not 0 < k <= num_train:
+        raise ValueError(f'k={k} must be between 1 and the number of training images ({num_train})')
     correct1 = correct5 = 0
-    chunk = max(1, SIMILARITIES_PER_CHUNK // len(train_labels))
+    chunk = max(1, SIMILARITIES_PER_CHUNK // num_train)
     for start in range(0, len(test_labels), chunk):
         similarity = test_features[start:start + chunk] @ train_features.T  # (b, N)
         rows = np.arange(len(similarity))[:, None]
-        nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+        nearest = np.argpartition(similarity, num_train - k, axis=1)[:, num_train - k:]  # the k largest
         weights = np.exp(similarity[rows, nearest].astype(np.float64) / temperature)
         scores = np.zeros((len(similarity), num_classes))
         np.add.at(scores, (np.broadcast_to(rows, nearest.shape), train_labels[nearest]), weights)
