@@ -4,6 +4,7 @@ import json
 import numpy as np
 import paddle
 import pytest
+from PIL import Image
 
 import eval_knn
 from conftest import random_model_files
@@ -128,13 +129,43 @@ def test_training_images_go_through_the_evaluation_transform():
     assert augmented.mode == 'train' and not np.array_equal(augmented[0][0], image)
 
 
+def test_batch_size_and_opts_reach_the_run(backbone, capsys):
+    cfg, weights = backbone
+    for args, batches in ((['-batch_size', '700'], 3), (['-opts', 'DATA.BATCH_SIZE_EVAL', '1000'], 2)):
+        eval_knn.main(['-cfg', cfg, '-pretrained', weights, '-k', '5', '-device', 'cpu', '-image_size', '24', *args])
+        assert f'train features: batch {batches}/{batches}' in capsys.readouterr().out
+
+
+def test_list_file_labels_are_checked_against_num_classes(backbone, tmp_path, capsys):
+    """A model without head says nothing about the labels: -num_classes (default 1000) does."""
+    cfg, weights = backbone
+    for split in ('train', 'val'):
+        Image.new('RGB', (40, 40), (90, 10, 200)).save(tmp_path / f'{split}.png')
+        (tmp_path / f'{split}_list.txt').write_text(f'{split}.png 15\n', encoding='utf-8')
+    args = ['-cfg', cfg, '-pretrained', weights, '-k', '1', '-device', 'cpu', '-dataset', 'imagenet2012',
+            '-data_path', str(tmp_path)]
+    assert eval_knn.main(args)['knn']['1'] == {'acc1': 100.0, 'acc5': 100.0}
+    with pytest.raises(SystemExit) as exit_info:
+        eval_knn.main(args + ['-num_classes', '10'])
+    assert exit_info.value.code == 1
+    assert 'label 15 outside [0, MODEL.NUM_CLASSES=10)' in capsys.readouterr().err
+
+
 @pytest.mark.parametrize('args, message', [
     (['-k', '2000'], 'error: -k 2000: must be between 1 and the number of training images (1438)'),
     (['-dataset', 'imagefolder', '-data_path', 'no/such/folder'], 'error: DATA.DATA_PATH not found: no/such/folder'),
+    (['-ema'], "error: {weights}: -ema needs EMA weights ('model_ema'), but this plain state dict has none"),
 ])
 def test_bad_arguments_are_one_error_line(backbone, capsys, args, message):
     cfg, weights = backbone
     with pytest.raises(SystemExit) as exit_info:
         eval_knn.main(['-cfg', cfg, '-pretrained', weights, '-device', 'cpu', *args])
     assert exit_info.value.code == 1
-    assert capsys.readouterr().err.strip() == message
+    assert capsys.readouterr().err.strip() == message.format(weights=weights)
+
+
+def test_temperature_must_be_positive(backbone, capsys):
+    cfg, weights = backbone
+    with pytest.raises(SystemExit) as exit_info:
+        eval_knn.main(['-cfg', cfg, '-pretrained', weights, '-temperature', '0'])
+    assert exit_info.value.code == 2 and '-temperature must be > 0, got 0.0' in capsys.readouterr().err
