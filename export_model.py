@@ -110,7 +110,7 @@ class InferenceModel:
         from paddle import inference
         config = inference.Config(program_path(model_dir), os.path.join(model_dir, 'model.pdiparams'))
         config.disable_glog_info()
-        self.device = device
+        self.model_dir, self.device = model_dir, device
         self.mkldnn = False
         if device.startswith('gpu'):
             config.enable_use_gpu(GPU_MEMORY_POOL_MB, int(device.partition(':')[2] or 0))
@@ -136,7 +136,12 @@ class InferenceModel:
         images = np.ascontiguousarray(images, dtype='float32')
         self.input.reshape(list(images.shape))
         self.input.copy_from_cpu(images)
-        self.predictor.run()
+        try:
+            self.predictor.run()
+        except (RuntimeError, ValueError) as e:  # Paddle 3 often says only 'std::exception'
+            raise ExportError(f'{self.model_dir}: {self.name} failed on images of shape {list(images.shape)} '
+                              f'({" ".join(str(e).split())[:200]}); a model exported with -image_size takes only '
+                              f'that size') from e
         return self.output.copy_to_cpu()
 
 

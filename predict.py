@@ -207,11 +207,15 @@ def main(argv=None):
         sys.exit(1)
     failed = []
     batches = readable_batches([path for path, _ in paths], build_eval_transform(config), args.batch_size, failed)
-    if features_only:
-        write_features(predict, batches, config.MODEL.EMBED_DIM, args)
-    else:
-        as_csv = args.output is not None or any(from_folder for _, from_folder in paths)
-        write_predictions(predict, batches, names, args, as_csv)
+    try:
+        if features_only:
+            write_features(predict, batches, config.MODEL.EMBED_DIM, args)
+        else:
+            as_csv = args.output is not None or any(from_folder for _, from_folder in paths)
+            write_predictions(predict, batches, names, args, as_csv)
+    except ExportError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(1)
     if failed:
         print(f'error: {len(failed)} of {len(paths)} files could not be read', file=sys.stderr)
         sys.exit(1)

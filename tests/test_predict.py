@@ -119,6 +119,19 @@ def test_exported_model_with_another_models_config_is_an_error(setup, tmp_path, 
             f'1000; give -cfg the config it was exported with') in capsys.readouterr().err
 
 
+def test_exported_fixed_size_model_with_another_size_is_an_error(setup, tmp_path, capsys):
+    model_dir = tmp_path / 'exported_32'
+    export(setup['model'], str(model_dir), image_size=32)
+    larger = tmp_path / 'larger.yaml'
+    larger.write_text(yaml.safe_dump({**TINY, 'DATA': {**TINY['DATA'], 'IMAGE_SIZE': 48}}), encoding='utf-8')
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-cfg', str(larger), '-model_dir', str(model_dir), '-device', 'cpu', str(setup['images'] / 'a.jpg')])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: {model_dir}: paddle.inference ') and 'failed on images of shape [1, 3, 48, 48]' in err
+    assert err.strip().endswith('a model exported with -image_size takes only that size')
+
+
 def test_ema_weights_of_a_training_checkpoint(setup, tmp_path, capsys):
     """-ema predicts with the checkpoint's 'model_ema' (here the fixture's weights), not its 'model'."""
     weights = paddle.load(setup['weights'])
