@@ -42,7 +42,7 @@ from port_weights.convert import find_mismatches, format_mismatches, state_shape
 from teacher import build_teacher
 from utils import (AverageMeter, CheckpointError, MetricsLog, all_reduce_sum, average_batchnorm_statistics,
                    format_seconds, get_rank, get_world_size, load_checkpoint, load_every_weight, save_checkpoint,
-                   setup_logger, visible_gpus, weights_of, write_json)
+                   setup_logger, visible_gpus, weights_of, write_config, write_json)
 from xcit import build_xcit
 
 # AMP (float16, level O1) op lists for xcit.py's layers. White: its Linear layers compute
@@ -735,8 +735,7 @@ class Trainer:
 def run_training(config, device, use_amp, logger):
     trainer = Trainer(config, device, use_amp, logger)
     if get_rank() == 0:
-        with open(os.path.join(config.SAVE, 'config.yaml'), 'w', encoding='utf-8') as f:
-            f.write(config.dump())
+        write_config(config, os.path.join(config.SAVE, 'config.yaml'))
     return trainer.fit()
 
 

@@ -16,7 +16,9 @@ dynamic axes) with Paddle2ONNX, for ONNX-based runtimes (checked with ONNX Runti
 The script then runs the exported model with ``paddle.inference`` (plain CPU kernels, and
 oneDNN when Paddle has it), and with ONNX Runtime for ``-onnx``, and the dygraph model on the
 same random images, prints the largest logit difference and exits with status 1 when it
-exceeds ``TOLERANCE``.
+exceeds ``TOLERANCE``. When the check passes, the model's config (with the export's
+``-image_size``) goes to ``<output>/config.yaml``: ``predict.py -model_dir`` takes its
+transform and classes from there.
 """
 import argparse
 import importlib.util
@@ -29,7 +31,7 @@ import numpy as np
 import paddle
 
 from config import ConfigError, check_values, get_config, merge_from_list
-from utils import CheckpointError, load_every_weight
+from utils import CheckpointError, load_every_weight, write_config
 from xcit import build_xcit
 
 TOLERANCE = 1e-4  # max abs logit difference between the exported and the dygraph model
@@ -37,6 +39,7 @@ ONNX_OPSET = 17  # the first with LayerNormalization
 ONNX_PACKAGES = 'pip install paddle2onnx onnxruntime (paddle2onnx<2 with Paddle 2.6)'
 PADDLE_MAJOR = int(paddle.__version__.split('.')[0])
 PROGRAM_SUFFIXES = ('.json', '.pdmodel')
+EXPORT_CONFIG = 'config.yaml'  # the exported model's config, written once the check has passed
 HAS_ONEDNN = paddle.base.core.is_compiled_with_mkldnn()
 GPU_MEMORY_POOL_MB = 512  # Paddle Inference's initial GPU memory pool; it grows when needed
 
@@ -259,7 +262,9 @@ def main(argv=None):
         if failed:
             raise ExportError(f'the exported model does not reproduce the dygraph model (tolerance '
                               f'{TOLERANCE:.0e}): {"; ".join(failed)}. The files in {args.output} are not usable.')
-        print(f'OK: the exported model matches the dygraph model within {TOLERANCE:.0e}')
+        write_config(config, os.path.join(args.output, EXPORT_CONFIG))
+        print(f'OK: the exported model matches the dygraph model within {TOLERANCE:.0e}; its config (the '
+              f'transform and classes predict.py uses) is {os.path.join(args.output, EXPORT_CONFIG)}')
     except (ConfigError, CheckpointError, ExportError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)

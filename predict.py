@@ -1,15 +1,15 @@
 """Top-5 predictions (or features) of an XCiT for image files and folders.
 
     python predict.py -cfg configs/xcit_nano_12_p16_224.yaml -pretrained xcit_nano_12_p16_224.pdparams cat.jpg
-    python predict.py -cfg configs/xcit_nano_12_p16_224.yaml -model_dir export/xcit_nano_12_p16_224 \
-        photos/ -output top5.csv
+    python predict.py -model_dir export/xcit_nano_12_p16_224 photos/ -output top5.csv
 
 The model is the dygraph XCiT with ``-pretrained`` weights, or an exported model
 (``export_model.py``) run by ``paddle.inference`` with ``-model_dir``, on ``-device`` (by default
 the first GPU when Paddle sees one, else the CPU); images go through the evaluation transform
-of ``-cfg``. Single images are printed as a ranked list. Folders (every
-image file below them, sorted) and ``-output`` give a CSV instead: path, the top-5 class
-indices, their names and their probabilities, to ``-output`` or stdout. Class names come from
+of ``-cfg`` (for an exported model, by default the config.yaml of its folder). Single images
+are printed as a ranked list. Folders (every image file below them, sorted) and ``-output``
+give a CSV instead: path, the top-5 class indices, their names and their probabilities, to
+``-output`` or stdout. Class names come from
 ``-class_names`` (one per line, in class-index order), by default the bundled ImageNet-1k list
 for 1000-class models. A model without classifier head (``MODEL.NUM_CLASSES: 0``, e.g. a DINO
 backbone) gives its features instead: ``-output FILE.npz`` receives ``paths`` and ``features``
@@ -27,7 +27,7 @@ from PIL import Image
 
 from config import ConfigError, get_config
 from datasets import IMG_EXTENSIONS
-from export_model import ExportError, InferenceModel, load_model
+from export_model import EXPORT_CONFIG, ExportError, InferenceModel, load_model
 from transforms import build_eval_transform
 from utils import CheckpointError, resolve_device
 
@@ -105,7 +105,9 @@ def csv_header(k=TOP_K):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('inputs', nargs='+', metavar='IMAGE_OR_FOLDER')
-    parser.add_argument('-cfg', required=True, help='model YAML config (its DATA section sets the transform)')
+    parser.add_argument('-cfg', default=None,
+                        help='model YAML config (its DATA section sets the transform); with -model_dir, by '
+                             'default the config.yaml export_model.py wrote there')
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument('-pretrained', help='weights for the dygraph model (.pdparams or training checkpoint)')
     weights.add_argument('-model_dir', help='folder of a model exported by export_model.py')
@@ -121,6 +123,13 @@ def parse_args(argv=None):
     if args.ema and args.model_dir:
         parser.error('-ema selects weights of a -pretrained checkpoint; an exported model has its own '
                      '(export it with export_model.py -ema)')
+    if args.cfg is None:
+        exported = os.path.join(args.model_dir, EXPORT_CONFIG) if args.model_dir else None
+        if not (exported and os.path.isfile(exported)):
+            parser.error('-cfg is required' + (f': {args.model_dir} has no {EXPORT_CONFIG} (exported by an '
+                                                f'earlier version); give the config it was exported with'
+                                                if args.model_dir else ' with -pretrained'))
+        args.cfg = exported
     try:
         args.device = resolve_device(args.device)
     except ValueError as e:

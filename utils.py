@@ -159,6 +159,12 @@ def write_json(path, data):
     os.replace(tmp, path)
 
 
+def write_config(config, path):
+    """Writes ``config`` whole as YAML, usable as ``-cfg`` (a run's or an export's config.yaml)."""
+    with open(path, 'w', encoding='utf-8') as f:
+        f.write(config.dump())
+
+
 # ---------------------------------------------------------------- checkpoints
 
 

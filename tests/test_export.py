@@ -51,6 +51,7 @@ def test_dynamic_export_runs_any_batch_and_size(tiny, tmp_path, capsys):
     assert 'dynamic batch, height and width' in out and 'OK: the exported model matches' in out
     program = 'model.json' if export_model.PADDLE_MAJOR >= 3 else 'model.pdmodel'
     assert os.path.isfile(tmp_path / program) and os.path.isfile(tmp_path / 'model.pdiparams')
+    assert get_config(str(tmp_path / 'config.yaml')) == get_config(cfg)  # written once the check passed
     exported = InferenceModel(str(tmp_path))
     for shape in [(3, 3, 48, 48), (1, 3, 70, 37), (3, 3, 48, 48)]:
         x = np.random.default_rng(0).standard_normal(shape).astype('float32')
@@ -119,6 +120,7 @@ def test_mismatch_between_exported_and_dygraph_fails(tiny, tmp_path, monkeypatch
     captured = capsys.readouterr()
     assert 'max |logits - dygraph logits| = 1.00e-03' in captured.out
     assert 'does not reproduce the dygraph model (tolerance 1e-04)' in captured.err
+    assert not os.path.exists(tmp_path / 'config.yaml')  # the folder is not presented as usable
 
 
 def test_onnx_export_runs_any_batch_and_size(tiny, tmp_path, capsys):
@@ -169,7 +171,7 @@ def test_legacy_format_needs_paddle_2(tiny, tmp_path, capsys):
         assert not os.listdir(tmp_path)
     else:
         main(argv)
-        assert sorted(os.listdir(tmp_path))[:2] == ['model.pdiparams', 'model.pdiparams.info']
+        assert {'model.pdiparams', 'model.pdiparams.info', 'config.yaml'} <= set(os.listdir(tmp_path))
         assert os.path.isfile(tmp_path / 'model.pdmodel')
 
 
@@ -180,6 +182,7 @@ def test_ema_weights_of_a_training_checkpoint_are_exported(tiny, tmp_path, capsy
     paddle.save({'model': {name: value * 0.5 for name, value in state.items()}, 'model_ema': state}, checkpoint)
     main(['-cfg', cfg, '-pretrained', checkpoint, '-ema', '-image_size', '48', '-output', str(tmp_path / 'out')])
     assert 'OK: the exported model matches' in capsys.readouterr().out
+    assert get_config(str(tmp_path / 'out' / 'config.yaml')).DATA.IMAGE_SIZE == 48  # the export's size
     x = np.random.default_rng(1).standard_normal((2, 3, 48, 48)).astype('float32')
     np.testing.assert_allclose(InferenceModel(str(tmp_path / 'out'))(x), logits(model, x), atol=1e-4, rtol=0)
 

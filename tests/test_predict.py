@@ -2,6 +2,7 @@
 models, the device choice."""
 import csv
 import io
+import os
 
 import numpy as np
 import paddle
@@ -13,6 +14,7 @@ from PIL import Image
 import utils
 from config import get_config
 from export_model import GPU_MEMORY_POOL_MB, export
+from export_model import main as export_main
 from predict import main, read_class_names, top_k
 from transforms import build_eval_transform
 from xcit import build_xcit
@@ -105,6 +107,23 @@ def test_exported_model_gives_the_same_predictions(setup):
         np.testing.assert_allclose([float(v) for v in row[11:16]], probs[0], atol=1e-5)
 
 
+def test_exported_model_brings_its_config(setup, tmp_path, capsys):
+    """export_model.py writes the config beside the model: -model_dir needs no -cfg; without one
+    (an older export, or -pretrained) -cfg is a usage error."""
+    model_dir = tmp_path / 'exported'
+    export_main(['-cfg', setup['cfg'], '-pretrained', setup['weights'], '-output', str(model_dir)])
+    main(['-model_dir', str(model_dir), '-class_names', setup['names'], '-device', 'cpu',
+          str(setup['images'] / 'a.jpg')])
+    out = capsys.readouterr().out
+    indices, probs = setup['expected'][str(setup['images'] / 'a.jpg')]
+    assert f'  1. {NAMES[indices[0][0]]} ({indices[0][0]}): {probs[0][0]:.4f}' in out
+    os.remove(model_dir / 'config.yaml')
+    for weights in (['-model_dir', str(model_dir)], ['-pretrained', setup['weights']]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*weights, str(setup['images'] / 'a.jpg')])
+        assert exit_info.value.code == 2 and '-cfg is required' in capsys.readouterr().err
+
+
 def test_exported_model_with_another_models_config_is_an_error(setup, tmp_path, capsys):
     """The class names come from -cfg: an exported 5-class model with a 1000-class config would
     print ImageNet names for its 5 outputs."""
@@ -128,7 +147,8 @@ def test_exported_fixed_size_model_with_another_size_is_an_error(setup, tmp_path
         main(['-cfg', str(larger), '-model_dir', str(model_dir), '-device', 'cpu', str(setup['images'] / 'a.jpg')])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
-    assert err.startswith(f'error: {model_dir}: paddle.inference ') and 'failed on images of shape [1, 3, 48, 48]' in err
+    assert err.startswith(f'error: {model_dir}: paddle.inference ')
+    assert 'failed on images of shape [1, 3, 48, 48]' in err
     assert err.strip().endswith('a model exported with -image_size takes only that size')
 
 
