@@ -9,9 +9,8 @@ the first GPU when Paddle sees one, else the CPU); images go through the evaluat
 of ``-cfg`` (for an exported model, by default the config.yaml of its folder). Single images
 are printed as a ranked list. Folders (every image file below them, sorted) and ``-output``
 give a CSV instead: path, the top-5 class indices, their names and their probabilities, to
-``-output`` or stdout. Class names come from
-``-class_names`` (one per line, in class-index order), by default the bundled ImageNet-1k list
-for 1000-class models. A model without classifier head (``MODEL.NUM_CLASSES: 0``, e.g. a DINO
+``-output`` or stdout. Class names come from ``-class_names`` (one per line, in class-index
+order), by default the bundled ImageNet-1k list for 1000-class models. A model without classifier head (``MODEL.NUM_CLASSES: 0``, e.g. a DINO
 backbone) gives its features instead: ``-output FILE.npz`` receives ``paths`` and ``features``
 (N, EMBED_DIM), the final-norm class tokens. A file that cannot be read as an image is reported
 on stderr and skipped; the exit status is then 1.
@@ -154,12 +153,11 @@ def readable_batches(paths, transform, batch_size, failed):
 
 
 def check_output_width(outputs, expected, args):
-    """Exits with an error when an exported model gives other than ``expected`` outputs per image
-    (it was exported from another config than ``-cfg``)."""
+    """Raises ``ExportError`` when an exported model gives other than ``expected`` outputs per
+    image (it was exported from another config than ``-cfg``)."""
     if outputs.shape[1] != expected:
-        print(f'error: {args.model_dir}: the exported model gives {outputs.shape[1]} outputs per image, but the '
-              f'model of {args.cfg} gives {expected}; give -cfg the config it was exported with', file=sys.stderr)
-        sys.exit(1)
+        raise ExportError(f'{args.model_dir}: the exported model gives {outputs.shape[1]} outputs per image, but '
+                          f'the model of {args.cfg} gives {expected}; give -cfg the config it was exported with')
 
 
 def write_predictions(predict, batches, names, args, as_csv):
