@@ -1,0 +1,44 @@
+"""Starting the processes of a multi-process run: one per GPU (NCCL), or CPU processes (gloo).
+
+Used by ``main_multi_gpu.py`` and ``eval_knn.py -ngpus``, which also run under
+``python -m paddle.distributed.launch`` (several machines). Each process calls
+``paddle.distributed.init_parallel_env()`` first; ``utils.get_rank`` / ``get_world_size`` then
+tell it its place.
+"""
+import os
+import sys
+
+import paddle.distributed as dist
+
+from config import ConfigError
+
+CPU_PROCESSES = 2  # default process count without a GPU
+
+
+def started_by_paddle_launch():
+    """Whether ``python -m paddle.distributed.launch`` started this process as one of several
+    (it starts them itself; each then runs its worker directly)."""
+    return int(os.environ.get('PADDLE_TRAINERS_NUM', '1')) > 1
+
+
+def num_processes(requested, gpus, name):
+    """How many processes to start: ``requested``, or when -1 one per GPU (``gpus`` of them, the
+    GPUs the processes will use), else ``CPU_PROCESSES``. ``name`` is the setting, for errors."""
+    if requested == 0 or requested < -1:
+        raise ConfigError(f'{name} must be -1 or positive, got {requested}')
+    count = requested if requested > 0 else (gpus or CPU_PROCESSES)
+    if gpus and count > gpus:
+        raise ConfigError(f'{name} asks for {count} processes but only {gpus} GPUs are visible')
+    return count
+
+
+def spawn(worker, args, nprocs, on_gpus):
+    """Runs ``worker(*args)`` in ``nprocs`` new processes (NCCL between GPUs, else gloo) and waits
+    for them. A failing process has printed its reason; this adds one error line and exits with 1."""
+    backend = 'nccl' if on_gpus else 'gloo'
+    print(f'starting {nprocs} processes ({backend})', flush=True)
+    try:
+        dist.spawn(worker, args=args, nprocs=nprocs, backend=backend)
+    except Exception as e:  # spawn re-raises a worker's failure; the worker printed the reason
+        print(f'error: a worker process failed: {str(e).strip().splitlines()[-1]}', file=sys.stderr, flush=True)
+        sys.exit(1)
