@@ -305,10 +305,17 @@ class EvalForward:
         self.compiled = None  # built by choose(), unless given
         self.path = None
 
+    def worth_trying_inference(self, num_batches):
+        """Whether ``choose`` should try the predictor: it may, no path is chosen yet, and every
+        process has two batches or more (``num_batches``: this process's). With several processes
+        a collective call that all of them make before their first batch (the condition on
+        ``try_inference`` and ``path`` is the same in all of them, so either all call it or none)."""
+        return self.try_inference and self.path is None and not all_reduce_sum([num_batches < 2])[0]
+
     def choose(self, images, several_batches, logger):
         """Sets ``path`` by trying the predictor on ``images``, a process's first batch.
 
-        ``several_batches``: every process has at least two batches. With several processes this
+        ``several_batches``: ``worth_trying_inference``'s answer. With several processes this
         is a collective call: each process calls it on its first batch when ``several_batches``.
         """
         self.path = 'dygraph'
@@ -385,9 +392,7 @@ def evaluate(forward, loader, logger, use_amp=False, report_freq=50, name='model
     forward.model.eval()
     sums = np.zeros(4)
     num_batches, world_size = len(loader), get_world_size()
-    # whether every process has two batches or more; the condition is the same in all processes,
-    # so either all of them make this collective call or none does
-    several_batches = forward.try_inference and forward.path is None and not all_reduce_sum([num_batches < 2])[0]
+    several_batches = forward.worth_trying_inference(num_batches)
     start = time.time()
     steady_start, steady_images = start, 0
     for i, (images, labels) in enumerate(loader):

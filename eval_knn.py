@@ -8,24 +8,31 @@ classifier's features) is computed for every training and validation image, both
 evaluation transform of the config, and L2-normalised. Each validation image then takes its
 ``k`` most similar training images (cosine similarity s) and gives every class the sum of
 exp(s / T) over the neighbours of that class; the top-1 and top-5 classes are compared with its
-label. Defaults are DINO's (k = 10, 20, 100, 200 and T = 0.07). The model runs in one process on
-``-device`` (on the CPU exported to a ``paddle.inference`` predictor when that gives the same
-features faster, as ``-eval`` does); the result is printed per k, its last line is the summary
-as JSON, also written to ``<output>/knn_summary.json`` with ``-output``.
+label. Defaults are DINO's (k = 10, 20, 100, 200 and T = 0.07). The model runs in this process on
+``-device`` or, with ``-ngpus N``, in N processes (one per GPU, or gloo processes on the CPU),
+each on a contiguous share of the images; the features are then gathered, in order, for the
+voting. On the CPU the model is exported to a ``paddle.inference`` predictor when that gives the
+same features faster, as ``-eval`` does. The result is printed per k, its last line is the
+summary as JSON, also written to ``<output>/knn_summary.json`` with ``-output``;
+``-save_features`` also writes the features and labels to ``<output>/features.npz``.
+
+    python eval_knn.py -ngpus 4 -cfg ... -pretrained ... -data_path /dataset/imagenet  # 4 GPUs
 """
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 import paddle
+import paddle.distributed as dist
 
+import launch
 from config import ConfigError, get_config, update_config
-from datasets import DataError, build_dataloader, build_dataset
-from engine import EvalForward, log_progress
-from utils import CheckpointError, load_every_weight, resolve_device, setup_logger, write_json
+from datasets import build_dataloader, build_dataset, check_data_path
+from engine import EvalForward, exit_on_user_error, log_progress
+from utils import (CheckpointError, gather_rows, get_rank, get_world_size, load_every_weight, resolve_device,
+                   setup_logger, visible_gpus, write_json)
 from xcit import build_xcit
 
 DEFAULT_K = (10, 20, 100, 200)
@@ -66,22 +73,25 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k, te
 
 @paddle.no_grad()
 def extract_features(forward, loader, what, logger, report_freq=50):
-    """(features float32 (N, D) with unit rows, labels int64 (N,)) of ``loader``'s images, in order.
+    """(features float32 (N, D) with unit rows, labels int64 (N,)) of the images of ``loader`` and
+    of the other processes' loaders, in order (a collective call with several processes).
 
     ``forward`` is an ``engine.EvalForward`` of a model without head (its outputs are the
     features); on its first batch it chooses between dygraph and the exported predictor."""
-    features, labels = [], []
+    features = [np.zeros((0, forward.model.num_features), np.float32)]
+    labels = [np.zeros(0, np.int64)]
+    several_batches = forward.worth_trying_inference(len(loader))
     start = time.time()
-    done = 0
+    done, world_size = 0, get_world_size()
     for i, (images, batch_labels) in enumerate(loader):
         if forward.path is None:
-            forward.choose(images, len(loader) > 1, logger)
-        features.append(forward(images).numpy())
+            forward.choose(images, several_batches, logger)
+        features.append(forward(images).numpy().astype(np.float32))
         labels.append(batch_labels.numpy())
         done += len(labels[-1])
         if (i + 1) % report_freq == 0 or i + 1 == len(loader):
-            log_progress(logger, f'{what} features', i + 1, len(loader), done, start)
-    return normalise(np.concatenate(features).astype(np.float32)), np.concatenate(labels)
+            log_progress(logger, f'{what} features', i + 1, len(loader), done * world_size, start)
+    return normalise(gather_rows(np.concatenate(features))), gather_rows(np.concatenate(labels))
 
 
 def parse_args(argv=None):
@@ -100,11 +110,21 @@ def parse_args(argv=None):
                         help='labels are in [0, this): needed by list-file datasets when the model has no '
                              'head (default: MODEL.NUM_CLASSES, or 1000 without head)')
     parser.add_argument('-output', default=None, help='folder for knn_summary.json')
+    parser.add_argument('-save_features', action='store_true',
+                        help='also write the unit-norm features and the labels to <output>/features.npz')
     parser.add_argument('-device', default=None, help='cpu, gpu or gpu:N (default: the first GPU if any)')
+    parser.add_argument('-ngpus', type=int, default=1,
+                        help='processes: one per GPU (NCCL), or with -device cpu or no GPU gloo processes '
+                             'on the CPU; -1 = every visible GPU, or 2 on the CPU (default 1: this process)')
     parser.add_argument('-opts', nargs='+', default=None, metavar='KEY VALUE', help='config overrides')
     args = parser.parse_args(argv)
     if args.temperature <= 0:
         parser.error(f'-temperature must be > 0, got {args.temperature}')
+    if args.save_features and not args.output:
+        parser.error('-save_features writes <output>/features.npz: give -output')
+    if args.ngpus != 1 and args.device not in (None, 'cpu', 'gpu'):
+        parser.error(f'-device {args.device} picks one GPU, but with -ngpus each process takes its own: '
+                     'give -device gpu or cpu')
     try:
         args.device = resolve_device(args.device)
     except ValueError as e:
@@ -122,30 +142,47 @@ def data_config(config, num_classes):
     return config
 
 
-def run(args):
-    """Extracts the features, votes for every k; returns the summary dict."""
-    config = update_config(get_config(), argparse.Namespace(
+def read_config(args):
+    """The config of the command line (ConfigError for a bad -cfg or -opts)."""
+    return update_config(get_config(), argparse.Namespace(
         cfg=args.cfg, dataset=args.dataset, data_path=args.data_path, batch_size_eval=args.batch_size_eval,
         image_size=args.image_size, opts=args.opts))
+
+
+def process_device(args):
+    """The device of this process: ``-device``, or with several processes its own GPU or the CPU."""
+    if get_world_size() == 1 or args.device == 'cpu':
+        return args.device
+    return f'gpu:{dist.ParallelEnv().device_id}'
+
+
+def run(args):
+    """Extracts the features and votes for every k; returns the summary dict (with several
+    processes in the first one, None in the others)."""
+    config = read_config(args)
     data = data_config(config, args.num_classes)
     sets = {split: build_dataset(data, split, augment=False) for split in ('train', 'val')}
     for k in args.k:
         if not 0 < k <= len(sets['train']):
             raise ConfigError(f'-k {k}: must be between 1 and the number of training images ({len(sets["train"])})')
-    paddle.set_device(args.device)
-    logger = setup_logger()
+    rank, world_size = get_rank(), get_world_size()
+    device = process_device(args)
+    paddle.set_device(device)
+    logger = setup_logger(rank=rank)
     model = build_xcit(config)
     load_every_weight(model, args.pretrained, f'the model of {args.cfg}', args.ema)
     model.reset_classifier(0)  # the votes use the final-norm class token, which forward() now returns
     model.eval()
-    forward = EvalForward(model, config.DATA.IMAGE_SIZE, try_inference=args.device == 'cpu')
+    forward = EvalForward(model, config.DATA.IMAGE_SIZE, try_inference=device == 'cpu')
     (train_features, train_labels), (val_features, val_labels) = (
-        extract_features(forward, build_dataloader(data, sets[split], 'val'), split, logger)
+        extract_features(forward, build_dataloader(data, sets[split], 'val', rank, world_size), split, logger)
         for split in ('train', 'val'))
+    if rank > 0:
+        return None
     num_classes = max(sets['train'].num_classes, int(train_labels.max()) + 1, int(val_labels.max()) + 1)
     summary = {'train_images': len(train_labels), 'val_images': len(val_labels),
                'feature_dim': int(train_features.shape[1]), 'temperature': args.temperature, 'path': forward.path,
-               'knn': {}}
+               'processes': world_size, 'knn': {}}
     for k in args.k:
         acc1, acc5 = knn_accuracy(train_features, train_labels, val_features, val_labels, k, args.temperature,
                                   num_classes)
@@ -155,17 +192,41 @@ def run(args):
     if args.output:
         os.makedirs(args.output, exist_ok=True)
         write_json(os.path.join(args.output, 'knn_summary.json'), summary)
+        if args.save_features:
+            np.savez(os.path.join(args.output, 'features.npz'), train_features=train_features,
+                     train_labels=train_labels, val_features=val_features, val_labels=val_labels)
     print(json.dumps(summary), flush=True)
     return summary
 
 
+def check_inputs(args):
+    """The errors every process would meet, raised before any starts: a bad config, data folder
+    or weights path."""
+    check_data_path(read_config(args))
+    if not os.path.isfile(args.pretrained):
+        raise CheckpointError(f'checkpoint not found: {args.pretrained}')
+
+
+def worker(args):
+    """Body of each of the -ngpus processes."""
+    dist.init_parallel_env()
+    return exit_on_user_error(run, args)
+
+
 def main(argv=None):
+    """Runs with the command line ``argv``; returns the summary when run in this process."""
     args = parse_args(argv)
-    try:
-        return run(args)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(1)
+    if launch.started_by_paddle_launch():
+        return worker(args)
+    if args.ngpus == 1:
+        return exit_on_user_error(run, args)
+    exit_on_user_error(check_inputs, args)
+    gpus = 0 if args.device == 'cpu' else visible_gpus()
+    nprocs = exit_on_user_error(launch.num_processes, args.ngpus, gpus, '-ngpus')
+    if nprocs == 1:
+        return exit_on_user_error(run, args)
+    launch.spawn(worker, (args,), nprocs, on_gpus=bool(gpus))
+    return None
 
 
 if __name__ == '__main__':

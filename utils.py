@@ -63,6 +63,31 @@ def all_reduce_sum(values):
     return tensor.numpy()
 
 
+ROWS_PER_GATHER = 2 ** 16  # rows each process sends per all_gather call
+
+
+def gather_rows(array):
+    """Every process's ``array`` (n_p, ...) concatenated along the first axis in rank order, on every
+    process (a collective call). Only the first dimension may differ between processes. The rows go
+    in pieces of ``ROWS_PER_GATHER`` per process, so that a device holds at most that many rows of
+    each process at a time."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return array
+    rank = get_rank()
+    counts = all_reduce_sum([len(array) if r == rank else 0 for r in range(world_size)]).astype(int)
+    padded = np.zeros((int(counts.max()),) + array.shape[1:], array.dtype)  # all_gather wants one shape
+    padded[:len(array)] = array
+    pieces = [[] for _ in range(world_size)]
+    for start in range(0, len(padded), ROWS_PER_GATHER):
+        gathered = []
+        dist.all_gather(gathered, paddle.to_tensor(padded[start:start + ROWS_PER_GATHER]))
+        for rows, tensor in zip(pieces, gathered):
+            rows.append(tensor.numpy())
+    return np.concatenate([np.concatenate(rows)[:count] if rows else padded[:0]
+                           for rows, count in zip(pieces, counts)])
+
+
 BATCHNORMS = (paddle.nn.BatchNorm1D, paddle.nn.BatchNorm2D, paddle.nn.BatchNorm3D, paddle.nn.SyncBatchNorm)
 
 

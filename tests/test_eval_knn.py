@@ -1,5 +1,8 @@
 """``eval_knn.py``: DINO's weighted k-NN evaluation on an XCiT's features."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import paddle
@@ -7,7 +10,7 @@ import pytest
 from PIL import Image
 
 import eval_knn
-from conftest import random_model_files
+from conftest import ROOT, random_model_files
 from datasets import build_dataloader, build_dataset
 from engine import EvalForward
 from config import get_config
@@ -169,3 +172,97 @@ def test_temperature_must_be_positive(backbone, capsys):
     with pytest.raises(SystemExit) as exit_info:
         eval_knn.main(['-cfg', cfg, '-pretrained', weights, '-temperature', '0'])
     assert exit_info.value.code == 2 and '-temperature must be > 0, got 0.0' in capsys.readouterr().err
+
+
+TWO_PROCESS_GATHER = '''\
+"""2 gloo processes gather rows of different counts, a few rows per all_gather call; rank 0
+writes what it got to gathered.npz."""
+import sys
+
+import numpy as np
+import paddle.distributed as dist
+
+sys.path.insert(0, sys.argv[1])
+import utils
+
+
+def work():
+    dist.init_parallel_env()
+    utils.ROWS_PER_GATHER = 3
+    rank = dist.get_rank()
+    rows = np.arange(10 * rank, 10 * rank + (5 if rank == 0 else 2))
+    features = np.stack([rows, -rows], axis=1).astype(np.float32)
+    gathered = {'features': utils.gather_rows(features), 'labels': utils.gather_rows(rows),
+                'rank_1_has_none': utils.gather_rows(rows[:3] if rank == 0 else rows[:0])}
+    if rank == 0:
+        np.savez('gathered.npz', **gathered)
+
+
+if __name__ == '__main__':
+    dist.spawn(work, nprocs=2, backend='gloo')
+'''
+
+
+def test_rows_are_gathered_in_rank_order(tmp_path):
+    script = tmp_path / 'gather.py'
+    script.write_text(TWO_PROCESS_GATHER)
+    done = subprocess.run([sys.executable, str(script), ROOT], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    gathered = np.load(tmp_path / 'gathered.npz')
+    expected = np.array([0, 1, 2, 3, 4, 10, 11])
+    np.testing.assert_array_equal(gathered['labels'], expected)
+    assert gathered['labels'].dtype == np.int64 and gathered['features'].dtype == np.float32
+    np.testing.assert_array_equal(gathered['features'], np.stack([expected, -expected], axis=1))
+    np.testing.assert_array_equal(gathered['rank_1_has_none'], [0, 1, 2])
+
+
+def test_two_processes_give_the_features_of_one(backbone, tmp_path):
+    """-ngpus 2 on the CPU: two gloo processes, each on half of the images, give the features and
+    labels of one process in the same order (each process may run the predictor or dygraph,
+    which agree within the export check's 1e-4) and the summary comes from the first process."""
+    cfg, weights = backbone
+    args = ['-cfg', cfg, '-pretrained', weights, '-k', '1', '20', '-device', 'cpu', '-save_features']
+    one = eval_knn.main(args + ['-output', str(tmp_path / 'one')])
+    done = subprocess.run([sys.executable, os.path.join(ROOT, 'eval_knn.py'), *args, '-ngpus', '2',
+                           '-output', str(tmp_path / 'two')], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'starting 2 processes (gloo)' in done.stdout
+    assert 'train features: batch 3/3' in done.stdout  # the first process's half of 6 batches of 256
+    two = json.loads(done.stdout.strip().splitlines()[-1])
+    assert two == json.loads((tmp_path / 'two' / 'knn_summary.json').read_text())
+    assert (two['processes'], one['processes']) == (2, 1)
+    assert (two['train_images'], two['val_images']) == (one['train_images'], one['val_images']) == (1438, 359)
+    features = {name: np.load(tmp_path / name / 'features.npz') for name in ('one', 'two')}
+    for split, count in (('train', 1438), ('val', 359)):
+        np.testing.assert_array_equal(features['two'][f'{split}_labels'], features['one'][f'{split}_labels'])
+        assert features['one'][f'{split}_features'].shape == (count, 32)
+        np.testing.assert_allclose(features['two'][f'{split}_features'], features['one'][f'{split}_features'],
+                                   atol=1e-4)
+        np.testing.assert_allclose(np.linalg.norm(features['one'][f'{split}_features'], axis=1), 1.0, atol=1e-6)
+    labels = np.concatenate([features['one']['train_labels'], features['one']['val_labels']])
+    assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]  # the digits
+
+
+@pytest.mark.parametrize('args, message', [
+    (['-save_features'], '-save_features writes <output>/features.npz: give -output'),
+    (['-ngpus', '2', '-device', 'gpu:1'], '-device gpu:1 picks one GPU, but with -ngpus each process takes its own'),
+])
+def test_option_conflicts_are_usage_errors(backbone, capsys, args, message):
+    cfg, weights = backbone
+    with pytest.raises(SystemExit) as exit_info:
+        eval_knn.main(['-cfg', cfg, '-pretrained', weights, *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('args, message', [
+    (['-ngpus', '0'], 'error: -ngpus must be -1 or positive, got 0'),
+    (['-ngpus', '2', '-pretrained', 'no/such.pdparams'], 'error: checkpoint not found: no/such.pdparams'),
+])
+def test_bad_input_stops_before_any_process_starts(backbone, capsys, args, message):
+    cfg, weights = backbone
+    with pytest.raises(SystemExit) as exit_info:
+        eval_knn.main(['-cfg', cfg, '-pretrained', weights, '-device', 'cpu', *args])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 1 and captured.err.strip() == message
+    assert 'starting' not in captured.out
