@@ -63,9 +63,10 @@ _C.TRAIN.ACCUM_ITER = 1
 _C.TRAIN.GRAD_CHECKPOINTING = False  # recompute each XCA block in the backward pass: less memory, more time
 _C.TRAIN.FREEZE_BACKBONE = False  # train the classifier head alone on the frozen model's features (a linear probe)
 _C.TRAIN.OPTIMIZER = CN()
-_C.TRAIN.OPTIMIZER.NAME = 'AdamW'
-_C.TRAIN.OPTIMIZER.EPS = 1e-8
-_C.TRAIN.OPTIMIZER.BETAS = [0.9, 0.999]
+_C.TRAIN.OPTIMIZER.NAME = 'AdamW'  # AdamW, or SGD (with momentum, as DINO's linear evaluation)
+_C.TRAIN.OPTIMIZER.EPS = 1e-8  # AdamW
+_C.TRAIN.OPTIMIZER.BETAS = [0.9, 0.999]  # AdamW
+_C.TRAIN.OPTIMIZER.MOMENTUM = 0.9  # SGD
 _C.TRAIN.MODEL_EMA = True
 _C.TRAIN.MODEL_EMA_DECAY = 0.99996
 _C.TRAIN.SMOOTHING = 0.1
@@ -214,6 +215,9 @@ def _below_one(v):
     return 0 <= v < 1
 
 
+# TRAIN.OPTIMIZER.NAME (lower case) -> the TRAIN.OPTIMIZER settings that only this optimizer reads
+OPTIMIZER_SETTINGS = {'adamw': ('EPS', 'BETAS'), 'sgd': ('MOMENTUM',)}
+
 # key -> (test, what the value must be): ranges that the types alone do not enforce
 _VALUE_RULES = {
     'DATA.BATCH_SIZE': (_positive, '> 0'),
@@ -239,7 +243,8 @@ _VALUE_RULES = {
     'TRAIN.LINEAR_SCALED_LR': (_non_negative, '>= 0'),
     'TRAIN.GRAD_CLIP': (_non_negative, '>= 0'),
     'TRAIN.ACCUM_ITER': (_positive, '> 0'),
-    'TRAIN.OPTIMIZER.NAME': (lambda v: v.lower() == 'adamw', "'AdamW' (the only optimizer)"),
+    'TRAIN.OPTIMIZER.NAME': (lambda v: v.lower() in OPTIMIZER_SETTINGS, "'AdamW' or 'SGD'"),
+    'TRAIN.OPTIMIZER.MOMENTUM': (_below_one, 'in [0, 1)'),
     'TRAIN.MODEL_EMA_DECAY': (_probability, 'in [0, 1]'),
     'TRAIN.SMOOTHING': (_below_one, 'in [0, 1)'),
     'TRAIN.HFLIP': (_probability, 'in [0, 1]'),
@@ -270,6 +275,7 @@ def check_values(config, source):
     for key, (test, requirement) in _VALUE_RULES.items():
         if not test(value(key)):
             raise ConfigError(f'{source}: {key} must be {requirement}, got {value(key)!r}')
+    _check_optimizer_settings(config.TRAIN.OPTIMIZER, source)
     m = config.MODEL
     if m.EMBED_DIM % m.NUM_HEADS:
         raise ConfigError(f'{source}: MODEL.EMBED_DIM ({m.EMBED_DIM}) must be a multiple of '
@@ -278,6 +284,18 @@ def check_values(config, source):
     if m.EMBED_DIM % stem_divisor:
         raise ConfigError(f'{source}: MODEL.EMBED_DIM ({m.EMBED_DIM}) must be a multiple of {stem_divisor} '
                           f'with MODEL.PATCH_SIZE {m.PATCH_SIZE}')
+
+
+def _check_optimizer_settings(optimizer, source):
+    """Raises ``ConfigError`` when a setting of the other optimizer differs from its default: it
+    would have no effect."""
+    name = optimizer.NAME.lower()
+    for other, keys in OPTIMIZER_SETTINGS.items():
+        for key in keys:
+            if other != name and optimizer[key] != _C.TRAIN.OPTIMIZER[key]:
+                raise ConfigError(f'{source}: TRAIN.OPTIMIZER.{key} is set ({optimizer[key]!r}) but only '
+                                  f'{"SGD" if other == "sgd" else "AdamW"} reads it, and TRAIN.OPTIMIZER.NAME '
+                                  f'is {optimizer.NAME!r}')
 
 
 def get_config(path=None):

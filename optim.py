@@ -1,4 +1,5 @@
-"""Optimizer and learning-rate schedule: AdamW with selective weight decay, warmup + cosine.
+"""Optimizer and learning-rate schedule: AdamW (or SGD with momentum) with selective weight
+decay, warmup + cosine.
 
 Weight decay follows the official XCiT run (timm 0.4's ``create_optimizer`` with
 ``filter_bias_and_bn``): no decay for parameters with at most one dimension (biases, norm
@@ -10,6 +11,8 @@ import math
 
 import paddle
 from paddle.optimizer.lr import LRScheduler
+
+from config import OPTIMIZER_SETTINGS
 
 __all__ = ['param_groups_weight_decay', 'build_optimizer', 'WarmupCosineLR', 'peak_learning_rate',
            'build_lr_scheduler']
@@ -38,19 +41,29 @@ def param_groups_weight_decay(model, weight_decay):
 
 
 def build_optimizer(config, model, lr_scheduler):
-    """AdamW (decoupled weight decay) over ``model``'s trainable parameters, driven by ``lr_scheduler``.
+    """The optimizer of ``TRAIN.OPTIMIZER.NAME`` over ``model``'s trainable parameters, driven by
+    ``lr_scheduler``.
 
-    Betas and epsilon come from ``TRAIN.OPTIMIZER``, the decay from ``TRAIN.WEIGHT_DECAY`` applied
-    to the decay group of ``param_groups_weight_decay`` only, and ``TRAIN.GRAD_CLIP > 0`` clips the
-    global gradient norm over all parameters. The parameters are passed as one list and the decay
-    is selected with ``apply_decay_param_fun``, because Paddle clips per parameter group when
-    given groups, which would not be a global norm.
+    AdamW: decoupled weight decay, betas and epsilon from ``TRAIN.OPTIMIZER``. SGD: momentum
+    ``TRAIN.OPTIMIZER.MOMENTUM`` with L2 weight decay added to the gradient, as
+    ``torch.optim.SGD`` (DINO's linear evaluation). Either way ``TRAIN.WEIGHT_DECAY`` applies to
+    the decay group of ``param_groups_weight_decay`` only, and ``TRAIN.GRAD_CLIP > 0`` clips the
+    global gradient norm over all parameters. The parameters are passed as one list and the
+    decay is selected per parameter, because Paddle clips per parameter group when given
+    groups, which would not be a global norm.
     """
     t = config.TRAIN
-    if t.OPTIMIZER.NAME.lower() != 'adamw':
-        raise ValueError(f'TRAIN.OPTIMIZER.NAME: only AdamW is supported, got {t.OPTIMIZER.NAME!r}')
+    name = t.OPTIMIZER.NAME.lower()
+    if name not in OPTIMIZER_SETTINGS:
+        raise ValueError(f'TRAIN.OPTIMIZER.NAME: AdamW or SGD, got {t.OPTIMIZER.NAME!r}')
     no_decay, decay = (g['params'] for g in param_groups_weight_decay(model, t.WEIGHT_DECAY))
     params = no_decay + decay
+    grad_clip = paddle.nn.ClipGradByGlobalNorm(t.GRAD_CLIP) if t.GRAD_CLIP > 0 else None
+    if name == 'sgd':
+        _exclude_from_l2_decay(no_decay, decay)
+        return paddle.optimizer.Momentum(
+            learning_rate=lr_scheduler, momentum=t.OPTIMIZER.MOMENTUM, parameters=params,
+            weight_decay=paddle.regularizer.L2Decay(t.WEIGHT_DECAY), grad_clip=grad_clip)
     # Paddle hands apply_decay_param_fun the tensor's unique name, not the structured one.
     decay_names = {p.name for p in decay}
     if len({p.name for p in params}) != len(params):
@@ -64,8 +77,17 @@ def build_optimizer(config, model, lr_scheduler):
         parameters=params,
         weight_decay=t.WEIGHT_DECAY,
         apply_decay_param_fun=lambda name: name in decay_names,
-        grad_clip=paddle.nn.ClipGradByGlobalNorm(t.GRAD_CLIP) if t.GRAD_CLIP > 0 else None,
+        grad_clip=grad_clip,
     )
+
+
+def _exclude_from_l2_decay(no_decay, decay):
+    """Gives each ``no_decay`` parameter its own L2 regularizer of 0, which Paddle's optimizers
+    use instead of theirs; ``decay`` parameters get the optimizer's (their own is cleared)."""
+    for param in no_decay:
+        param.regularizer = paddle.regularizer.L2Decay(0.0)
+    for param in decay:
+        param.regularizer = None
 
 
 class WarmupCosineLR(LRScheduler):

@@ -205,7 +205,7 @@ def test_wrong_type_in_opts_is_named():
     ('DATA:\n  IMAGE_SIZE: -3\n', 'DATA.IMAGE_SIZE must be > 0, got -3'),
     ('TRAIN:\n  MIXUP_PROB: 1.5\n', 'TRAIN.MIXUP_PROB must be in [0, 1], got 1.5'),
     ('TRAIN:\n  DISTILLATION_TYPE: hardest\n', "TRAIN.DISTILLATION_TYPE must be 'none', 'soft' or 'hard'"),
-    ('TRAIN:\n  OPTIMIZER:\n    NAME: SGD\n', "TRAIN.OPTIMIZER.NAME must be 'AdamW'"),
+    ('TRAIN:\n  OPTIMIZER:\n    NAME: LAMB\n', "TRAIN.OPTIMIZER.NAME must be 'AdamW' or 'SGD', got 'LAMB'"),
 ])
 def test_value_out_of_range_in_file_names_key_and_file(tmp_path, text, message):
     path = write(tmp_path / 'bad.yaml', text)

@@ -1,13 +1,14 @@
-"""AdamW weight-decay groups, gradient clipping and the warmup + cosine schedule."""
+"""AdamW and SGD weight-decay groups, gradient clipping and the warmup + cosine schedule."""
 import json
 import math
 import os
+import re
 
 import numpy as np
 import paddle
 import pytest
 
-from config import get_config, merge_from_list
+from config import ConfigError, get_config, merge_from_list
 from conftest import GOLDEN, ROOT
 from optim import build_lr_scheduler, build_optimizer, param_groups_weight_decay
 from xcit import XCiT, build_xcit
@@ -184,8 +185,11 @@ def test_optimizer_settings():
     assert not isinstance(optimizer._parameter_list[0], dict)
     no_clip = build_optimizer(make_config(), model, build_lr_scheduler(make_config(), 10, 1))
     assert no_clip._grad_clip is None
-    with pytest.raises(ValueError, match='TRAIN.OPTIMIZER.NAME'):
-        build_optimizer(make_config('TRAIN.OPTIMIZER.NAME', 'SGD'), model, None)
+    config = make_config()
+    config.defrost()
+    config.TRAIN.OPTIMIZER.NAME = 'Adam'
+    with pytest.raises(ValueError, match="TRAIN.OPTIMIZER.NAME: AdamW or SGD, got 'Adam'"):
+        build_optimizer(config, model, None)
 
 
 def test_gradient_clipping_is_global_across_decay_groups():
@@ -203,3 +207,105 @@ def test_gradient_clipping_is_global_across_decay_groups():
     optimizer.step()
     assert layer.weight.item() == pytest.approx(w - PEAK * 0.6 / (0.6 + 1e3), rel=1e-6, abs=1e-9)
     assert layer.bias.item() == pytest.approx(b - PEAK * 0.8 / (0.8 + 1e3), rel=1e-6, abs=1e-9)
+
+
+def test_sgd_steps_as_torch_sgd_with_l2_decay_on_the_decay_group():
+    """Two steps of SGD with momentum m and weight decay wd (torch.optim.SGD's rule): v = m v + g + wd p,
+    then p -= lr v, where the no-decay group (the bias) gets no wd term."""
+    layer = paddle.nn.Linear(2, 1)
+    config = make_config('TRAIN.OPTIMIZER.NAME', 'SGD', 'TRAIN.OPTIMIZER.MOMENTUM', 0.5,
+                         'TRAIN.WEIGHT_DECAY', 0.1, 'TRAIN.WARMUP_EPOCHS', 0, 'TRAIN.NUM_EPOCHS', 1000)
+    optimizer = build_optimizer(config, layer, build_lr_scheduler(config, 10, 1))
+    assert isinstance(optimizer, paddle.optimizer.Momentum)
+    w, b = layer.weight.numpy().astype(np.float64), layer.bias.numpy().astype(np.float64)
+    velocity_w, velocity_b = np.zeros_like(w), np.zeros_like(b)
+    x = np.array([[1.0, -2.0]], np.float32)
+    for _ in range(2):
+        lr = optimizer.get_lr()
+        layer(paddle.to_tensor(x)).sum().backward()  # gradients: x for the weight, 1 for the bias
+        optimizer.step()
+        optimizer.clear_grad()
+        velocity_w = 0.5 * velocity_w + x.T + 0.1 * w
+        velocity_b = 0.5 * velocity_b + 1.0
+        w, b = w - lr * velocity_w, b - lr * velocity_b
+        np.testing.assert_allclose(layer.weight.numpy(), w, rtol=1e-6)
+        np.testing.assert_allclose(layer.bias.numpy(), b, rtol=1e-6)
+
+
+def test_sgd_clips_the_global_gradient_norm():
+    """Gradients 3 (a decayed weight) and 4 (a bias), global norm 5, clipped to 1 -> 0.6 and 0.8
+    (a per-group clip would give 1 and 1); the clip comes before the weight decay, as in torch."""
+    layer = paddle.nn.Linear(1, 1)
+    config = make_config('TRAIN.OPTIMIZER.NAME', 'SGD', 'TRAIN.OPTIMIZER.MOMENTUM', 0.0, 'TRAIN.GRAD_CLIP', 1.0,
+                         'TRAIN.WEIGHT_DECAY', 0.5, 'TRAIN.WARMUP_EPOCHS', 0)
+    optimizer = build_optimizer(config, layer, build_lr_scheduler(config, 10, 1))
+    w, b = layer.weight.item(), layer.bias.item()
+    (layer.weight.sum() * 3 + layer.bias.sum() * 4).backward()
+    optimizer.step()
+    assert layer.weight.item() == pytest.approx(w - PEAK * (0.6 + 0.5 * w), rel=1e-6)
+    assert layer.bias.item() == pytest.approx(b - PEAK * 0.8, rel=1e-6)
+
+
+def test_an_adamw_model_after_sgd_decays_as_before():
+    """SGD's per-parameter exclusions (an L2 regularizer of 0 on the no-decay group) do not change
+    what AdamW does with the same model afterwards."""
+    paddle.seed(0)
+    model = small_xcit()
+    build_optimizer(make_config('TRAIN.OPTIMIZER.NAME', 'SGD'), model, 0.1)
+    config = make_config('TRAIN.WEIGHT_DECAY', 0.5, 'TRAIN.WARMUP_EPOCHS', 0)
+    optimizer = build_optimizer(config, model, build_lr_scheduler(config, 10, 1))
+    before = {n: p.numpy().copy() for n, p in model.named_parameters()}
+    sum(p.sum() for p in model.parameters() if not p.stop_gradient).scale(0.0).backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if p.stop_gradient:  # BatchNorm statistics
+            continue
+        factor = 1.0 if name in expected_no_decay_names() else 1.0 - PEAK * 0.5
+        np.testing.assert_allclose(p.numpy(), before[name] * factor, rtol=1e-6, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.parametrize('opts, message', [
+    (['TRAIN.OPTIMIZER.MOMENTUM', 0.8], "TRAIN.OPTIMIZER.MOMENTUM is set (0.8) but only SGD reads it, and "
+                                        "TRAIN.OPTIMIZER.NAME is 'AdamW'"),
+    (['TRAIN.OPTIMIZER.NAME', 'SGD', 'TRAIN.OPTIMIZER.BETAS', [0.8, 0.9]],
+     "TRAIN.OPTIMIZER.BETAS is set ([0.8, 0.9]) but only AdamW reads it, and TRAIN.OPTIMIZER.NAME is 'SGD'"),
+    (['TRAIN.OPTIMIZER.NAME', 'Adam'], "TRAIN.OPTIMIZER.NAME must be 'AdamW' or 'SGD', got 'Adam'"),
+    (['TRAIN.OPTIMIZER.NAME', 'SGD', 'TRAIN.OPTIMIZER.MOMENTUM', 1.0], 'TRAIN.OPTIMIZER.MOMENTUM must be in [0, 1)'),
+])
+def test_optimizer_settings_of_the_other_optimizer_are_refused(tmp_path, opts, message):
+    cfg = tmp_path / 'sgd.yaml'
+    cfg.write_text('TRAIN:\n  OPTIMIZER:\n' + ''.join(f'    {k.split(".")[-1]}: {v}\n'
+                                                        for k, v in zip(opts[::2], opts[1::2])))
+    with pytest.raises(ConfigError, match=re.escape(f'{cfg}: {message}')):
+        get_config(str(cfg))
+
+
+def test_sgd_momentum_survives_a_resume():
+    """The velocity is in the optimizer's state dict: a resumed optimizer takes the next step as the
+    original does (each run in a fresh name scope, as in a new process)."""
+    config = make_config('TRAIN.OPTIMIZER.NAME', 'SGD', 'TRAIN.WEIGHT_DECAY', 0.1, 'TRAIN.WARMUP_EPOCHS', 0)
+    x = paddle.to_tensor([[1.0, -2.0]])
+
+    def run(steps, start=None):
+        """-> (the layer's weight after ``steps`` steps, the weights and optimizer state after all
+        but the last); ``start`` = such a pair to continue from."""
+        with paddle.utils.unique_name.guard():
+            layer = paddle.nn.Linear(2, 1)
+            optimizer = build_optimizer(config, layer, build_lr_scheduler(config, 10, 1))
+            if start:
+                layer.set_state_dict(start[0])
+                optimizer.set_state_dict(start[1])
+            for step in range(steps):
+                if step == steps - 1:
+                    saved = ({k: v.clone() for k, v in layer.state_dict().items()},
+                             {k: v.clone() if isinstance(v, paddle.Tensor) else v
+                              for k, v in optimizer.state_dict().items()})
+                layer(x).sum().backward()
+                optimizer.step()
+                optimizer.clear_grad()
+            return layer.weight.numpy(), saved
+
+    weight, saved = run(4)
+    np.testing.assert_array_equal(run(1, start=saved)[0], weight)
+    schedule_only = {'LR_Scheduler': saved[1]['LR_Scheduler']}
+    assert not np.allclose(run(1, start=(saved[0], schedule_only))[0], weight)  # without the velocity
