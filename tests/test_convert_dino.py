@@ -212,3 +212,24 @@ def test_repository_dino_configs():
         assert (backbone.MODEL.NUM_CLASSES, linear.MODEL.NUM_CLASSES) == (0, 1000)
         assert backbone.DATA.CROP_PCT == linear.DATA.CROP_PCT == 0.875
         assert int(backbone.DATA.IMAGE_SIZE / backbone.DATA.CROP_PCT) == 256
+
+
+def test_linear_probe_recipes_are_dinos_linear_evaluation():
+    """configs/dino/linear_probe/: the backbone's model and evaluation transform, a 1000-class head
+    trained alone with eval_linear.py's settings (SGD 0.9, no weight decay, lr 0.001 per 256 images,
+    cosine to 0 over 100 epochs, crop and flip only, plain cross-entropy)."""
+    for name in ('xcit_small_12_p16', 'xcit_small_12_p8', 'xcit_medium_24_p16', 'xcit_medium_24_p8'):
+        backbone = get_config(os.path.join(ROOT, 'configs', 'dino', f'{name}_dino.yaml'))
+        probe = get_config(os.path.join(ROOT, 'configs', 'dino', 'linear_probe', f'{name}.yaml'))
+        for key in ('PATCH_SIZE', 'EMBED_DIM', 'DEPTH', 'NUM_HEADS', 'TOKENS_NORM', 'ETA', 'DROPPATH'):
+            assert probe.MODEL[key] == backbone.MODEL[key], (name, key)
+        for key in ('IMAGE_SIZE', 'CROP_PCT', 'INTERPOLATION'):
+            assert probe.DATA[key] == backbone.DATA[key], (name, key)
+        assert probe.DATA.BATCH_SIZE * 8 == 1024 and probe.MODEL.NUM_CLASSES == 1000
+        t = probe.TRAIN
+        assert t.FREEZE_BACKBONE and (t.OPTIMIZER.NAME, t.OPTIMIZER.MOMENTUM, t.WEIGHT_DECAY) == ('SGD', 0.9, 0.0)
+        assert (t.BASE_LR, t.LINEAR_SCALED_LR, t.END_LR, t.NUM_EPOCHS, t.WARMUP_EPOCHS) == (0.001, 256, 0.0, 100, 0)
+        assert (t.RAND_AUGMENT, t.COLOR_JITTER, t.MIXUP_PROB, t.RANDOM_ERASE_PROB, t.REPEATED_AUG) == (
+            False, 0.0, 0.0, 0.0, False)
+        assert (t.SMOOTHING, t.MODEL_EMA, t.HFLIP, t.TRAIN_INTERPOLATION) == (0.0, False, 0.5, 'bilinear')
+        assert list(t.RANDOM_RESIZED_CROP_SCALE) == [0.08, 1.0]

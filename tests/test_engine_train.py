@@ -250,13 +250,15 @@ def test_grad_checkpointing_trains_the_same_weights(tmp_path):
         assert max_abs_diff(flat_state(runs[0][part]), flat_state(runs[1][part])) == 0.0, part
 
 
-def test_frozen_backbone_trains_the_head_alone(full_run, tmp_path):
+@pytest.mark.parametrize('optimizer', ['AdamW', 'SGD'])
+def test_frozen_backbone_trains_the_head_alone(full_run, tmp_path, optimizer):
     """A linear probe from a checkpoint: with the full recipe's drop path and EMA, every weight and
     BatchNorm statistic but the new 12-class head's stays exactly as loaded, in the model and its
-    EMA; the head learns; the run resumes exactly."""
+    EMA; the head learns; the run resumes exactly (with SGD: its momentum too)."""
     output, _ = full_run
     source = paddle.load(str(output / 'last.pdparams'))['model']
-    opts = (*FULL_RECIPE, 'MODEL.NUM_CLASSES', '12', 'TRAIN.FREEZE_BACKBONE', 'True', 'DATA.NUM_WORKERS', '0')
+    opts = (*FULL_RECIPE, 'MODEL.NUM_CLASSES', '12', 'TRAIN.FREEZE_BACKBONE', 'True', 'DATA.NUM_WORKERS', '0',
+            'TRAIN.OPTIMIZER.NAME', optimizer)
     with capture_stdout() as out:
         main_single_gpu.main(train_args(tmp_path / 'probe', *opts, epochs=2,
                                         extra=['-pretrained', str(output / 'last.pdparams')]))
