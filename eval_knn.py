@@ -72,15 +72,15 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k, te
 
 
 @paddle.no_grad()
-def extract_features(forward, loader, what, logger, report_freq=50):
+def extract_features(forward, loader, what, logger, several_batches, report_freq=50):
     """(features float32 (N, D) with unit rows, labels int64 (N,)) of the images of ``loader`` and
     of the other processes' loaders, in order (a collective call with several processes).
 
     ``forward`` is an ``engine.EvalForward`` of a model without head (its outputs are the
-    features); on its first batch it chooses between dygraph and the exported predictor."""
+    features); on its first batch, unless it has chosen already, it chooses between dygraph and
+    the exported predictor (``several_batches``: ``EvalForward.worth_trying_inference``)."""
     features = [np.zeros((0, forward.model.num_features), np.float32)]
     labels = [np.zeros(0, np.int64)]
-    several_batches = forward.worth_trying_inference(len(loader))
     start = time.time()
     done, world_size = 0, get_world_size()
     for i, (images, batch_labels) in enumerate(loader):
@@ -174,21 +174,25 @@ def run(args):
     model.reset_classifier(0)  # the votes use the final-norm class token, which forward() now returns
     model.eval()
     forward = EvalForward(model, config.DATA.IMAGE_SIZE, try_inference=device == 'cpu')
+    loaders = {split: build_dataloader(data, dataset, 'val', rank, world_size) for split, dataset in sets.items()}
+    several_batches = forward.worth_trying_inference(len(loaders['train']))  # chosen on the first training batch
     (train_features, train_labels), (val_features, val_labels) = (
-        extract_features(forward, build_dataloader(data, sets[split], 'val', rank, world_size), split, logger)
-        for split in ('train', 'val'))
+        extract_features(forward, loaders[split], split, logger, several_batches) for split in ('train', 'val'))
     if rank > 0:
         return None
     num_classes = max(sets['train'].num_classes, int(train_labels.max()) + 1, int(val_labels.max()) + 1)
+    # a first process without images chose no path; then no process tried the predictor (that
+    # needs two batches in each), so the others ran in dygraph
+    path = forward.path or 'dygraph'
     summary = {'train_images': len(train_labels), 'val_images': len(val_labels),
-               'feature_dim': int(train_features.shape[1]), 'temperature': args.temperature, 'path': forward.path,
+               'feature_dim': int(train_features.shape[1]), 'temperature': args.temperature, 'path': path,
                'processes': world_size, 'knn': {}}
     for k in args.k:
         acc1, acc5 = knn_accuracy(train_features, train_labels, val_features, val_labels, k, args.temperature,
                                   num_classes)
         summary['knn'][str(k)] = {'acc1': acc1, 'acc5': acc5}
         logger.info(f'{k}-NN (T={args.temperature}): Acc@1 {acc1:.2f}% Acc@5 {acc5:.2f}% '
-                    f'({len(val_labels)} images against {len(train_labels)}, {forward.path})')
+                    f'({len(val_labels)} images against {len(train_labels)}, {path})')
     if args.output:
         os.makedirs(args.output, exist_ok=True)
         write_json(os.path.join(args.output, 'knn_summary.json'), summary)

@@ -266,3 +266,19 @@ def test_bad_input_stops_before_any_process_starts(backbone, capsys, args, messa
     captured = capsys.readouterr()
     assert exit_info.value.code == 1 and captured.err.strip() == message
     assert 'starting' not in captured.out
+
+
+def test_a_process_without_images_does_not_stall_the_others(backbone, tmp_path):
+    """One training and one validation image on 2 processes: the second process has no batch at all;
+    the first computes both features alone and both processes finish."""
+    cfg, weights = backbone
+    for split, colour in (('train', (90, 10, 200)), ('val', (80, 20, 190))):
+        Image.new('RGB', (40, 40), colour).save(tmp_path / f'{split}.png')
+        (tmp_path / f'{split}_list.txt').write_text(f'{split}.png 3\n', encoding='utf-8')
+    done = subprocess.run([sys.executable, os.path.join(ROOT, 'eval_knn.py'), '-cfg', cfg, '-pretrained', weights,
+                           '-k', '1', '-device', 'cpu', '-ngpus', '2', '-dataset', 'imagenet2012', '-data_path',
+                           str(tmp_path), '-num_classes', '5'], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (summary['train_images'], summary['val_images'], summary['processes']) == (1, 1, 2)
+    assert summary['knn']['1'] == {'acc1': 100.0, 'acc5': 100.0} and summary['path'] == 'dygraph'
