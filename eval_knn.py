@@ -30,7 +30,7 @@ import paddle.distributed as dist
 import launch
 from config import ConfigError, get_config, update_config
 from datasets import build_dataloader, build_dataset, check_data_path
-from engine import EvalForward, exit_on_user_error, log_progress
+from engine import EvalForward, exit_on_user_error, log_progress, setup_device
 from utils import (CheckpointError, gather_rows, get_rank, get_world_size, load_every_weight, resolve_device,
                    setup_logger, visible_gpus, write_json)
 from xcit import build_xcit
@@ -149,11 +149,13 @@ def read_config(args):
         image_size=args.image_size, opts=args.opts))
 
 
-def process_device(args):
-    """The device of this process: ``-device``, or with several processes its own GPU or the CPU."""
+def set_process_device(args):
+    """Selects and returns this process's device: ``-device``, or with several processes on GPUs
+    its own GPU (``engine.setup_device``)."""
     if get_world_size() == 1 or args.device == 'cpu':
+        paddle.set_device(args.device)
         return args.device
-    return f'gpu:{dist.ParallelEnv().device_id}'
+    return setup_device()
 
 
 def run(args):
@@ -166,8 +168,7 @@ def run(args):
         if not 0 < k <= len(sets['train']):
             raise ConfigError(f'-k {k}: must be between 1 and the number of training images ({len(sets["train"])})')
     rank, world_size = get_rank(), get_world_size()
-    device = process_device(args)
-    paddle.set_device(device)
+    device = set_process_device(args)
     logger = setup_logger(rank=rank)
     model = build_xcit(config)
     load_every_weight(model, args.pretrained, f'the model of {args.cfg}', args.ema)
@@ -222,13 +223,11 @@ def main(argv=None):
     args = parse_args(argv)
     if launch.started_by_paddle_launch():
         return worker(args)
-    if args.ngpus == 1:
-        return exit_on_user_error(run, args)
-    exit_on_user_error(check_inputs, args)
     gpus = 0 if args.device == 'cpu' else visible_gpus()
     nprocs = exit_on_user_error(launch.num_processes, args.ngpus, gpus, '-ngpus')
     if nprocs == 1:
         return exit_on_user_error(run, args)
+    exit_on_user_error(check_inputs, args)
     launch.spawn(worker, (args,), nprocs, on_gpus=bool(gpus))
     return None
 
