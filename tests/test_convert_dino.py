@@ -28,6 +28,7 @@ from xcit import build_xcit
 LOGITS_TOL = 5e-5
 FEATURES_TOL = 1e-4
 GOLDEN_NAME = 'mini_p16_cls_norm'  # official layout, 10 classes
+DINO_MODELS = ('xcit_small_12_p16', 'xcit_small_12_p8', 'xcit_medium_24_p16', 'xcit_medium_24_p8')  # configs/dino/
 
 
 class TorchGlobal:
@@ -203,7 +204,7 @@ def test_linear_classifier_errors(golden, dino_files, tmp_path, capsys):
 
 def test_repository_dino_configs():
     """The backbone configs have no head and DINO's evaluation crop; the linear ones 1000 classes."""
-    for name in ('xcit_small_12_p16', 'xcit_small_12_p8', 'xcit_medium_24_p16', 'xcit_medium_24_p8'):
+    for name in DINO_MODELS:
         backbone = get_config(os.path.join(ROOT, 'configs', 'dino', f'{name}_dino.yaml'))
         linear = get_config(os.path.join(ROOT, 'configs', 'dino', f'{name}_dino_linear.yaml'))
         reference = get_config(os.path.join(ROOT, 'configs', f'{name}_224.yaml'))
@@ -218,7 +219,7 @@ def test_linear_probe_recipes_are_dinos_linear_evaluation():
     """configs/dino/linear_probe/: the backbone's model and evaluation transform, a 1000-class head
     trained alone with eval_linear.py's settings (SGD 0.9, no weight decay, lr 0.001 per 256 images,
     cosine to 0 over 100 epochs, crop and flip only, plain cross-entropy)."""
-    for name in ('xcit_small_12_p16', 'xcit_small_12_p8', 'xcit_medium_24_p16', 'xcit_medium_24_p8'):
+    for name in DINO_MODELS:
         backbone = get_config(os.path.join(ROOT, 'configs', 'dino', f'{name}_dino.yaml'))
         probe = get_config(os.path.join(ROOT, 'configs', 'dino', 'linear_probe', f'{name}.yaml'))
         for key in ('PATCH_SIZE', 'EMBED_DIM', 'DEPTH', 'NUM_HEADS', 'TOKENS_NORM', 'ETA', 'DROPPATH'):
