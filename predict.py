@@ -6,7 +6,8 @@
 The model is the dygraph XCiT with ``-pretrained`` weights, or an exported model
 (``export_model.py``) run by ``paddle.inference`` with ``-model_dir``, on ``-device`` (by default
 the first GPU when Paddle sees one, else the CPU); images go through the evaluation transform
-of ``-cfg`` (for an exported model, by default the config.yaml of its folder). Single images
+of ``-cfg`` (for an exported model, by default the config.yaml of its folder), read by
+``-workers`` threads one batch ahead of the model. Single images
 are printed as a ranked list. Folders (every image file below them, sorted) and ``-output``
 give a CSV instead: path, the top-5 class indices, their names and their probabilities, to
 ``-output`` or stdout. Class names come from ``-class_names`` (one per line, in class-index
@@ -19,6 +20,7 @@ import argparse
 import csv
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import paddle
@@ -31,6 +33,7 @@ from transforms import build_eval_transform
 from utils import CheckpointError, resolve_device
 
 TOP_K = 5
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'imagenet_classes.txt')
 
 
@@ -116,9 +119,15 @@ def parse_args(argv=None):
     parser.add_argument('-class_names', default=None,
                         help='class names, one per line (default: ImageNet-1k names for 1000 classes)')
     parser.add_argument('-batch_size', type=int, default=16)
+    parser.add_argument('-workers', type=int, default=DEFAULT_WORKERS,
+                        help='threads that read and transform the next batch of images while the model '
+                             'runs on this one (default: 4, or the number of CPUs if fewer)')
     parser.add_argument('-device', default=None,
                         help='cpu, gpu or gpu:N (default: the first GPU if Paddle sees one, else the CPU)')
     args = parser.parse_args(argv)
+    for name in ('batch_size', 'workers'):
+        if getattr(args, name) < 1:
+            parser.error(f'argument -{name}: must be at least 1, got {getattr(args, name)}')
     if args.ema and args.model_dir:
         parser.error('-ema selects weights of a -pretrained checkpoint; an exported model has its own '
                      '(export it with export_model.py -ema)')
@@ -136,20 +145,30 @@ def parse_args(argv=None):
     return args
 
 
-def readable_batches(paths, transform, batch_size, failed):
-    """Yields ``(paths, images (B, 3, S, S) float32)`` of the readable images of ``paths``,
-    ``batch_size`` at a time; unreadable files are reported on stderr and appended to ``failed``."""
-    for start in range(0, len(paths), batch_size):
-        batch, images = [], []
-        for path in paths[start:start + batch_size]:
-            try:
-                images.append(load_image(path, transform))
-                batch.append(path)
-            except OSError as e:
-                print(f'error: {e}', file=sys.stderr)
-                failed.append(path)
-        if batch:
-            yield batch, np.stack(images)
+def readable_batches(paths, transform, batch_size, failed, workers):
+    """Yields ``(paths, images (B, 3, S, S) float32)`` of the readable images of ``paths``, in
+    order, ``batch_size`` at a time; unreadable files are reported on stderr and appended to
+    ``failed``. ``workers`` threads read and transform the next batch while the caller runs the
+    model on this one (Pillow decodes and resizes without holding the GIL), so at most two
+    batches are in memory."""
+    chunks = [paths[start:start + batch_size] for start in range(0, len(paths), batch_size)]
+    with ThreadPoolExecutor(workers) as pool:
+        def start_reading(chunk):
+            return [(path, pool.submit(load_image, path, transform)) for path in chunk]
+
+        reading = start_reading(chunks[0]) if chunks else []
+        for next_chunk in chunks[1:] + [[]]:
+            loads, reading = reading, start_reading(next_chunk)
+            batch, images = [], []
+            for path, load in loads:
+                try:
+                    images.append(load.result())
+                    batch.append(path)
+                except OSError as e:
+                    print(f'error: {e}', file=sys.stderr)
+                    failed.append(path)
+            if batch:
+                yield batch, np.stack(images)
 
 
 def check_output_width(outputs, expected, args):
@@ -213,7 +232,8 @@ def main(argv=None):
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)
     failed = []
-    batches = readable_batches([path for path, _ in paths], build_eval_transform(config), args.batch_size, failed)
+    batches = readable_batches([path for path, _ in paths], build_eval_transform(config), args.batch_size, failed,
+                               args.workers)
     try:
         if features_only:
             write_features(predict, batches, config.MODEL.EMBED_DIM, args)

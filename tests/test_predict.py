@@ -15,6 +15,7 @@ import utils
 from config import get_config
 from export_model import GPU_MEMORY_POOL_MB, export
 from export_model import main as export_main
+import predict
 from predict import main, read_class_names, top_k
 from transforms import build_eval_transform
 from xcit import build_xcit
@@ -89,6 +90,47 @@ def test_folder_gives_csv_and_reports_unreadable_files(setup, capsys):
         assert [int(v) for v in row[1:6]] == list(indices[0])
         assert row[6:11] == [NAMES[i] for i in indices[0]]
         np.testing.assert_allclose([float(v) for v in row[11:16]], probs[0], atol=1e-6)
+
+
+def test_reading_threads_keep_the_order_and_read_one_batch_ahead(monkeypatch, capsys):
+    """Images come out in input order, unreadable ones are reported in order, and when a batch
+    is handed out no image beyond the next batch has been started."""
+    started = []
+
+    def load(path, transform):
+        started.append(path)
+        if path.startswith('bad'):
+            raise OSError(f'{path}: cannot read the image')
+        return np.full((3, 2, 2), float(path[-1]), np.float32)
+    monkeypatch.setattr(predict, 'load_image', load)
+    paths = ['img0', 'img1', 'bad2', 'img3', 'img4', 'bad5', 'img6']
+    failed, batches = [], []
+    for batch, images in predict.readable_batches(paths, None, 2, failed, workers=3):
+        assert set(started) <= set(paths[:2 * (len(batches) + 2)])
+        batches.append((batch, images[:, 0, 0, 0].tolist()))
+    assert batches == [(['img0', 'img1'], [0.0, 1.0]), (['img3'], [3.0]), (['img4'], [4.0]), (['img6'], [6.0])]
+    assert failed == ['bad2', 'bad5']
+    assert capsys.readouterr().err.splitlines() == ['error: bad2: cannot read the image',
+                                                    'error: bad5: cannot read the image']
+
+
+def test_one_or_several_reading_threads_give_the_same_csv(setup, capsys):
+    outputs, out = [], setup['root'] / 'top5_workers.csv'
+    for workers in ('1', '3'):
+        with pytest.raises(SystemExit):  # broken.jpg
+            main(['-cfg', setup['cfg'], '-pretrained', setup['weights'], '-class_names', setup['names'],
+                  '-output', str(out), '-batch_size', '1', '-workers', workers, str(setup['images'])])
+        outputs.append((out.read_text(encoding='utf-8'), capsys.readouterr().err))
+    assert outputs[0] == outputs[1]
+    assert len(outputs[0][0].splitlines()) == 1 + len(setup['expected'])
+
+
+@pytest.mark.parametrize('flag', ['-batch_size', '-workers'])
+def test_batch_size_and_workers_below_one_are_usage_errors(setup, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-cfg', setup['cfg'], '-pretrained', setup['weights'], flag, '0', str(setup['images'])])
+    assert exit_info.value.code == 2
+    assert f'argument {flag}: must be at least 1, got 0' in capsys.readouterr().err
 
 
 def test_exported_model_gives_the_same_predictions(setup):
