@@ -156,9 +156,9 @@ def readable_batches(paths, transform, batch_size, failed, workers):
         def start_reading(chunk):
             return [(path, pool.submit(load_image, path, transform)) for path in chunk]
 
-        reading = start_reading(chunks[0]) if chunks else []
-        for next_chunk in chunks[1:] + [[]]:
-            loads, reading = reading, start_reading(next_chunk)
+        reading = []
+        for chunk in chunks + [[]]:  # start reading a batch, then hand out the one before it
+            loads, reading = reading, start_reading(chunk)
             batch, images = [], []
             for path, load in loads:
                 try:
