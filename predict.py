@@ -127,7 +127,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     for name in ('batch_size', 'workers'):
         if getattr(args, name) < 1:
-            parser.error(f'argument -{name}: must be at least 1, got {getattr(args, name)}')
+            parser.error(f'-{name} must be > 0, got {getattr(args, name)}')
     if args.ema and args.model_dir:
         parser.error('-ema selects weights of a -pretrained checkpoint; an exported model has its own '
                      '(export it with export_model.py -ema)')

@@ -126,11 +126,11 @@ def test_one_or_several_reading_threads_give_the_same_csv(setup, capsys):
 
 
 @pytest.mark.parametrize('flag', ['-batch_size', '-workers'])
-def test_batch_size_and_workers_below_one_are_usage_errors(setup, flag, capsys):
+def test_batch_size_and_workers_must_be_positive(setup, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(['-cfg', setup['cfg'], '-pretrained', setup['weights'], flag, '0', str(setup['images'])])
     assert exit_info.value.code == 2
-    assert f'argument {flag}: must be at least 1, got 0' in capsys.readouterr().err
+    assert f'{flag} must be > 0, got 0' in capsys.readouterr().err
 
 
 def test_exported_model_gives_the_same_predictions(setup):
