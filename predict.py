@@ -4,17 +4,17 @@
     python predict.py -model_dir export/xcit_nano_12_p16_224 photos/ -output top5.csv
 
 The model is the dygraph XCiT with ``-pretrained`` weights, or an exported model
-(``export_model.py``) run by ``paddle.inference`` with ``-model_dir``, on ``-device`` (by default
-the first GPU when Paddle sees one, else the CPU); images go through the evaluation transform
-of ``-cfg`` (for an exported model, by default the config.yaml of its folder), read by
-``-workers`` threads one batch ahead of the model. Single images
-are printed as a ranked list. Folders (every image file below them, sorted) and ``-output``
-give a CSV instead: path, the top-5 class indices, their names and their probabilities, to
-``-output`` or stdout. Class names come from ``-class_names`` (one per line, in class-index
-order), by default the bundled ImageNet-1k list for 1000-class models. A model without classifier head (``MODEL.NUM_CLASSES: 0``, e.g. a DINO
-backbone) gives its features instead: ``-output FILE.npz`` receives ``paths`` and ``features``
-(N, EMBED_DIM), the final-norm class tokens. A file that cannot be read as an image is reported
-on stderr and skipped; the exit status is then 1.
+(``export_model.py``) run by ``paddle.inference`` with ``-model_dir``, on ``-device`` (by
+default the first GPU when Paddle sees one, else the CPU); images go through the evaluation
+transform of ``-cfg`` (for an exported model, by default the config.yaml of its folder), read
+by ``-workers`` threads one batch ahead of the model. Single images are printed as a ranked
+list. Folders (every image file below them, sorted) and ``-output`` give a CSV instead: path,
+the top-5 class indices, their names and their probabilities, to ``-output`` or stdout. Class
+names come from ``-class_names`` (one per line, in class-index order), by default the bundled
+ImageNet-1k list for 1000-class models. A model without classifier head
+(``MODEL.NUM_CLASSES: 0``, e.g. a DINO backbone) gives its features instead: ``-output
+FILE.npz`` receives ``paths`` and ``features`` (N, EMBED_DIM), the final-norm class tokens. A file that cannot be read as an
+image is reported on stderr and skipped; the exit status is then 1.
 """
 import argparse
 import csv
