@@ -10,11 +10,12 @@ evaluation transform of the config, and L2-normalised. Each validation image the
 exp(s / T) over the neighbours of that class; the top-1 and top-5 classes are compared with its
 label. Defaults are DINO's (k = 10, 20, 100, 200 and T = 0.07). The model runs in this process on
 ``-device`` or, with ``-ngpus N``, in N processes (one per GPU, or gloo processes on the CPU),
-each on a contiguous share of the images; the features are then gathered, in order, for the
-voting. On the CPU the model is exported to a ``paddle.inference`` predictor when that gives the
-same features faster, as ``-eval`` does. The result is printed per k, its last line is the
-summary as JSON, also written to ``<output>/knn_summary.json`` with ``-output``;
-``-save_features`` also writes the features and labels to ``<output>/features.npz``.
+each on a contiguous share of the images; the features are then gathered, in order, in the first
+process, which alone holds them all and votes. On the CPU the model is exported to a
+``paddle.inference`` predictor when that gives the same features faster, as ``-eval`` does. The
+result is printed per k, its last line is the summary as JSON, also written to
+``<output>/knn_summary.json`` with ``-output``; ``-save_features`` also writes the features and
+labels to ``<output>/features.npz``.
 
     python eval_knn.py -ngpus 4 -cfg ... -pretrained ... -data_path /dataset/imagenet  # 4 GPUs
 """
@@ -74,7 +75,8 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k, te
 @paddle.no_grad()
 def extract_features(forward, loader, what, logger, several_batches, report_freq=50):
     """(features float32 (N, D) with unit rows, labels int64 (N,)) of the images of ``loader`` and
-    of the other processes' loaders, in order (a collective call with several processes).
+    of the other processes' loaders, in order, in the first process (the others get no rows; a
+    collective call with several processes).
 
     ``forward`` is an ``engine.EvalForward`` of a model without head (its outputs are the
     features); on its first batch, unless it has chosen already, it chooses between dygraph and
@@ -91,7 +93,8 @@ def extract_features(forward, loader, what, logger, several_batches, report_freq
         done += len(labels[-1])
         if (i + 1) % report_freq == 0 or i + 1 == len(loader):
             log_progress(logger, f'{what} features', i + 1, len(loader), done * world_size, start)
-    return normalise(gather_rows(np.concatenate(features))), gather_rows(np.concatenate(labels))
+    return (normalise(gather_rows(np.concatenate(features), everywhere=False)),
+            gather_rows(np.concatenate(labels), everywhere=False))
 
 
 def parse_args(argv=None):

@@ -66,15 +66,17 @@ def all_reduce_sum(values):
 ROWS_PER_GATHER = 2 ** 16  # rows each process sends per all_gather call
 
 
-def gather_rows(array):
+def gather_rows(array, everywhere=True):
     """Every process's ``array`` (n_p, ...) concatenated along the first axis in rank order, on every
-    process (a collective call). Only the first dimension may differ between processes. The rows go
-    in pieces of ``ROWS_PER_GATHER`` per process, so that a device holds at most that many rows of
-    each process at a time."""
+    process, or with ``everywhere=False`` on the first one only (the others get no rows, so that
+    they do not hold all of them) (a collective call). Only the first dimension may differ between
+    processes. The rows go in pieces of ``ROWS_PER_GATHER`` per process, so that a device holds at
+    most that many rows of each process at a time."""
     world_size = get_world_size()
     if world_size == 1:
         return array
     rank = get_rank()
+    keep = everywhere or rank == 0
     counts = all_reduce_sum([len(array) if r == rank else 0 for r in range(world_size)]).astype(int)
     padded = np.zeros((int(counts.max()),) + array.shape[1:], array.dtype)  # all_gather wants one shape
     padded[:len(array)] = array
@@ -82,8 +84,11 @@ def gather_rows(array):
     for start in range(0, len(padded), ROWS_PER_GATHER):
         gathered = []
         dist.all_gather(gathered, paddle.to_tensor(padded[start:start + ROWS_PER_GATHER]))
-        for rows, tensor in zip(pieces, gathered):
-            rows.append(tensor.numpy())
+        if keep:
+            for rows, tensor in zip(pieces, gathered):
+                rows.append(tensor.numpy())
+    if not keep:
+        return padded[:0]
     return np.concatenate([np.concatenate(rows)[:count] if rows else padded[:0]
                            for rows, count in zip(pieces, counts)])
 

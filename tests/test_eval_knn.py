@@ -175,8 +175,8 @@ def test_temperature_must_be_positive(backbone, capsys):
 
 
 TWO_PROCESS_GATHER = '''\
-"""2 gloo processes gather rows of different counts, a few rows per all_gather call; rank 0
-writes what it got to gathered.npz."""
+"""2 gloo processes gather rows of different counts, a few rows per all_gather call; each
+writes what it got to gathered_<rank>.npz."""
 import sys
 
 import numpy as np
@@ -193,9 +193,9 @@ def work():
     rows = np.arange(10 * rank, 10 * rank + (5 if rank == 0 else 2))
     features = np.stack([rows, -rows], axis=1).astype(np.float32)
     gathered = {'features': utils.gather_rows(features), 'labels': utils.gather_rows(rows),
-                'rank_1_has_none': utils.gather_rows(rows[:3] if rank == 0 else rows[:0])}
-    if rank == 0:
-        np.savez('gathered.npz', **gathered)
+                'rank_1_has_none': utils.gather_rows(rows[:3] if rank == 0 else rows[:0]),
+                'first_only': utils.gather_rows(features, everywhere=False)}
+    np.savez(f'gathered_{rank}.npz', **gathered)
 
 
 if __name__ == '__main__':
@@ -209,12 +209,15 @@ def test_rows_are_gathered_in_rank_order(tmp_path):
     done = subprocess.run([sys.executable, str(script), ROOT], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    gathered = np.load(tmp_path / 'gathered.npz')
+    first, second = (np.load(tmp_path / f'gathered_{rank}.npz') for rank in (0, 1))
     expected = np.array([0, 1, 2, 3, 4, 10, 11])
-    np.testing.assert_array_equal(gathered['labels'], expected)
-    assert gathered['labels'].dtype == np.int64 and gathered['features'].dtype == np.float32
-    np.testing.assert_array_equal(gathered['features'], np.stack([expected, -expected], axis=1))
-    np.testing.assert_array_equal(gathered['rank_1_has_none'], [0, 1, 2])
+    for gathered in (first, second):
+        np.testing.assert_array_equal(gathered['labels'], expected)
+        assert gathered['labels'].dtype == np.int64 and gathered['features'].dtype == np.float32
+        np.testing.assert_array_equal(gathered['features'], np.stack([expected, -expected], axis=1))
+        np.testing.assert_array_equal(gathered['rank_1_has_none'], [0, 1, 2])
+    np.testing.assert_array_equal(first['first_only'], first['features'])
+    assert second['first_only'].shape == (0, 2) and second['first_only'].dtype == np.float32
 
 
 def test_two_processes_give_the_features_of_one(backbone, tmp_path):
