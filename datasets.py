@@ -35,7 +35,7 @@ from PIL import Image
 
 from config import ConfigError
 from samplers import EvalBatchSampler, TrainBatchSampler
-from transforms import build_eval_transform, build_train_transform
+from transforms import build_eval_transform, build_train_transform, to_rgb
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 DIGITS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'digits.npz')
@@ -107,10 +107,10 @@ class ImageFileDataset(ImageDataset):
             with open(path, 'rb') as f:
                 img = Image.open(f)
                 img.load()
+            return to_rgb(img)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             where = f' ({self.list_file} line {self.line_numbers[i]})' if self.list_file else ''
             raise DataError(f'cannot read image {path}{where}: {e}') from e
-        return img
 
 
 class ArrayDataset(ImageDataset):

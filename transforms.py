@@ -34,9 +34,24 @@ def pil_interpolation(name, key):
     return INTERPOLATIONS[name]
 
 
+WIDE_GRAY_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')  # 16-bit grayscale (32-bit 'I' read as 16-bit)
+
+
 def to_rgb(img):
-    """``img`` in RGB mode (a no-op when it already is)."""
-    return img if img.mode == 'RGB' else img.convert('RGB')
+    """``img`` in RGB mode (a no-op when it already is).
+
+    16-bit grayscale (e.g. a 16-bit PNG) is scaled to 8 bits first (value / 257, rounded, so
+    that 65535 is white), where PIL's own conversion would clip every value above 255 to white;
+    a floating-point image, whose range is unknown, raises ``ValueError``.
+    """
+    if img.mode == 'RGB':
+        return img
+    if img.mode in WIDE_GRAY_MODES:
+        values = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.rint(np.clip(values, 0, 65535) / 257).astype(np.uint8), 'L')
+    elif img.mode == 'F':
+        raise ValueError('a floating-point image (PIL mode F) has no defined 8-bit range; save it as 8 or 16 bits')
+    return img.convert('RGB')
 
 
 class Normalize:

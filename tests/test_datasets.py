@@ -226,6 +226,14 @@ def test_missing_and_undecodable_images_name_file_and_line(imagenet):
         dataset[2]
 
 
+def test_floating_point_images_name_the_file(imagenet):
+    Image.fromarray(np.ones((8, 8), np.float32)).save(imagenet / 'val' / 'depth.tif')
+    write_list(imagenet, 'val_list.txt', ['val/v1.JPEG 1', 'val/depth.tif 2'])
+    dataset = build_dataset(imagenet_config(imagenet), 'val')
+    with pytest.raises(DataError, match=r'depth.tif \(.*val_list.txt line 2\): a floating-point image'):
+        dataset[1]
+
+
 @pytest.mark.parametrize('workers', [0, 1])
 def test_loader_errors_keep_the_file_name(imagenet, workers):
     write_list(imagenet, 'val_list.txt', ['val/v1.JPEG 1', 'val/missing.jpg 2'])

@@ -8,7 +8,7 @@ from PIL import Image, ImageOps
 
 from config import ConfigError, get_config, merge_from_list
 from transforms import (INTERPOLATIONS, RAND_INCREASING_TRANSFORMS, RAND_TRANSFORMS, RandomErasing,
-                        augment_op, build_eval_transform, build_train_transform, parse_rand_augment)
+                        augment_op, build_eval_transform, build_train_transform, parse_rand_augment, to_rgb)
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
@@ -67,6 +67,23 @@ def test_eval_transform_matches_direct_pil_computation(image_size, size, crop_pc
     expected = normalised(np.asarray(expected.crop((left, top, left + size, top + size))))
     assert out.dtype == np.float32 and out.shape == (3, size, size) and out.flags.c_contiguous
     np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize('dtype,name', [(np.uint16, 'gray.png'), (np.int32, 'gray.tif')])  # PIL modes I;16, I
+def test_16_bit_grayscale_is_scaled_to_8_bits(tmp_path, dtype, name):
+    values = np.array([[0, 257, 300, 1000], [32768, 65280, 65535, 20000]], dtype)
+    path = tmp_path / name
+    Image.fromarray(values).save(path)
+    for img in (Image.open(path), Image.fromarray(values)):
+        rgb = np.asarray(to_rgb(img))
+        expected = np.array([[0, 1, 1, 4], [128, 254, 255, 78]], np.uint8)  # round(value / 257)
+        assert rgb.shape == (2, 4, 3)
+        np.testing.assert_array_equal(rgb, np.repeat(expected[:, :, None], 3, axis=2))
+
+
+def test_floating_point_images_are_refused():
+    with pytest.raises(ValueError, match='floating-point image'):
+        to_rgb(Image.fromarray(np.ones((4, 4), np.float32)))
 
 
 @pytest.mark.parametrize('interpolation', sorted(INTERPOLATIONS))
