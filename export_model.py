@@ -38,8 +38,10 @@ TOLERANCE = 1e-4  # max abs logit difference between the exported and the dygrap
 ONNX_OPSET = 17  # the first with LayerNormalization
 ONNX_PACKAGES = 'pip install paddle2onnx onnxruntime (paddle2onnx<2 with Paddle 2.6)'
 PADDLE_MAJOR = int(paddle.__version__.split('.')[0])
-PROGRAM_SUFFIXES = ('.json', '.pdmodel')
+PROGRAM_SUFFIXES = ('.json', '.pdmodel') if PADDLE_MAJOR >= 3 else ('.pdmodel',)  # Paddle 2 cannot read .json
 EXPORT_CONFIG = 'config.yaml'  # the exported model's config, written once the check has passed
+EXPORT_FILES = ('model.json', 'model.pdmodel', 'model.pdiparams', 'model.pdiparams.info', 'model.onnx',
+                EXPORT_CONFIG)  # what an export writes: removed from the folder before a new one
 HAS_ONEDNN = paddle.base.core.is_compiled_with_mkldnn()
 GPU_MEMORY_POOL_MB = 512  # Paddle Inference's initial GPU memory pool; it grows when needed
 
@@ -56,7 +58,7 @@ def load_model(cfg_path, pretrained, image_size=None, use_ema=False):
     unexpected or differently shaped key raises ``CheckpointError`` with a table of them.
     """
     config = get_config(cfg_path)
-    if image_size:
+    if image_size is not None:
         config.defrost()
         merge_from_list(config, ['DATA.IMAGE_SIZE', image_size], source='-image_size')
         check_values(config, '-image_size')
@@ -70,13 +72,18 @@ def load_model(cfg_path, pretrained, image_size=None, use_ema=False):
 def export(model, output, image_size=None):
     """Writes ``model`` to ``output``/model.{json or pdmodel, pdiparams}; returns the program path.
 
-    Input spec [None, 3, H, W] float32 with H = W = ``image_size``, or dynamic H and W.
+    Input spec [None, 3, H, W] float32 with H = W = ``image_size``, or dynamic H and W. The
+    files of an earlier export in ``output`` (``EXPORT_FILES``) are removed first.
     ``model`` stays a dygraph model (``paddle.jit.to_static(model)`` would replace its forward
     by the static function, and what is compared with the export afterwards would no longer
     be the dygraph model).
     """
-    side = image_size or None
-    spec = [paddle.static.InputSpec([None, 3, side, side], 'float32', name='image')]
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ExportError(f'-output {output} is a file, not a folder')
+    for name in EXPORT_FILES:  # no file of an earlier export may outlive this one
+        if os.path.isfile(os.path.join(output, name)):
+            os.remove(os.path.join(output, name))
+    spec = [paddle.static.InputSpec([None, 3, image_size, image_size], 'float32', name='image')]
     paddle.jit.save(model, os.path.join(output, 'model'), input_spec=spec)
     return program_path(output)
 
@@ -94,10 +101,15 @@ def in_memory_predictor(model, image_size=None, mkldnn=True, threads=None, onnx=
 
 def program_path(model_dir):
     """The program file of an exported model folder: model.json (Paddle 3) or model.pdmodel."""
+    if not os.path.isdir(model_dir):
+        raise ExportError(f'{model_dir}: no such folder')
     for suffix in PROGRAM_SUFFIXES:
         path = os.path.join(model_dir, 'model' + suffix)
         if os.path.isfile(path):
             return path
+    if os.path.isfile(os.path.join(model_dir, 'model.json')):
+        raise ExportError(f'{model_dir}: model.json is a Paddle 3 export, which Paddle {paddle.__version__} '
+                          f'cannot read; export the model again with this Paddle (it writes model.pdmodel)')
     raise ExportError(f'{model_dir}: no exported model (model.json or model.pdmodel) found')
 
 
@@ -111,7 +123,10 @@ class InferenceModel:
 
     def __init__(self, model_dir, mkldnn=True, threads=None, device='cpu'):
         from paddle import inference
-        config = inference.Config(program_path(model_dir), os.path.join(model_dir, 'model.pdiparams'))
+        program, params = program_path(model_dir), os.path.join(model_dir, 'model.pdiparams')
+        if not os.path.isfile(params):
+            raise ExportError(f'{model_dir}: the weights of the exported model, model.pdiparams, are missing')
+        config = inference.Config(program, params)
         config.disable_glog_info()
         self.model_dir, self.device = model_dir, device
         self.mkldnn = False
@@ -125,7 +140,11 @@ class InferenceModel:
                 config.enable_mkldnn()
             else:  # a new Config has oneDNN on (Paddle 2.6 and 3)
                 config.disable_mkldnn()
-        self.predictor = inference.create_predictor(config)
+        try:
+            self.predictor = inference.create_predictor(config)
+        except (RuntimeError, ValueError) as e:  # e.g. a truncated model.pdiparams or model.json
+            raise ExportError(f'{model_dir}: Paddle Inference cannot load the exported model '
+                              f'({" ".join(str(e).split())[:200]}); export it again') from e
         self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
         self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
 

@@ -200,3 +200,61 @@ def test_checkpoint_that_does_not_fit_is_named(tiny, tmp_path, capsys):
     assert f'error: {broken} does not fit the model' in err
     assert 'blocks.1.attn.temperature' in err and 'missing from checkpoint' in err
     assert 'head.weight' in err and 'shape mismatch' in err
+
+
+def test_a_new_export_replaces_every_file_of_the_last(tiny, tmp_path, capsys):
+    """A model.onnx, config.yaml or program of another Paddle left from an earlier export into the
+    same folder would not belong to the new one."""
+    cfg, weights, _ = tiny
+    stale = {name: b'stale' for name in ('model.json', 'model.pdmodel', 'model.onnx', 'config.yaml')}
+    for name, content in stale.items():
+        (tmp_path / name).write_bytes(content)
+    main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path), '-image_size', '32'])
+    program = 'model.json' if export_model.PADDLE_MAJOR >= 3 else 'model.pdmodel'
+    assert f'exported xcit_tiny_test to {tmp_path / program}' in capsys.readouterr().out
+    assert not any((tmp_path / name).read_bytes() == b'stale' for name in stale if (tmp_path / name).exists())
+    assert not (tmp_path / 'model.onnx').exists()
+
+
+def test_output_that_is_a_file_is_an_error(tiny, tmp_path, capsys):
+    cfg, weights, _ = tiny
+    (tmp_path / 'taken').write_text('not a folder')
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path / 'taken'), '-image_size', '32'])
+    assert exit_info.value.code == 1
+    assert f'error: -output {tmp_path / "taken"} is a file, not a folder' in capsys.readouterr().err
+
+
+def test_image_size_zero_is_an_error_not_a_dynamic_export(tiny, tmp_path, capsys):
+    cfg, weights, _ = tiny
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path), '-image_size', '0'])
+    assert exit_info.value.code == 1
+    assert 'error: -image_size: DATA.IMAGE_SIZE must be > 0, got 0' in capsys.readouterr().err
+
+
+@pytest.fixture
+def exported(tiny, tmp_path):
+    export_model.export(tiny[2], str(tmp_path), 32)
+    return tmp_path
+
+
+def test_missing_or_truncated_weights_of_an_export_are_named(exported):
+    params = exported / 'model.pdiparams'
+    content = params.read_bytes()
+    params.write_bytes(content[:len(content) // 2])
+    with pytest.raises(export_model.ExportError, match='Paddle Inference cannot load the exported model'):
+        InferenceModel(str(exported))
+    params.unlink()
+    with pytest.raises(export_model.ExportError, match='model.pdiparams, are missing'):
+        InferenceModel(str(exported))
+
+
+def test_missing_folder_and_foreign_program_format_are_named(exported, monkeypatch):
+    with pytest.raises(export_model.ExportError, match='nowhere: no such folder'):
+        export_model.program_path(str(exported / 'nowhere'))
+    program = 'model.json' if export_model.PADDLE_MAJOR >= 3 else 'model.pdmodel'
+    (exported / program).rename(exported / 'model.json')
+    monkeypatch.setattr(export_model, 'PROGRAM_SUFFIXES', ('.pdmodel',))  # as under Paddle 2.6
+    with pytest.raises(export_model.ExportError, match='model.json is a Paddle 3 export'):
+        export_model.program_path(str(exported))
