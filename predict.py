@@ -9,12 +9,13 @@ default the first GPU when Paddle sees one, else the CPU); images go through the
 transform of ``-cfg`` (for an exported model, by default the config.yaml of its folder), read
 by ``-workers`` threads one batch ahead of the model. Single images are printed as a ranked
 list. Folders (every image file below them, sorted) and ``-output`` give a CSV instead: path,
-the top-5 class indices, their names and their probabilities, to ``-output`` or stdout. Class
-names come from ``-class_names`` (one per line, in class-index order), by default the bundled
-ImageNet-1k list for 1000-class models. A model without classifier head
-(``MODEL.NUM_CLASSES: 0``, e.g. a DINO backbone) gives its features instead: ``-output
-FILE.npz`` receives ``paths`` and ``features`` (N, EMBED_DIM), the final-norm class tokens. A file that cannot be read as an
-image is reported on stderr and skipped; the exit status is then 1.
+the top-5 class indices (all classes for a model with fewer), their names and their
+probabilities, to ``-output`` (its folder is created) or stdout. Class names come from
+``-class_names`` (one per line, in class-index order), by default the bundled ImageNet-1k list
+for 1000-class models. A model without classifier head (``MODEL.NUM_CLASSES: 0``, e.g. a DINO
+backbone) gives its features instead: ``-output FILE.npz`` receives ``paths`` and ``features``
+(N, EMBED_DIM), the final-norm class tokens. A file that cannot be read as an image is
+reported on stderr and skipped; the exit status is then 1.
 """
 import argparse
 import csv
@@ -57,7 +58,7 @@ def image_paths(inputs):
     paths = []
     for item in inputs:
         if os.path.isdir(item):
-            found = sorted(os.path.join(root, name) for root, _, files in os.walk(item)
+            found = sorted(os.path.join(root, name) for root, _, files in os.walk(item, followlinks=True)
                            for name in files if name.lower().endswith(IMG_EXTENSIONS))
             paths += [(path, True) for path in found]
         else:
@@ -78,7 +79,8 @@ def load_image(path, transform):
 
 
 def top_k(logits, k=TOP_K):
-    """Softmax probabilities of the k best classes: (indices (B, k), probabilities (B, k))."""
+    """Softmax probabilities of the k best classes: (indices (B, k'), probabilities (B, k')), k' =
+    min(k, classes)."""
     logits = logits - logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
     probs /= probs.sum(axis=1, keepdims=True)
@@ -131,6 +133,8 @@ def parse_args(argv=None):
     if args.ema and args.model_dir:
         parser.error('-ema selects weights of a -pretrained checkpoint; an exported model has its own '
                      '(export it with export_model.py -ema)')
+    if args.model_dir and not os.path.isdir(args.model_dir):
+        parser.error(f'-model_dir {args.model_dir}: no such folder')
     if args.cfg is None:
         exported = os.path.join(args.model_dir, EXPORT_CONFIG) if args.model_dir else None
         if not (exported and os.path.isfile(exported)):
@@ -181,15 +185,16 @@ def check_output_width(outputs, expected, args):
 
 def write_predictions(predict, batches, names, args, as_csv):
     """Top-5 classes per image: a CSV to ``args.output`` (or stdout), or a ranked list per image."""
+    k = min(TOP_K, len(names))
     out = open(args.output, 'w', newline='', encoding='utf-8') if args.output else sys.stdout
     writer = csv.writer(out) if as_csv else None
     if writer:
-        writer.writerow(csv_header())
+        writer.writerow(csv_header(k))
     written = 0
     for batch, images in batches:
         logits = predict(images)
         check_output_width(logits, len(names), args)
-        indices, probs = top_k(logits)
+        indices, probs = top_k(logits, k)
         for path, idx, prob in zip(batch, indices, probs):
             if writer:
                 writer.writerow([path] + [int(i) for i in idx] + [names[i] for i in idx]
@@ -228,6 +233,8 @@ def main(argv=None):
                               f'not classes: write them with -output FILE.npz')
         names = None if features_only else read_class_names(args.class_names, config.MODEL.NUM_CLASSES)
         paths = image_paths(args.inputs)
+        if args.output:  # before the model runs, not after
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     except (ConfigError, CheckpointError, ExportError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)

@@ -255,6 +255,36 @@ def test_a_backbone_without_head_writes_its_features(setup, tmp_path, capsys):
     assert 'gives features, not classes: write them with -output FILE.npz' in capsys.readouterr().err
 
 
+def test_a_model_with_fewer_than_five_classes_ranks_them_all(setup, tmp_path):
+    cfg = tmp_path / 'three.yaml'
+    cfg.write_text(yaml.safe_dump({**TINY, 'MODEL': {**TINY['MODEL'], 'NUM_CLASSES': 3}}))
+    model = build_xcit(get_config(str(cfg)))
+    paddle.save(model.state_dict(), str(tmp_path / 'three.pdparams'))
+    out = tmp_path / 'new' / 'folder' / 'top.csv'  # the folder is created
+    main(['-cfg', str(cfg), '-pretrained', str(tmp_path / 'three.pdparams'), '-output', str(out),
+          str(setup['images'] / 'a.jpg')])
+    rows = list(csv.reader(io.StringIO(out.read_text(encoding='utf-8'))))
+    assert rows[0] == ['path', 'index_1', 'index_2', 'index_3', 'name_1', 'name_2', 'name_3',
+                       'prob_1', 'prob_2', 'prob_3']
+    assert len(rows) == 2 and len(rows[1]) == 10
+    assert sorted(rows[1][1:4]) == ['0', '1', '2'] and rows[1][4:7] == rows[1][1:4]
+    assert sum(float(p) for p in rows[1][7:]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_symlinked_folders_are_searched(setup, tmp_path, capsys):
+    (tmp_path / 'linked').symlink_to(setup['images'] / 'sub', target_is_directory=True)
+    main(['-cfg', setup['cfg'], '-pretrained', setup['weights'], str(tmp_path)])
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert [row[0] for row in rows[1:]] == [str(tmp_path / 'linked' / 'c.png')]
+
+
+def test_missing_model_dir_is_a_usage_error(setup, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-model_dir', str(tmp_path / 'nowhere'), str(setup['images'])])
+    assert exit_info.value.code == 2
+    assert f'-model_dir {tmp_path / "nowhere"}: no such folder' in capsys.readouterr().err
+
+
 def test_wrong_number_of_class_names_is_an_error(setup, tmp_path, capsys):
     names = tmp_path / 'three.txt'
     names.write_text('a\nb\nc\n')
