@@ -835,8 +835,11 @@ class XCiT(nn.Layer):
         the last n blocks, or a list of block indices (negative ones count from the end); the
         blocks after the last one asked for are not run."""
         depth = len(self.blocks)
-        wanted = list(range(depth - indices, depth)) if isinstance(indices, int) else list(indices)
-        wanted = sorted({i + depth if i < 0 else i for i in wanted})
+        if isinstance(indices, int):
+            if not 0 < indices <= depth:
+                raise ValueError(f'the last {indices} blocks: there are {depth} XCA blocks')
+            indices = range(depth - indices, depth)
+        wanted = sorted({i + depth if i < 0 else i for i in indices})
         if not wanted or wanted[0] < 0 or wanted[-1] >= depth:
             raise ValueError(f'block indices {indices} do not select among the {depth} XCA blocks')
         x, (Hp, Wp) = self._embedded_patches(x)
