@@ -116,6 +116,8 @@ def build_runner(cfg, path, batch, size, threads):
     def run():
         with paddle.no_grad():
             return net(x).numpy()
+    if path == 'static':
+        run()  # to_static traces on the first call: part of the build, not of the measurement
     return run
 
 
@@ -281,6 +283,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.worker:
         return args
+    for name in ('batch', 'sizes', 'threads', 'reps'):
+        values = getattr(args, name)
+        bad = [v for v in (values if isinstance(values, list) else [values]) if values is not None and v < 1]
+        if bad:
+            parser.error(f'--{name} must be > 0, got {bad[0]}')
     try:  # every config read up front: a bad one is one error line, before any measurement
         args.configs = {cfg: get_config(cfg) for cfg in args.cfg}
     except ConfigError as e:
@@ -300,6 +307,10 @@ def parse_args(argv=None):
                 parser.error(f'--scaling takes one value of {name}, got {" ".join(map(str, values))}')
         args.batch, args.paths = args.batch or [1], args.paths or ['infer']
         args.sizes = args.sizes or list(SCALING_SIZES)
+        patch = args.configs[args.cfg[0]].MODEL.PATCH_SIZE
+        if len({tokens(size, patch) for size in args.sizes}) < 2:
+            parser.error(f'--scaling needs sizes with at least two different numbers of tokens '
+                         f'(patch {patch}), got --sizes {" ".join(map(str, args.sizes))}')
     else:
         args.batch, args.paths = args.batch or [1, 16], args.paths or list(DEFAULT_PATHS)
     return args
@@ -344,6 +355,9 @@ def main(argv=None):
     if args.json:
         with open(args.json, 'w', encoding='utf-8') as f:
             json.dump({'machine': machine(), 'threads': args.threads, 'rows': rows}, f, indent=1)
+    failed = sum('error' in r for r in rows)
+    if failed and not args.scaling:  # --scaling stops at the first size that fails, by design
+        sys.exit(f'{failed} of {len(rows)} measurements failed')
 
 
 if __name__ == '__main__':

@@ -110,11 +110,60 @@ def test_a_model_without_head_has_no_training_step_to_time(tmp_path, capsys):
         capsys.readouterr().err
 
 
-def test_scaling_needs_two_measured_sizes(cfg, capsys):
+@pytest.mark.parametrize('sizes', [['32'], ['64', '60']])  # 60 and 64 pixels: both 4 x 4 tokens of 16
+def test_scaling_needs_two_numbers_of_tokens(cfg, sizes, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        benchmark.main(['-cfg', cfg, '--scaling', '--paths', 'dygraph', '--sizes', '32', '--reps', '1',
-                        '--threads', '1'])
+        benchmark.main(['-cfg', cfg, '--scaling', '--paths', 'dygraph', '--sizes', *sizes])
+    assert exit_info.value.code == 2
+    assert '--scaling needs sizes with at least two different numbers of tokens (patch 16)' in \
+        capsys.readouterr().err
+
+
+def fake_worker(failing_size):
+    """A ``run_worker`` measuring nothing: rows of 10 ms, or an error at ``failing_size``."""
+    def run(cfg, path, batch, size, threads, reps):
+        if size == failing_size:
+            return {'cfg': cfg, 'path': path, 'batch': batch, 'size': size, 'error': 'exit 1: out of memory'}
+        return {'cfg': cfg, 'path': path, 'batch': batch, 'size': size, 'threads': threads, 'ms_per_batch': 10.0,
+                'images_per_s': batch * 100.0, 'peak_mb': size / 10, 'total_peak_mb': size}
+    return run
+
+
+def test_scaling_needs_two_measured_sizes(cfg, monkeypatch, capsys):
+    monkeypatch.setattr(benchmark, 'run_worker', fake_worker(failing_size=64))
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(['-cfg', cfg, '--scaling', '--paths', 'dygraph', '--sizes', '32', '64', '96'])
     assert 'fewer than two sizes could be measured' in str(exit_info.value)
+    assert '96' not in capsys.readouterr().out.splitlines()[-1]  # it stopped at the failing size
+
+
+def test_a_failed_measurement_fails_the_table(cfg, monkeypatch, capsys):
+    monkeypatch.setattr(benchmark, 'run_worker', fake_worker(failing_size=64))
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(['-cfg', cfg, '--paths', 'dygraph', '--batch', '1', '--sizes', '32', '64'])
+    assert exit_info.value.code == '1 of 2 measurements failed'
+    assert 'failed: exit 1: out of memory' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('flag', ['--batch', '--sizes', '--threads', '--reps'])
+def test_counts_must_be_positive(cfg, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(['-cfg', cfg, flag, '0'])
+    assert exit_info.value.code == 2 and f'{flag} must be > 0, got 0' in capsys.readouterr().err
+
+
+def test_static_path_is_traced_before_the_measurement(cfg, monkeypatch):
+    """Tracing, like building the model, must not count in the peak memory of the forward passes."""
+    import paddle
+    to_static, calls = paddle.jit.to_static, []
+
+    def recording_to_static(*args, **kwargs):
+        net = to_static(*args, **kwargs)
+        return lambda x: calls.append(x.shape) or net(x)
+    monkeypatch.setattr(paddle.jit, 'to_static', recording_to_static)
+    run = benchmark.build_runner(cfg, 'static', 2, 32, 1)
+    assert calls == [[2, 3, 32, 32]]
+    assert run().shape == (2, 5) and len(calls) == 2
 
 
 def test_peak_restarts_at_the_current_resident_size():
