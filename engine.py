@@ -243,11 +243,16 @@ def classification_sums(logits, labels):
     """Float64 [correct@1, correct@5, summed cross-entropy, count] of one batch.
 
     ``logits`` (B, C) and ``labels`` (B,) are numpy arrays. A label counts as within top-k when
-    fewer than k classes have a strictly larger logit; the loss is computed in float64.
+    its rank is below k: the number of classes with a larger logit, or an equal one and a smaller
+    index (ties go to the first class, as with argmax). A row with a NaN or infinite logit is
+    never correct. The loss is computed in float64.
     """
     logits = logits.astype(np.float64)
-    true = np.take_along_axis(logits, labels.reshape(-1, 1), axis=1)
-    rank = (logits > true).sum(axis=1)
+    labels = labels.reshape(-1, 1)
+    true = np.take_along_axis(logits, labels, axis=1)
+    earlier = np.arange(logits.shape[1]) < labels
+    rank = (logits > true).sum(axis=1) + ((logits == true) & earlier).sum(axis=1)
+    rank[~np.isfinite(logits).all(axis=1)] = logits.shape[1]
     peak = logits.max(axis=1, keepdims=True)
     log_norm = np.log(np.exp(logits - peak).sum(axis=1)) + peak[:, 0]
     return np.array([(rank < 1).sum(), (rank < 5).sum(), (log_norm - true[:, 0]).sum(), len(labels)],

@@ -316,13 +316,21 @@ def test_predictor_threads_follow_omp_num_threads_or_share_the_cpus(monkeypatch)
     assert engine.cpu_threads() == 1
 
 
-def test_classification_sums_counts_ties_and_uses_float64():
+def test_classification_sums_break_ties_by_class_index_and_use_float64():
+    """A model giving every class the same logit is right only for class 0 (argmax's choice),
+    not for every label; NaN logits are never right."""
     logits = np.array([[3.0, 1.0, 2.0, 0.0, -1.0, -2.0],
-                       [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]], dtype=np.float32)
-    sums = engine.classification_sums(logits, np.array([2, 5]))
-    assert sums[:2].tolist() == [1.0, 2.0] and sums[3] == 2  # label 2 ranked 2nd; a tie counts
-    expected = np.log(np.exp(logits.astype(np.float64)).sum(1)) - logits[[0, 1], [2, 5]]
-    assert sums[2] == pytest.approx(expected.sum(), abs=1e-12)
+                       [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                       [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                       [1.0, 1.0, 5.0, 1.0, 1.0, 0.0],
+                       [np.nan, 0.0, 0.0, 0.0, 0.0, 0.0]], dtype=np.float32)
+    labels = np.array([2, 5, 0, 3, 1])
+    sums = engine.classification_sums(logits, labels)
+    # ranks: 1 (second), 5 (five classes tie ahead), 0, 3 (2, then 0 and 1 tie ahead), never
+    assert sums[:2].tolist() == [1.0, 3.0] and sums[3] == 5 and np.isnan(sums[2])
+    finite = logits[:4].astype(np.float64)
+    expected = np.log(np.exp(finite).sum(1)) - finite[np.arange(4), labels[:4]]
+    assert engine.classification_sums(logits[:4], labels[:4])[2] == pytest.approx(expected.sum(), abs=1e-12)
 
 
 def test_two_processes_report_the_same_metrics_as_one(golden, tmp_path):
