@@ -41,8 +41,8 @@ from optim import build_lr_scheduler, build_optimizer
 from port_weights.convert import find_mismatches, format_mismatches, state_shapes
 from teacher import build_teacher
 from utils import (AverageMeter, CheckpointError, MetricsLog, all_reduce_sum, average_batchnorm_statistics,
-                   format_seconds, get_rank, get_world_size, load_checkpoint, load_every_weight, save_checkpoint,
-                   setup_logger, visible_gpus, weights_of, write_config, write_json)
+                   format_seconds, get_rank, get_world_size, in_model_dtypes, load_checkpoint, load_every_weight,
+                   save_checkpoint, setup_logger, visible_gpus, weights_of, write_config, write_json)
 from xcit import build_xcit
 
 # AMP (float16, level O1) op lists for xcit.py's layers. White: its Linear layers compute
@@ -232,7 +232,7 @@ def load_pretrained(model, path, use_ema, logger):
     if unexpected:
         logger.warning(f'{path}: {len(unexpected)} checkpoint entries not in the model, ignored: '
                        f'{", ".join(unexpected)}')
-    model.set_state_dict({k: v for k, v in state.items() if k in expected})
+    model.set_state_dict(in_model_dtypes({k: v for k, v in state.items() if k in expected}, model.state_dict()))
     logger.info(f'loaded {"EMA " if use_ema else ""}weights from {path}')
 
 

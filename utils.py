@@ -249,5 +249,21 @@ def load_every_weight(model, path, what, use_ema=False):
     into ``model``, which must take every entry: a missing, unexpected or differently shaped
     key raises ``CheckpointError`` naming ``what`` the model is, with a table of them."""
     state = weights_of(load_checkpoint(path), path, use_ema)
-    check_fits(state, state_shapes(model.state_dict()), f'{path} does not fit {what}')
-    model.set_state_dict(state)
+    model_state = model.state_dict()
+    check_fits(state, state_shapes(model_state), f'{path} does not fit {what}')
+    model.set_state_dict(in_model_dtypes(state, model_state))
+
+
+def in_model_dtypes(state, model_state):
+    """``state`` with each floating-point entry cast to the dtype of the model's entry of that
+    name (e.g. weights converted with ``--dtype float16`` for a float32 model, which
+    ``set_state_dict`` refuses); other entries unchanged."""
+    cast = {}
+    for name, value in state.items():
+        target = model_state.get(name)
+        if target is not None and paddle.is_floating_point(target):
+            value = paddle.to_tensor(value) if not isinstance(value, paddle.Tensor) else value
+            if paddle.is_floating_point(value) and value.dtype != target.dtype:
+                value = value.astype(target.dtype)
+        cast[name] = value
+    return cast

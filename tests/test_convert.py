@@ -147,6 +147,30 @@ def test_cli_float16_output_into_a_folder(tmp_path):
     assert all(v.dtype == np.float16 for v in written.values())
 
 
+def test_float16_weights_load_into_a_float32_model(tmp_path):
+    """What ``--dtype float16`` writes is taken by every loader of the project (set_state_dict alone
+    refuses another dtype), as the float32 values of its float16 numbers."""
+    import logging
+
+    import engine
+    from utils import load_every_weight
+    from xcit import build_xcit
+    config = get_config()
+    config.defrost()
+    config.MODEL.update({'EMBED_DIM': 32, 'DEPTH': 1, 'NUM_HEADS': 2, 'NUM_CLASSES': 3})
+    source = build_xcit(config)
+    half = {name: value.numpy().astype(np.float16) for name, value in source.state_dict().items()}
+    path = str(tmp_path / 'half.pdparams')
+    paddle.save(half, path)
+    for load in (lambda model: load_every_weight(model, path, 'the model'),
+                 lambda model: engine.load_pretrained(model, path, False, logging.getLogger('test'))):
+        model = build_xcit(config)
+        load(model)
+        for name, value in model.state_dict().items():
+            assert value.dtype == paddle.float32, name
+            np.testing.assert_array_equal(value.numpy(), half[name].astype(np.float32))
+
+
 class Payload:
     """Pickles as a call of ``func(*args)``: what a hostile checkpoint would smuggle in."""
 
