@@ -526,6 +526,7 @@ class Trainer:
         self.metrics = MetricsLog(config.SAVE, enabled=self.rank == 0)
         if resume:
             self.resume(resume)
+            self.metrics.keep_epochs_up_to(self.epoch)
             if config.MODEL.PRETRAINED:
                 logger.info(f'-pretrained {config.MODEL.PRETRAINED} not loaded: the run continues from {resume}')
         else:
@@ -584,12 +585,27 @@ class Trainer:
             self.model_ema.set_state_dict(checkpoint['model_ema'])
         names = {n: p.name for n, p in self.model.named_parameters()}
         self.optimizer.set_state_dict(rename_prefixes(checkpoint['optimizer'], names))
-        self.lr_scheduler.set_state_dict(checkpoint['lr_scheduler'])
         if self.scaler and 'scaler' in checkpoint:
             self.scaler.load_state_dict(checkpoint['scaler'])
-        self.epoch, self.step = int(checkpoint['epoch']), int(checkpoint['step'])
+        self.epoch = int(checkpoint['epoch'])
         self.best_acc, self.best_epoch = checkpoint.get('best_acc'), checkpoint.get('best_epoch')
-        self.logger.info(f'resumed from {path}: {self.epoch} epochs, {self.step} steps done')
+        self.logger.info(f'resumed from {path}: {self.epoch} epochs, {int(checkpoint["step"])} steps done')
+        self.continue_schedule_after(self.epoch, int(checkpoint['step']), path)
+
+    def continue_schedule_after(self, epochs, steps, path):
+        """Sets the step count and the learning-rate schedule to the end of epoch ``epochs``.
+
+        The schedule is per optimizer step, and ``steps`` were taken in those epochs; when an
+        epoch now has another number of steps (other processes, batch size or TRAIN.ACCUM_ITER),
+        the schedule, built for the new count, continues where the epochs end in it."""
+        self.step = epochs * self.steps_per_epoch
+        if self.step != steps:
+            self.logger.warning(f'{path}: {epochs} epochs took {steps} optimizer steps, {self.steps_per_epoch} '
+                                f'per epoch now (other processes, batch size or TRAIN.ACCUM_ITER); the '
+                                f'learning-rate schedule continues at step {self.step} of '
+                                f'{self.config.TRAIN.NUM_EPOCHS * self.steps_per_epoch}')
+        self.lr_scheduler.last_epoch = self.step  # Paddle's name for the scheduler's step count
+        self.lr_scheduler.last_lr = self.lr_scheduler.get_lr()
 
     # ---- one epoch
 

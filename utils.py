@@ -158,6 +158,24 @@ class MetricsLog:
         with open(self.path, 'a', encoding='utf-8') as f:
             f.write(json.dumps(record) + '\n')
 
+    def keep_epochs_up_to(self, epoch):
+        """Drops the records of epochs after ``epoch`` (1-based), and any line cut short, as a run
+        resumed from the end of that epoch logs them again."""
+        if not (self.enabled and os.path.isfile(self.path)):
+            return
+        kept = []
+        with open(self.path, encoding='utf-8') as f:
+            for line in f:
+                try:
+                    if json.loads(line)['epoch'] <= epoch:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue
+        tmp = f'{self.path}.tmp{os.getpid()}'
+        with open(tmp, 'w', encoding='utf-8') as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
 
 class AverageMeter:
     """Running sum and count of a value; ``avg`` is their ratio (0 when empty)."""

@@ -82,6 +82,8 @@ def test_resume_continues_exactly(full_run, tmp_path):
     output folder's last.pdparams and continues it; -pretrained only applies to a fresh start."""
     output, _ = full_run
     shutil.copy(output / 'epoch_1.pdparams', tmp_path / 'last.pdparams')
+    # the log of a run killed while writing epoch 2's last record
+    (tmp_path / 'metrics.jsonl').write_text((output / 'metrics.jsonl').read_text()[:-20])
     args = train_args(tmp_path, *FULL_RECIPE, extra=['-resume', 'auto', '-pretrained', str(output / 'last.pdparams')])
     with capture_stdout() as out:
         result = main_single_gpu.main(args)
@@ -93,11 +95,29 @@ def test_resume_continues_exactly(full_run, tmp_path):
     for part in ('model', 'model_ema', 'optimizer'):
         diff = max_abs_diff(flat_state(straight[part]), flat_state(resumed[part]))
         assert diff == 0.0, f'{part}: max abs difference {diff}'
-    # the resumed run logs what the straight run logged for epoch 2 (timings aside)
+    # the resumed run's log is the straight run's (timings aside): epoch 2's records of the run
+    # it continues are dropped, not left beside the new ones
     same = ('kind', 'model', 'epoch', 'step', 'lr', 'loss', 'acc1', 'acc5')
-    epoch2 = [[{k: r.get(k) for k in same} for r in read_metrics(out) if r['epoch'] == 2] for out in (output, tmp_path)]
-    assert epoch2[0] == epoch2[1] and len(epoch2[0]) == 4
+    logs = [[{k: r.get(k) for k in same} for r in read_metrics(out)] for out in (output, tmp_path)]
+    assert logs[0] == logs[1] and len(logs[0]) == 8
     assert result['last_acc1'] == full_run[1]['last_acc1'] and result['best_acc1'] == full_run[1]['best_acc1']
+
+
+def test_resume_with_other_steps_per_epoch_continues_the_schedule_where_the_epochs_end(full_run, tmp_path):
+    """Epoch 1 of batch 64 (22 steps) resumed with batch 32 (44 steps an epoch): epoch 2 runs
+    steps 45..88 of the 88-step schedule, not 23..66."""
+    output, _ = full_run
+    shutil.copy(output / 'epoch_1.pdparams', tmp_path / 'last.pdparams')
+    with capture_stdout() as out:
+        main_single_gpu.main(train_args(tmp_path, *FULL_RECIPE, 'VALIDATE_FREQ', '0', batch=32,
+                                        extra=['-resume', 'auto']))
+    assert 'last.pdparams: 1 epochs took 22 optimizer steps, 44 per epoch now' in out.getvalue()
+    assert 'schedule continues at step 44 of 88' in out.getvalue()
+    resumed = paddle.load(str(tmp_path / 'last.pdparams'))
+    assert resumed['step'] == 88 and resumed['lr_scheduler']['last_epoch'] == 88
+    first = next(r for r in read_metrics(tmp_path) if r['kind'] == 'train' and r['epoch'] == 2)
+    half_way = (1e-3 + get_config().TRAIN.END_LR) / 2  # the cosine's middle, where epoch 2 starts
+    assert first['lr'] < half_way
 
 
 def test_checkpoint_and_metrics_contents(full_run):
