@@ -758,10 +758,26 @@ class Trainer:
         return result
 
 
+RUN_ONLY_KEYS = {'MODEL.PRETRAINED': '', 'MODEL.RESUME': '', 'EVAL': False, 'EMA_EVAL': False}
+
+
+def reusable_config(config):
+    """``config`` without what only its own run does (the weights it started from or continued,
+    evaluation switches), as ``-cfg`` for evaluating, exporting or fine-tuning what it trained;
+    the checkpoints keep the config whole."""
+    config = config.clone()
+    config.defrost()
+    for key, value in RUN_ONLY_KEYS.items():
+        node, _, name = key.rpartition('.')
+        setattr(config.get(node) if node else config, name, value)
+    config.freeze()
+    return config
+
+
 def run_training(config, device, use_amp, logger):
     trainer = Trainer(config, device, use_amp, logger)
     if get_rank() == 0:
-        write_config(config, os.path.join(config.SAVE, 'config.yaml'))
+        write_config(reusable_config(config), os.path.join(config.SAVE, 'config.yaml'))
     return trainer.fit()
 
 

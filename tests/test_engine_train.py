@@ -101,6 +101,14 @@ def test_resume_continues_exactly(full_run, tmp_path):
     logs = [[{k: r.get(k) for k in same} for r in read_metrics(out)] for out in (output, tmp_path)]
     assert logs[0] == logs[1] and len(logs[0]) == 8
     assert result['last_acc1'] == full_run[1]['last_acc1'] and result['best_acc1'] == full_run[1]['best_acc1']
+    # the run's config.yaml, unlike its checkpoints, does not name the weights it started from or
+    # continued: as -cfg it evaluates the weights given, not those
+    assert "RESUME: auto" in resumed['config'] and 'PRETRAINED: ' + str(output) in resumed['config']
+    written = get_config(str(tmp_path / 'config.yaml'))
+    assert (written.MODEL.PRETRAINED, written.MODEL.RESUME) == ('', '')
+    evaluated = main_single_gpu.main(['-cfg', str(tmp_path / 'config.yaml'), '-eval', '-pretrained',
+                                      str(tmp_path / 'last.pdparams'), '-output', str(tmp_path / 'eval')])
+    assert evaluated['acc1'] == pytest.approx(result['last_acc1'], abs=1e-4)  # the result is rounded
 
 
 def test_resume_with_other_steps_per_epoch_continues_the_schedule_where_the_epochs_end(full_run, tmp_path):
