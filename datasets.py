@@ -18,9 +18,9 @@ label int64. In 'train' mode the augmentation of item ``index`` draws all its ra
 ``np.random.default_rng([SEED, epoch, index])``, so the data stream depends only on the seed,
 the epoch and the sampler, whatever the number of loader workers.
 
-Problems with the data raise ``DataError`` naming the file (and list-file line): unreadable
-images when they are loaded; everything else (missing files or folders, malformed list lines,
-labels outside [0, MODEL.NUM_CLASSES), empty datasets) when the dataset is built.
+Problems with the data raise ``DataError`` naming the file (and list-file line): undecodable
+images when they are loaded; everything else (missing images, files or folders, malformed list
+lines, labels outside [0, MODEL.NUM_CLASSES), empty datasets) when the dataset is built.
 """
 import codecs
 import io
@@ -152,6 +152,11 @@ def _read_list_file(root, list_file, num_classes):
             line_numbers.append(lineno)
     if not paths:
         raise DataError(f'{list_file}: no images listed')
+    missing = [(path, lineno) for path, lineno in zip(paths, line_numbers) if not os.path.isfile(path)]
+    if missing:
+        shown = ', '.join(f'{path} (line {lineno})' for path, lineno in missing[:5])
+        raise DataError(f'{list_file}: {len(missing)} of {len(paths)} listed images not found: {shown}'
+                        + (', ...' if len(missing) > 5 else ''))
     return paths, labels, np.asarray(line_numbers, dtype=np.int64)
 
 
