@@ -215,6 +215,17 @@ def _below_one(v):
     return 0 <= v < 1
 
 
+def _numbers(v, count, test):
+    """``v`` is a list of ``count`` numbers (bools excluded) that each pass ``test``."""
+    return (len(v) == count and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            and all(test(x) for x in v))
+
+
+def _interval(v, high=None):
+    """``v`` is [low, high'] with 0 < low <= high' (<= ``high`` when given)."""
+    return _numbers(v, 2, _positive) and v[0] <= v[1] and (high is None or v[1] <= high)
+
+
 # TRAIN.OPTIMIZER.NAME (lower case) -> the TRAIN.OPTIMIZER settings that only this optimizer reads
 OPTIMIZER_SETTINGS = {'adamw': ('EPS', 'BETAS'), 'sgd': ('MOMENTUM',)}
 
@@ -224,6 +235,8 @@ _VALUE_RULES = {
     'DATA.BATCH_SIZE_EVAL': (_positive, '> 0'),
     'DATA.IMAGE_SIZE': (_positive, '> 0'),
     'DATA.NUM_WORKERS': (_non_negative, '>= 0'),
+    'DATA.IMAGENET_MEAN': (lambda v: _numbers(v, 3, lambda x: True), '3 numbers (R, G, B)'),
+    'DATA.IMAGENET_STD': (lambda v: _numbers(v, 3, _positive), '3 numbers > 0 (R, G, B)'),
     'MODEL.NUM_CLASSES': (_non_negative, '>= 0'),
     'MODEL.PATCH_SIZE': (lambda v: v in (8, 16), '8 or 16'),
     'MODEL.EMBED_DIM': (_positive, '> 0'),
@@ -245,6 +258,9 @@ _VALUE_RULES = {
     'TRAIN.ACCUM_ITER': (_positive, '> 0'),
     'TRAIN.OPTIMIZER.NAME': (lambda v: v.lower() in OPTIMIZER_SETTINGS, "'AdamW' or 'SGD'"),
     'TRAIN.OPTIMIZER.MOMENTUM': (_below_one, 'in [0, 1)'),
+    'TRAIN.OPTIMIZER.BETAS': (lambda v: _numbers(v, 2, _below_one), '2 numbers in [0, 1) (beta1, beta2)'),
+    'TRAIN.RANDOM_RESIZED_CROP_SCALE': (_interval, '[min, max] with 0 < min <= max'),
+    'TRAIN.CUTMIX_MINMAX': (lambda v: not v or _interval(v, 1), '[] or [min, max] with 0 < min <= max <= 1'),
     'TRAIN.MODEL_EMA_DECAY': (_probability, 'in [0, 1]'),
     'TRAIN.SMOOTHING': (_below_one, 'in [0, 1)'),
     'TRAIN.HFLIP': (_probability, 'in [0, 1]'),

@@ -206,6 +206,13 @@ def test_wrong_type_in_opts_is_named():
     ('TRAIN:\n  MIXUP_PROB: 1.5\n', 'TRAIN.MIXUP_PROB must be in [0, 1], got 1.5'),
     ('TRAIN:\n  DISTILLATION_TYPE: hardest\n', "TRAIN.DISTILLATION_TYPE must be 'none', 'soft' or 'hard'"),
     ('TRAIN:\n  OPTIMIZER:\n    NAME: LAMB\n', "TRAIN.OPTIMIZER.NAME must be 'AdamW' or 'SGD', got 'LAMB'"),
+    ('TRAIN:\n  OPTIMIZER:\n    BETAS: [0.9]\n', 'TRAIN.OPTIMIZER.BETAS must be 2 numbers in [0, 1) (beta1, beta2)'),
+    ('TRAIN:\n  OPTIMIZER:\n    BETAS: [0.9, 1.0]\n', 'TRAIN.OPTIMIZER.BETAS must be 2 numbers in [0, 1)'),
+    ('DATA:\n  IMAGENET_MEAN: [0.5, 0.5]\n', 'DATA.IMAGENET_MEAN must be 3 numbers (R, G, B), got [0.5, 0.5]'),
+    ('DATA:\n  IMAGENET_STD: [0.2, 0.0, 0.2]\n', 'DATA.IMAGENET_STD must be 3 numbers > 0 (R, G, B)'),
+    ('TRAIN:\n  RANDOM_RESIZED_CROP_SCALE: [1.0, 0.5]\n',
+     'TRAIN.RANDOM_RESIZED_CROP_SCALE must be [min, max] with 0 < min <= max'),
+    ('TRAIN:\n  CUTMIX_MINMAX: [0.2]\n', 'TRAIN.CUTMIX_MINMAX must be [] or [min, max] with 0 < min <= max <= 1'),
 ])
 def test_value_out_of_range_in_file_names_key_and_file(tmp_path, text, message):
     path = write(tmp_path / 'bad.yaml', text)
