@@ -498,7 +498,10 @@ class Trainer:
             if not (config.MODEL.PRETRAINED or resume):
                 logger.warning('TRAIN.FREEZE_BACKBONE without -pretrained: the head learns on the features of '
                                'a randomly initialised model')
-        if device.startswith('gpu') and self.world_size > 1:
+        if train.SYNC_BN:
+            if not device.startswith('gpu'):
+                raise ConfigError("TRAIN.SYNC_BN: Paddle's SyncBatchNorm runs on GPUs only; on the CPU each process "
+                                  "normalises by its own batch and the running statistics are averaged every epoch")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         paddle.seed(config.SEED + self.rank)
         np.random.seed(config.SEED + self.rank)

@@ -319,6 +319,11 @@ def test_weight_options_that_would_have_no_effect_are_errors(tmp_path, flags, me
         main_single_gpu.main(train_args(tmp_path, extra=flags))
 
 
+def test_sync_bn_on_the_cpu_is_an_error_not_ignored(tmp_path):
+    with pytest.raises(ConfigError, match="TRAIN.SYNC_BN: Paddle's SyncBatchNorm runs on GPUs only"):
+        main_single_gpu.main(train_args(tmp_path, 'TRAIN.SYNC_BN', 'True'))
+
+
 def test_distillation_from_a_frozen_xcit_teacher(plain_run, tmp_path):
     """Hard distillation with alpha 1 trains on the teacher's answers only: a teacher whose head
     is rolled by one class (it answers c + 1 for c) pulls a student that starts as the unrolled
