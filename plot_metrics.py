@@ -40,7 +40,7 @@ def read_metrics(path):
     if not os.path.isfile(path):
         raise MetricsError(f'{path}: no such file')
     records = []
-    with open(path, encoding='utf-8') as f:
+    with open(path, encoding='utf-8', errors='replace') as f:  # bytes that are not UTF-8: invalid JSON below
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -213,10 +213,11 @@ def main(argv=None):
     out_path = args.output or os.path.join(os.path.dirname(os.path.abspath(args.metrics)), 'curves.png')
     try:
         records = read_metrics(args.metrics)
-    except MetricsError as e:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        plot_metrics(records, out_path)
+    except (MetricsError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
-    plot_metrics(records, out_path)
     print(f'{args.metrics}: {len(records)} records -> {out_path}')
     return 0
 

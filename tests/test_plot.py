@@ -83,6 +83,18 @@ def test_malformed_line_names_the_line(tmp_path, capsys, bad, message):
     assert not (tmp_path / 'x.png').exists()
 
 
+def test_binary_input_and_output_folders(tmp_path, capsys):
+    """A file that is not text is one error line; the output's folder is created."""
+    binary = tmp_path / 'curves.png'
+    binary.write_bytes(b'\x89PNG\r\n\x1a\n\x00\xff\xfe')
+    assert main([str(binary), '-o', str(tmp_path / 'x.png')]) == 1
+    assert 'curves.png:1: not valid JSON' in capsys.readouterr().err
+    metrics = tmp_path / 'metrics.jsonl'
+    write_run(metrics, epochs=1, steps_per_epoch=1)
+    assert main([str(metrics), '-o', str(tmp_path / 'new' / 'curves.png')]) == 0
+    assert (tmp_path / 'new' / 'curves.png').is_file()
+
+
 def test_other_kinds_are_ignored_and_empty_files_rejected(tmp_path):
     metrics = tmp_path / 'metrics.jsonl'
     metrics.write_text(json.dumps({'kind': 'note', 'epoch': 0, 'step': 0, 'text': 'hello'}) + '\n')
