@@ -526,10 +526,11 @@ class Trainer:
         self.scaler = paddle.amp.GradScaler(init_loss_scaling=2.0 ** 16) if use_amp else None
         self.epoch, self.step = 0, 0  # completed epochs, optimizer steps
         self.best_acc, self.best_epoch = None, None
+        self.unvalidated = False  # the last epoch's validation is due but has not run yet
         self.metrics = MetricsLog(config.SAVE, enabled=self.rank == 0)
         if resume:
             self.resume(resume)
-            self.metrics.keep_epochs_up_to(self.epoch)
+            self.metrics.keep_epochs_up_to(self.epoch, validated=not self.unvalidated)
             if config.MODEL.PRETRAINED:
                 logger.info(f'-pretrained {config.MODEL.PRETRAINED} not loaded: the run continues from {resume}')
         else:
@@ -556,7 +557,7 @@ class Trainer:
                  'optimizer': rename_prefixes(self.optimizer.state_dict(), names),
                  'lr_scheduler': self.lr_scheduler.state_dict(),
                  'epoch': self.epoch, 'step': self.step,
-                 'best_acc': self.best_acc, 'best_epoch': self.best_epoch,
+                 'best_acc': self.best_acc, 'best_epoch': self.best_epoch, 'unvalidated': self.unvalidated,
                  'config': self.config.dump()}
         if self.model_ema:
             state['model_ema'] = self.model_ema.state_dict()
@@ -592,7 +593,9 @@ class Trainer:
             self.scaler.load_state_dict(checkpoint['scaler'])
         self.epoch = int(checkpoint['epoch'])
         self.best_acc, self.best_epoch = checkpoint.get('best_acc'), checkpoint.get('best_epoch')
-        self.logger.info(f'resumed from {path}: {self.epoch} epochs, {int(checkpoint["step"])} steps done')
+        self.unvalidated = bool(checkpoint.get('unvalidated', False))
+        self.logger.info(f'resumed from {path}: {self.epoch} epochs, {int(checkpoint["step"])} steps done'
+                         + (f', epoch {self.epoch} not validated yet' if self.unvalidated else ''))
         self.continue_schedule_after(self.epoch, int(checkpoint['step']), path)
 
     def continue_schedule_after(self, epochs, steps, path):
@@ -704,6 +707,18 @@ class Trainer:
             results[name] = stats
         return results
 
+    def validate_and_save(self):
+        """Validates the last completed epoch, saves ``best.pdparams`` when the model's Acc@1 is
+        the best so far and ``last.pdparams`` again, now with the validation done; returns
+        ``validate``'s result."""
+        last = self.validate(self.epoch - 1)
+        self.unvalidated = False
+        if self.best_acc is None or last['model']['acc1'] > self.best_acc:
+            self.best_acc, self.best_epoch = last['model']['acc1'], self.epoch
+            self.save('best.pdparams')
+        self.save('last.pdparams')
+        return last
+
     def replica_difference(self):
         """Max abs difference between the ranks' weights (0.0 with one process)."""
         worst = 0.0
@@ -724,7 +739,7 @@ class Trainer:
         logger.info(f'training epochs {self.epoch + 1}..{num_epochs}: {self.steps_per_epoch} optimizer steps '
                     f'of {config.DATA.BATCH_SIZE} x {self.world_size} process(es) x {config.TRAIN.ACCUM_ITER} '
                     f'accumulation images each, peak lr {self.lr_scheduler.peak_lr:.3e}')
-        last = {}
+        last = self.validate_and_save() if self.unvalidated else {}
         for epoch in range(self.epoch, num_epochs):
             stats = self.train_one_epoch(epoch)
             average_batchnorm_statistics(self.model)
@@ -735,12 +750,10 @@ class Trainer:
             acc_text = f', acc@1 {stats["acc1"]:.2f}%' if stats['acc1'] is not None else ''
             logger.info(f'epoch {epoch + 1} done in {format_seconds(stats["seconds"])}: '
                         f'train loss {stats["loss"]:.4f}{acc_text}')
-            if (validate_freq > 0 and self.epoch % validate_freq == 0) or self.epoch == num_epochs:
-                last = self.validate(epoch)
-                if self.best_acc is None or last['model']['acc1'] > self.best_acc:
-                    self.best_acc, self.best_epoch = last['model']['acc1'], self.epoch
-                    self.save('best.pdparams')
-            self.save('last.pdparams')
+            self.unvalidated = (validate_freq > 0 and self.epoch % validate_freq == 0) or self.epoch == num_epochs
+            self.save('last.pdparams')  # the epoch's training is kept whatever happens while validating
+            if self.unvalidated:
+                last = self.validate_and_save()
             if save_freq > 0 and self.epoch % save_freq == 0:
                 self.save(f'epoch_{self.epoch}.pdparams')
         result = {'best_acc1': self.best_acc, 'best_epoch': self.best_epoch, 'epochs': self.epoch,

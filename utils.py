@@ -158,16 +158,17 @@ class MetricsLog:
         with open(self.path, 'a', encoding='utf-8') as f:
             f.write(json.dumps(record) + '\n')
 
-    def keep_epochs_up_to(self, epoch):
-        """Drops the records of epochs after ``epoch`` (1-based), and any line cut short, as a run
-        resumed from the end of that epoch logs them again."""
+    def keep_epochs_up_to(self, epoch, validated=True):
+        """Drops the records of epochs after ``epoch`` (1-based), those of its validation unless
+        ``validated``, and any line cut short, as a run resumed from there logs them again."""
         if not (self.enabled and os.path.isfile(self.path)):
             return
         kept = []
         with open(self.path, encoding='utf-8') as f:
             for line in f:
                 try:
-                    if json.loads(line)['epoch'] <= epoch:
+                    record = json.loads(line)
+                    if record['epoch'] < epoch or (record['epoch'] == epoch and (validated or record['kind'] != 'val')):
                         kept.append(line)
                 except (ValueError, KeyError, TypeError):
                     continue

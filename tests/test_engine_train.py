@@ -111,6 +111,34 @@ def test_resume_continues_exactly(full_run, tmp_path):
     assert evaluated['acc1'] == pytest.approx(result['last_acc1'], abs=1e-4)  # the result is rounded
 
 
+def test_a_failed_validation_keeps_the_epoch_and_is_run_again_on_resume(full_run, tmp_path, monkeypatch):
+    """Validation of epoch 1 fails (e.g. an unreadable image, or out of memory): last.pdparams
+    already holds epoch 1's training, and the resumed run validates epoch 1 before epoch 2,
+    ending where the uninterrupted run did."""
+    output, straight_result = full_run
+    validate = engine.Trainer.validate
+
+    def fail_once(self, epoch):
+        monkeypatch.setattr(engine.Trainer, 'validate', validate)
+        raise DataError('cannot read image val/broken.jpg')
+    monkeypatch.setattr(engine.Trainer, 'validate', fail_once)
+    args = train_args(tmp_path, *FULL_RECIPE, extra=['-resume', 'auto'])
+    with pytest.raises(DataError):
+        main_single_gpu.main(args)
+    kept = paddle.load(str(tmp_path / 'last.pdparams'))
+    assert kept['epoch'] == 1 and kept['unvalidated'] and kept['best_acc'] is None
+    with capture_stdout() as out:
+        result = main_single_gpu.main(args)
+    assert 'resumed from' in out.getvalue() and 'epoch 1 not validated yet' in out.getvalue()
+    straight, resumed = (paddle.load(str(folder / 'last.pdparams')) for folder in (output, tmp_path))
+    assert max_abs_diff(flat_state(straight['model']), flat_state(resumed['model'])) == 0.0
+    assert (resumed['best_epoch'], resumed['unvalidated']) == (straight['best_epoch'], False)
+    same = ('kind', 'model', 'epoch', 'step', 'lr', 'loss', 'acc1', 'acc5')
+    logs = [[{k: r.get(k) for k in same} for r in read_metrics(folder)] for folder in (output, tmp_path)]
+    assert logs[0] == logs[1]
+    assert result['best_acc1'] == straight_result['best_acc1']
+
+
 def test_resume_with_other_steps_per_epoch_continues_the_schedule_where_the_epochs_end(full_run, tmp_path):
     """Epoch 1 of batch 64 (22 steps) resumed with batch 32 (44 steps an epoch): epoch 2 runs
     steps 45..88 of the 88-step schedule, not 23..66."""
