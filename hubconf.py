@@ -16,15 +16,41 @@ shaped key raises ``CheckpointError`` with a table of them. Nothing is downloade
 import functools as _functools
 import glob as _glob
 import os as _os
-
-# imported now: paddle.hub puts the repository on sys.path only while it imports this file
-from config import get_config as _get_config
-from utils import load_every_weight as _load_every_weight
-from xcit import build_xcit as _build_xcit
+import sys as _sys
 
 dependencies = ['paddle', 'yaml', 'yacs', 'numpy']
 
-_CONFIGS = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), 'configs')
+_HERE = _os.path.dirname(_os.path.abspath(__file__))
+_CONFIGS = _os.path.join(_HERE, 'configs')
+_OWN_PACKAGES = ('config', 'utils', 'xcit', 'port_weights')  # what the entries import from here
+
+
+def _is_here(module):
+    path = getattr(module, '__file__', None)
+    return bool(path) and _os.path.abspath(path).startswith(_HERE + _os.sep)
+
+
+def _import_own_modules():
+    """(get_config, load_every_weight, build_xcit) of this repository, imported now, while
+    paddle.hub has put it on sys.path. A caller's own modules of the same names (e.g. a
+    ``utils``) are set aside meanwhile and put back afterwards, so that neither side gets the
+    other's."""
+    def top(name):
+        return name.partition('.')[0]
+    clashing = {top(n) for n, m in _sys.modules.items() if top(n) in _OWN_PACKAGES and not _is_here(m)}
+    theirs = {n: _sys.modules.pop(n) for n in list(_sys.modules) if top(n) in clashing}
+    try:
+        from config import get_config
+        from utils import load_every_weight
+        from xcit import build_xcit
+    finally:
+        for name in [n for n in _sys.modules if top(n) in clashing]:
+            del _sys.modules[name]
+        _sys.modules.update(theirs)
+    return get_config, load_every_weight, build_xcit
+
+
+_get_config, _load_every_weight, _build_xcit = _import_own_modules()
 
 
 def _description(cfg_path):

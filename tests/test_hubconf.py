@@ -1,6 +1,8 @@
 """``hubconf.py``: every config is a Paddle Hub entry point (``paddle.hub`` with source='local')."""
 import glob
 import os
+import subprocess
+import sys
 
 import numpy as np
 import paddle
@@ -35,3 +37,23 @@ def test_load_builds_the_config_and_loads_every_weight(tmp_path):
     assert backbone.num_classes == 0 and 'head.weight' not in backbone.state_dict()
     with pytest.raises(CheckpointError, match=r'does not fit the model of .*xcit_tiny_12_p16_224\.yaml'):
         paddle.hub.load(ROOT, 'xcit_tiny_12_p16_224', source='local', pretrained=weights)
+
+
+CALLER_WITH_ITS_OWN_UTILS = '''\
+import sys
+import paddle
+import utils  # the caller's own utils.py, beside this script
+model = paddle.hub.load(sys.argv[1], 'xcit_nano_12_p16_224', source='local')
+import utils as again
+print(type(model).__name__, utils.WHOSE, again is utils)
+'''
+
+
+def test_a_callers_modules_of_the_same_names_stay_apart(tmp_path):
+    """A caller with its own ``utils`` module loads a hub model, and still has its own after."""
+    (tmp_path / 'utils.py').write_text("WHOSE = 'the caller'\n")
+    (tmp_path / 'caller.py').write_text(CALLER_WITH_ITS_OWN_UTILS)
+    done = subprocess.run([sys.executable, 'caller.py', ROOT], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ['XCiT', 'the', 'caller', 'True']
