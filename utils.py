@@ -1,8 +1,11 @@
 """Helpers shared by the training/evaluation engine: logging, meters, distributed
 reductions and atomic checkpoint files."""
+import codecs
+import collections
 import json
 import logging
 import os
+import pickle
 import sys
 import time
 
@@ -232,17 +235,84 @@ def save_checkpoint(state, path):
             os.remove(tmp)
 
 
+class _PdparamsUnpickler(pickle.Unpickler):
+    """Unpickles what ``paddle.save`` writes (dicts, lists, tuples, numbers, strings, numpy
+    arrays and scalars) and nothing else: any other global is refused, so that a file cannot
+    run code, as ``pickle`` (and ``paddle.load``) would let it."""
+
+    _reconstruct = np.ndarray.__reduce__(np.empty(0))[0]  # numpy's array and scalar builders,
+    _scalar = np.float64(0).__reduce__()[0]  # pickled as numpy.core or numpy._core by numpy 1 or 2
+    ALLOWED = {('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype,
+               ('numpy.core.multiarray', '_reconstruct'): _reconstruct,
+               ('numpy._core.multiarray', '_reconstruct'): _reconstruct,
+               ('numpy.core.multiarray', 'scalar'): _scalar, ('numpy._core.multiarray', 'scalar'): _scalar,
+               ('builtins', 'tuple'): tuple, ('collections', 'OrderedDict'): collections.OrderedDict,
+               ('_codecs', 'encode'): codecs.encode}  # how pickle protocol 2 writes bytes
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused global '{module}.{name}': a .pdparams holds arrays, numbers "
+                                         f"and containers only")
+        return self.ALLOWED[(module, name)]
+
+
+def _tensors_of(obj):
+    """``obj`` as ``paddle.load`` returns it: every numpy array (or ``(name, array)`` pair, how
+    Paddle 2.1 saved tensors) a ``paddle.Tensor``. Shared objects are converted once; a
+    container that holds itself raises ``CheckpointError``."""
+    in_progress = object()
+
+    def is_pair(x):
+        return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], np.ndarray)
+
+    def walk(x, visit, converted):
+        if not isinstance(x, (dict, list, tuple, np.ndarray)):
+            return x
+        if id(x) in converted:
+            if converted[id(x)] is in_progress:
+                raise CheckpointError('a container holds itself')
+            return converted[id(x)]
+        converted[id(x)] = in_progress
+        if isinstance(x, dict):
+            result = type(x)((key, walk(value, visit, converted)) for key, value in x.items())
+        elif isinstance(x, (list, tuple)) and not is_pair(x):
+            result = type(x)(walk(item, visit, converted) for item in x)
+        else:
+            result = visit(x)
+        converted[id(x)] = result
+        return result
+    pairs = []
+    walk(obj, lambda x: pairs.append(x) if is_pair(x) else x, {})
+    if pairs:  # Paddle 2.1's files: the pairs are the tensors, other arrays stay arrays
+        return walk(obj, lambda x: paddle.to_tensor(x[1]) if is_pair(x) else x, {})
+    return walk(obj, lambda x: paddle.to_tensor(x) if isinstance(x, np.ndarray) else x, {})
+
+
+def _joined_big_arrays(state):
+    """``state`` with the arrays that ``paddle.save`` split into slices (pickle protocols 2 and 3
+    hold at most 4 GB per object) joined again."""
+    info = state.pop('UnpackBigParamInfor@@', None) or {}
+    for name, parts in info.items():
+        state[name] = np.concatenate([state.pop(part) for part in parts['slices']]).reshape(parts['OriginShape'])
+    return state
+
+
 def load_checkpoint(path):
-    """Loads a ``.pdparams`` file: a state dict, or a training checkpoint dict."""
+    """Loads a ``.pdparams`` file (a state dict, or a training checkpoint dict) as ``paddle.load``
+    does, but without running code: see ``_PdparamsUnpickler``."""
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint not found: {path}')
     try:
-        state = paddle.load(path)
-    except Exception as e:  # paddle raises various types for a foreign or truncated file
+        with open(path, 'rb') as f:
+            state = _PdparamsUnpickler(f, encoding='latin1').load()
+        if not isinstance(state, dict):
+            raise CheckpointError(f'{path}: expected a dict, got {type(state).__name__}')
+        state.pop('StructuredToParameterName@@', None)
+        return _tensors_of(_joined_big_arrays(state))
+    except CheckpointError as e:
+        raise CheckpointError(f'{path}: {e}' if not str(e).startswith(path) else str(e)) from e
+    except Exception as e:  # a foreign, truncated or hostile file: whatever unpickling raises, name the file
         raise CheckpointError(f'{path}: not a readable Paddle checkpoint ({type(e).__name__}: {e})') from e
-    if not isinstance(state, dict):
-        raise CheckpointError(f'{path}: expected a dict, got {type(state).__name__}')
-    return state
 
 
 def weights_of(checkpoint, path, use_ema=False):
