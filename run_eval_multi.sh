@@ -6,9 +6,9 @@
 #       PRETRAINED=output/demo/best.pdparams sh run_eval_multi.sh
 # Further arguments are passed on, e.g. `sh run_eval_multi.sh -ema` or `-opts KEY VALUE`.
 CONFIG=${CONFIG:-./configs/xcit_nano_12_p16_224.yaml}
-DATASET=${DATASET:-imagenet2012}
+DATASET=${DATASET:-}  # empty: the config's DATA.DATASET (imagenet2012 unless it says otherwise)
 DATA_PATH=${DATA_PATH:-/dataset/imagenet}
-BATCH_SIZE=${BATCH_SIZE:-128}  # per process
+BATCH_SIZE=${BATCH_SIZE:-}  # per process; empty: the config's
 PRETRAINED=${PRETRAINED:-./xcit_nano_12_p16_224.pdparams}
 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1,2,3}
 NGPUS=${NGPUS:--1}  # -1: every visible GPU (2 processes on CPU)
@@ -16,11 +16,11 @@ OUTPUT=${OUTPUT:-./output/eval}
 PYTHON=${PYTHON:-python}
 export CUDA_VISIBLE_DEVICES
 
+if [ -n "$DATASET" ]; then set -- -dataset="$DATASET" "$@"; fi
+if [ -n "$BATCH_SIZE" ]; then set -- -batch_size_eval="$BATCH_SIZE" "$@"; fi
 exec "$PYTHON" "$(dirname "$0")/main_multi_gpu.py" \
     -cfg="$CONFIG" \
-    -dataset="$DATASET" \
     -data_path="$DATA_PATH" \
-    -batch_size_eval="$BATCH_SIZE" \
     -pretrained="$PRETRAINED" \
     -ngpus="$NGPUS" \
     -output="$OUTPUT" \

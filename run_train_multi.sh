@@ -8,9 +8,9 @@
 # a checkpoint, or auto for OUTPUT's last.pdparams when there is one (relaunch-safe).
 # Further arguments are passed on, e.g. `sh run_train_multi.sh -amp -opts TRAIN.NUM_EPOCHS 300`.
 CONFIG=${CONFIG:-./configs/xcit_nano_12_p16_224.yaml}
-DATASET=${DATASET:-imagenet2012}
+DATASET=${DATASET:-}  # empty: the config's DATA.DATASET (imagenet2012 unless it says otherwise)
 DATA_PATH=${DATA_PATH:-/dataset/imagenet}
-BATCH_SIZE=${BATCH_SIZE:-128}  # per process; the learning rate scales with the global batch
+BATCH_SIZE=${BATCH_SIZE:-}  # per process; empty: the config's; the learning rate scales with the global batch
 PRETRAINED=${PRETRAINED:-}
 RESUME=${RESUME:-}
 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1,2,3}
@@ -21,11 +21,11 @@ export CUDA_VISIBLE_DEVICES
 
 if [ -n "$RESUME" ]; then set -- -resume="$RESUME" "$@"; fi
 if [ -n "$PRETRAINED" ]; then set -- -pretrained="$PRETRAINED" "$@"; fi
+if [ -n "$DATASET" ]; then set -- -dataset="$DATASET" "$@"; fi
+if [ -n "$BATCH_SIZE" ]; then set -- -batch_size="$BATCH_SIZE" "$@"; fi
 exec "$PYTHON" "$(dirname "$0")/main_multi_gpu.py" \
     -cfg="$CONFIG" \
-    -dataset="$DATASET" \
     -data_path="$DATA_PATH" \
-    -batch_size="$BATCH_SIZE" \
     -ngpus="$NGPUS" \
     -output="$OUTPUT" \
     "$@"

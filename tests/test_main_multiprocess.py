@@ -67,8 +67,10 @@ def test_eval_script_with_two_cpu_processes_matches_one_process(tiny, tmp_path):
     assert (two['acc1'], two['acc5']) == (one['acc1'], one['acc5'])
     assert two['loss'] == pytest.approx(one['loss'], abs=2e-6)
     assert json.loads((tmp_path / 'two' / 'eval_summary.json').read_text()) == two
-    done = run_script('run_eval_single.sh', dict(DATASET='digits', CONFIG=cfg, PRETRAINED=weights, BATCH_SIZE='64',
-                                                 OUTPUT=str(tmp_path / 'single')), cwd=tmp_path)
+    # without DATASET and BATCH_SIZE the script leaves the config's: digits, batches of 128
+    done = run_script('run_eval_single.sh', dict(CONFIG=cfg, PRETRAINED=weights, OUTPUT=str(tmp_path / 'single')),
+                      cwd=tmp_path)
+    assert 'batch 3/3' in done.stdout
     single = json.loads(done.stdout.strip().splitlines()[-1])
     assert single['processes'] == 1 and {k: single[k] for k in ('images', 'acc1', 'acc5', 'loss')} == \
         {k: one[k] for k in ('images', 'acc1', 'acc5', 'loss')}
