@@ -105,9 +105,12 @@ def build_arg_parser(multi_process=False):
 
 def parse_config(argv=None, multi_process=False):
     """Parses ``argv`` (default ``sys.argv[1:]``) into a frozen config."""
-    args = build_arg_parser(multi_process).parse_args(argv)
+    parser = build_arg_parser(multi_process)
+    args = parser.parse_args(argv)
     config = update_config(get_config(), args)
-    if args.eval and args.batch_size and not args.batch_size_eval:
+    if config.EVAL and args.batch_size and args.batch_size_eval:
+        parser.error('-batch_size and -batch_size_eval both set the evaluation batch with -eval: give one')
+    if config.EVAL and args.batch_size:
         config.defrost()
         config.DATA.BATCH_SIZE_EVAL = args.batch_size
         config.freeze()

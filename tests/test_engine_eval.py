@@ -138,12 +138,22 @@ def test_training_checkpoint_as_pretrained_and_its_ema(golden, tmp_path):
     negated = {k: -np.asarray(v) if k.startswith('head.') else v for k, v in plain.items()}
     checkpoint = tmp_path / 'train.pdparams'
     paddle.save({'model': negated, 'model_ema': plain, 'epoch': 3}, str(checkpoint))
-    args = eval_args(golden, tmp_path, '-batch_size', '40')
+    args = eval_args(golden, tmp_path)
     args[args.index('-pretrained') + 1] = str(checkpoint)
     ema = main_single_gpu.main(args + ['-ema'])
     assert ema['acc1'] == pytest.approx(golden['acc1']) and ema['ema'] is True
     model = main_single_gpu.main(args)
     assert model['acc1'] <= 25.0  # negated logits: only labels ranked last before can be top-1 now
+
+
+def test_batch_size_sets_the_evaluation_batch_however_eval_is_asked_for(capsys):
+    cfg = os.path.join(ROOT, 'configs', 'xcit_nano_12_p16_224.yaml')
+    for argv in (['-cfg', cfg, '-eval', '-batch_size', '50'], ['-cfg', cfg, '-batch_size', '50', '-opts', 'EVAL', 'True']):
+        assert engine.parse_config(argv).DATA.BATCH_SIZE_EVAL == 50
+    with pytest.raises(SystemExit) as exit_info:
+        engine.parse_config(['-cfg', cfg, '-eval', '-batch_size', '50', '-batch_size_eval', '60'])
+    assert exit_info.value.code == 2
+    assert '-batch_size and -batch_size_eval both set the evaluation batch' in capsys.readouterr().err
 
 
 def test_ema_of_a_plain_state_dict_is_an_error(golden, tmp_path):
