@@ -277,7 +277,7 @@ def parse_args(argv=None):
     parser.add_argument('--reps', type=int, default=5, help='timed batches per measurement')
     parser.add_argument('--scaling', action='store_true',
                         help='time and memory per image against tokens for one config, path and batch size')
-    parser.add_argument('--plot', default='scaling.png', help='PNG written by --scaling')
+    parser.add_argument('--plot', default=None, help='PNG written by --scaling (default: scaling.png)')
     parser.add_argument('--json', default=None, help='also write the measurements to this JSON file')
     parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -301,7 +301,10 @@ def parse_args(argv=None):
             check_onnx_packages('--paths onnx')
         except ExportError as e:
             parser.error(str(e))
+    if args.plot and not args.scaling:
+        parser.error('--plot names the figure of --scaling; the table has none')
     if args.scaling:
+        args.plot = args.plot or 'scaling.png'
         for name, values in (('-cfg', args.cfg), ('--paths', args.paths), ('--batch', args.batch)):
             if values is not None and len(values) > 1:
                 parser.error(f'--scaling takes one value of {name}, got {" ".join(map(str, values))}')

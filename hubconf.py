@@ -65,6 +65,8 @@ def _description(cfg_path):
 
 
 def _create_model(cfg_path, pretrained=None, use_ema=False):
+    if use_ema and not pretrained:
+        raise ValueError('use_ema selects the EMA weights of the pretrained checkpoint: give pretrained')
     model = _build_xcit(_get_config(cfg_path))
     if pretrained:
         _load_every_weight(model, pretrained, f'the model of {cfg_path}', use_ema)

@@ -40,7 +40,12 @@ IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'dat
 
 def read_class_names(path, num_classes):
     """Class names from ``path`` (one per line); when ``path`` is None, the bundled ImageNet-1k
-    names for a 1000-class model, else the class indices as text."""
+    names for a 1000-class model, else the class indices as text. None for a model without
+    head (``num_classes`` 0), which then must not be given names."""
+    if num_classes == 0:
+        if path is not None:
+            raise ConfigError(f'-class_names {path}: a model without classifier head has no classes to name')
+        return None
     if path is None and num_classes == 1000:
         path = IMAGENET_CLASSES
     if path is None:
@@ -231,7 +236,7 @@ def main(argv=None):
         if features_only and not (args.output or '').endswith('.npz'):
             raise ConfigError(f'{args.cfg}: a model without classifier head (MODEL.NUM_CLASSES 0) gives features, '
                               f'not classes: write them with -output FILE.npz')
-        names = None if features_only else read_class_names(args.class_names, config.MODEL.NUM_CLASSES)
+        names = read_class_names(args.class_names, config.MODEL.NUM_CLASSES)
         paths = image_paths(args.inputs)
         if args.output:  # before the model runs, not after
             os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

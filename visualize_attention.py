@@ -117,7 +117,7 @@ def main(argv=None):
     paddle.set_device('cpu')
     try:
         config, model = load_model(args.cfg, args.pretrained, args.image_size, args.ema)
-        names = read_class_names(args.class_names, config.MODEL.NUM_CLASSES) if config.MODEL.NUM_CLASSES else None
+        names = read_class_names(args.class_names, config.MODEL.NUM_CLASSES)
         paths = [path for path, _ in image_paths(args.inputs)]
     except (ConfigError, CheckpointError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)

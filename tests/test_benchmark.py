@@ -145,6 +145,12 @@ def test_a_failed_measurement_fails_the_table(cfg, monkeypatch, capsys):
     assert 'failed: exit 1: out of memory' in capsys.readouterr().out
 
 
+def test_plot_without_scaling_is_a_usage_error(cfg, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(['-cfg', cfg, '--plot', 'table.png'])
+    assert exit_info.value.code == 2 and '--plot names the figure of --scaling' in capsys.readouterr().err
+
+
 @pytest.mark.parametrize('flag', ['--batch', '--sizes', '--threads', '--reps'])
 def test_counts_must_be_positive(cfg, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -37,6 +37,8 @@ def test_load_builds_the_config_and_loads_every_weight(tmp_path):
     assert backbone.num_classes == 0 and 'head.weight' not in backbone.state_dict()
     with pytest.raises(CheckpointError, match=r'does not fit the model of .*xcit_tiny_12_p16_224\.yaml'):
         paddle.hub.load(ROOT, 'xcit_tiny_12_p16_224', source='local', pretrained=weights)
+    with pytest.raises(ValueError, match='use_ema selects the EMA weights of the pretrained checkpoint'):
+        paddle.hub.load(ROOT, 'xcit_tiny_12_p16_224', source='local', use_ema=True)
 
 
 CALLER_WITH_ITS_OWN_UTILS = '''\

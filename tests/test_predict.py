@@ -253,6 +253,10 @@ def test_a_backbone_without_head_writes_its_features(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(['-cfg', str(cfg), '-pretrained', weights, str(setup['images'] / 'a.jpg')])
     assert 'gives features, not classes: write them with -output FILE.npz' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(['-cfg', str(cfg), '-pretrained', weights, '-class_names', setup['names'], '-output', str(out),
+              str(setup['images'] / 'a.jpg')])
+    assert 'a model without classifier head has no classes to name' in capsys.readouterr().err
 
 
 def test_a_model_with_fewer_than_five_classes_ranks_them_all(setup, tmp_path):
