@@ -192,6 +192,8 @@ def merge_from_list(config, opts, source='-opts'):
     if len(opts) % 2:
         raise ConfigError(f'{source}: expected KEY VALUE pairs, got an odd number of items: {opts}')
     for key, text in zip(opts[0::2], opts[1::2]):
+        if key == 'BASE':
+            raise ConfigError(f'{source}: BASE is read from config files only (the files a file builds on)')
         node, parts = config, key.split('.')
         for i, part in enumerate(parts[:-1]):
             if part not in node or not isinstance(node[part], CN):

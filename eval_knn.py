@@ -73,7 +73,7 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k, te
 
 
 @paddle.no_grad()
-def extract_features(forward, loader, what, logger, several_batches, report_freq=50):
+def extract_features(forward, loader, what, logger, several_batches, report_freq):
     """(features float32 (N, D) with unit rows, labels int64 (N,)) of the images of ``loader`` and
     of the other processes' loaders, in order, in the first process (the others get no rows; a
     collective call with several processes).
@@ -145,8 +145,18 @@ def data_config(config, num_classes):
     return config
 
 
+# config keys this script does not read (and every TRAIN. one): its flags choose weights, output and processes
+UNREAD_KEYS = {'MODEL.PRETRAINED', 'MODEL.RESUME', 'SAVE', 'NGPUS', 'EMA_EVAL', 'EVAL', 'AMP', 'SEED',
+               'DATA.BATCH_SIZE', 'SAVE_FREQ', 'VALIDATE_FREQ'}
+
+
 def read_config(args):
-    """The config of the command line (ConfigError for a bad -cfg or -opts)."""
+    """The config of the command line (ConfigError for a bad -cfg or -opts, or an -opts key that
+    this script would not read)."""
+    for key in (args.opts or [])[0::2]:
+        if key in UNREAD_KEYS or key.startswith('TRAIN.'):
+            raise ConfigError(f'-opts {key}: eval_knn.py does not read it (weights: -pretrained and -ema, '
+                              f'output: -output, processes: -ngpus, batch: -batch_size)')
     return update_config(get_config(), argparse.Namespace(
         cfg=args.cfg, dataset=args.dataset, data_path=args.data_path, batch_size_eval=args.batch_size_eval,
         image_size=args.image_size, opts=args.opts))
@@ -181,7 +191,8 @@ def run(args):
     loaders = {split: build_dataloader(data, dataset, 'val', rank, world_size) for split, dataset in sets.items()}
     several_batches = forward.worth_trying_inference(len(loaders['train']))  # chosen on the first training batch
     (train_features, train_labels), (val_features, val_labels) = (
-        extract_features(forward, loaders[split], split, logger, several_batches) for split in ('train', 'val'))
+        extract_features(forward, loaders[split], split, logger, several_batches, config.REPORT_FREQ)
+        for split in ('train', 'val'))
     if rank > 0:
         return None
     num_classes = max(sets['train'].num_classes, int(train_labels.max()) + 1, int(val_labels.max()) + 1)

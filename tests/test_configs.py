@@ -222,6 +222,12 @@ def test_value_out_of_range_in_file_names_key_and_file(tmp_path, text, message):
         update_config(get_config(), argparse.Namespace(cfg=path, opts=None))
 
 
+def test_base_is_for_files_only():
+    args = argparse.Namespace(cfg=None, opts=['BASE', "['configs/xcit_small_12_p16_224.yaml']"])
+    with pytest.raises(ConfigError, match='-opts: BASE is read from config files only'):
+        update_config(get_config(), args)
+
+
 def test_value_out_of_range_from_the_command_line_is_blamed_on_it():
     args = argparse.Namespace(cfg=os.path.join(ROOT, 'configs', 'xcit_nano_12_p16_224.yaml'), image_size=0,
                               opts=['TRAIN.SMOOTHING', '0.1'])

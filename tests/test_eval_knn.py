@@ -137,6 +137,20 @@ def test_batch_size_and_opts_reach_the_run(backbone, capsys):
     for args, batches in ((['-batch_size', '700'], 3), (['-opts', 'DATA.BATCH_SIZE_EVAL', '1000'], 2)):
         eval_knn.main(['-cfg', cfg, '-pretrained', weights, '-k', '5', '-device', 'cpu', '-image_size', '24', *args])
         assert f'train features: batch {batches}/{batches}' in capsys.readouterr().out
+    eval_knn.main(['-cfg', cfg, '-pretrained', weights, '-k', '5', '-device', 'cpu', '-image_size', '24',
+                   '-batch_size', '700', '-opts', 'REPORT_FREQ', '1'])
+    assert 'train features: batch 1/3' in capsys.readouterr().out  # a progress line every batch
+
+
+@pytest.mark.parametrize('key, value', [('EMA_EVAL', 'True'), ('NGPUS', '2'), ('SAVE', 'out'),
+                                        ('MODEL.PRETRAINED', 'x.pdparams'), ('TRAIN.BASE_LR', '0.1'),
+                                        ('DATA.BATCH_SIZE', '8')])
+def test_opts_this_script_does_not_read_are_errors(backbone, capsys, key, value):
+    cfg, weights = backbone
+    with pytest.raises(SystemExit) as exit_info:
+        eval_knn.main(['-cfg', cfg, '-pretrained', weights, '-device', 'cpu', '-opts', key, value])
+    assert exit_info.value.code == 1
+    assert f'error: -opts {key}: eval_knn.py does not read it' in capsys.readouterr().err
 
 
 def test_list_file_labels_are_checked_against_num_classes(backbone, tmp_path, capsys):
