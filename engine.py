@@ -108,6 +108,8 @@ def parse_config(argv=None, multi_process=False):
     parser = build_arg_parser(multi_process)
     args = parser.parse_args(argv)
     config = update_config(get_config(), args)
+    if not multi_process and config.NGPUS not in (-1, 1):
+        raise ConfigError(f'NGPUS {config.NGPUS}: main_single_gpu.py runs one process; main_multi_gpu.py runs several')
     if config.EVAL and args.batch_size and args.batch_size_eval:
         parser.error('-batch_size and -batch_size_eval both set the evaluation batch with -eval: give one')
     if config.EVAL and args.batch_size:
@@ -777,13 +779,13 @@ class Trainer:
         return result
 
 
-RUN_ONLY_KEYS = {'MODEL.PRETRAINED': '', 'MODEL.RESUME': '', 'EVAL': False, 'EMA_EVAL': False}
+RUN_ONLY_KEYS = {'MODEL.PRETRAINED': '', 'MODEL.RESUME': '', 'EVAL': False, 'EMA_EVAL': False, 'NGPUS': -1}
 
 
 def reusable_config(config):
     """``config`` without what only its own run does (the weights it started from or continued,
-    evaluation switches), as ``-cfg`` for evaluating, exporting or fine-tuning what it trained;
-    the checkpoints keep the config whole."""
+    evaluation switches, its number of processes), as ``-cfg`` for evaluating, exporting or
+    fine-tuning what it trained; the checkpoints keep the config whole."""
     config = config.clone()
     config.defrost()
     for key, value in RUN_ONLY_KEYS.items():

@@ -161,3 +161,13 @@ def test_bad_command_line_is_one_error_line(tiny, tmp_path, args, message):
     assert done.stderr.strip().splitlines()[-1].startswith(message)
     assert 'Traceback' not in done.stderr
     assert 'starting 2 processes' not in done.stdout  # found out before any process starts
+
+
+def test_the_runs_config_serves_a_single_process_evaluation(two_processes, tmp_path):
+    """config.yaml of a 2-process run leaves out its process count (and its weights): it is the
+    -cfg of a one-process evaluation of what it trained."""
+    written = get_config(str(two_processes / 'config.yaml'))
+    assert (written.NGPUS, written.MODEL.PRETRAINED, written.EVAL) == (-1, '', False)
+    result = main_single_gpu.main(['-cfg', str(two_processes / 'config.yaml'), '-eval', '-pretrained',
+                                   str(two_processes / 'last.pdparams'), '-output', str(tmp_path)])
+    assert result['images'] == 359
