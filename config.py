@@ -231,6 +231,8 @@ def _interval(v, high=None):
 
 # TRAIN.OPTIMIZER.NAME (lower case) -> the TRAIN.OPTIMIZER settings that only this optimizer reads
 OPTIMIZER_SETTINGS = {'adamw': ('EPS', 'BETAS'), 'sgd': ('MOMENTUM',)}
+MIXUP_MODES = ('batch', 'pair', 'elem')  # TRAIN.MIXUP_MODE: one mixing factor per batch, pair or image
+ERASE_MODES = ('pixel', 'rand', 'const')  # TRAIN.RANDOM_ERASE_MODE: the erased box's fill
 
 # key -> (test, what the value must be): ranges that the types alone do not enforce
 _VALUE_RULES = {
@@ -272,6 +274,8 @@ _VALUE_RULES = {
     'TRAIN.CUTMIX_ALPHA': (_non_negative, '>= 0'),
     'TRAIN.MIXUP_PROB': (_probability, 'in [0, 1]'),
     'TRAIN.MIXUP_SWITCH_PROB': (_probability, 'in [0, 1]'),
+    'TRAIN.MIXUP_MODE': (lambda v: v in MIXUP_MODES, ' or '.join(map(repr, MIXUP_MODES))),
+    'TRAIN.RANDOM_ERASE_MODE': (lambda v: v in ERASE_MODES, ' or '.join(map(repr, ERASE_MODES))),
     'TRAIN.RANDOM_ERASE_PROB': (_probability, 'in [0, 1]'),
     'TRAIN.RANDOM_ERASE_COUNT': (_positive, '> 0'),
     'TRAIN.DISTILLATION_TYPE': (lambda v: v in ('none', 'soft', 'hard'), "'none', 'soft' or 'hard'"),
@@ -303,6 +307,32 @@ def check_values(config, source):
     if m.EMBED_DIM % stem_divisor:
         raise ConfigError(f'{source}: MODEL.EMBED_DIM ({m.EMBED_DIM}) must be a multiple of {stem_divisor} '
                           f'with MODEL.PATCH_SIZE {m.PATCH_SIZE}')
+
+
+# (what turns them off, test on TRAIN, the TRAIN settings that nothing reads then)
+_SWITCHED_SETTINGS = (
+    ("TRAIN.DISTILLATION_TYPE is 'none'", lambda t: t.DISTILLATION_TYPE == 'none',
+     ('TEACHER_MODEL', 'TEACHER_PRETRAINED', 'DISTILLATION_ALPHA', 'DISTILLATION_TAU')),
+    ("TRAIN.DISTILLATION_TYPE is 'hard'", lambda t: t.DISTILLATION_TYPE == 'hard', ('DISTILLATION_TAU',)),
+    ('TRAIN.RAND_AUGMENT is on', lambda t: t.RAND_AUGMENT, ('COLOR_JITTER',)),
+    ('TRAIN.RAND_AUGMENT is off', lambda t: not t.RAND_AUGMENT, ('RAND_AUGMENT_CONFIG',)),
+    ('TRAIN.RANDOM_ERASE_PROB is 0', lambda t: t.RANDOM_ERASE_PROB == 0, ('RANDOM_ERASE_MODE', 'RANDOM_ERASE_COUNT')),
+    ('TRAIN.MIXUP_PROB is 0', lambda t: t.MIXUP_PROB == 0,
+     ('MIXUP_ALPHA', 'CUTMIX_ALPHA', 'CUTMIX_MINMAX', 'MIXUP_SWITCH_PROB', 'MIXUP_MODE')),
+    ('TRAIN.CUTMIX_MINMAX is set', lambda t: bool(t.CUTMIX_MINMAX), ('CUTMIX_ALPHA',)),
+    ('TRAIN.MODEL_EMA is off', lambda t: not t.MODEL_EMA, ('MODEL_EMA_DECAY',)),
+    ('TRAIN.REPEATED_AUG is off', lambda t: not t.REPEATED_AUG, ('REPEATED_AUG_COUNT',)),
+    ('TRAIN.WARMUP_EPOCHS is 0', lambda t: t.WARMUP_EPOCHS == 0, ('WARMUP_START_LR',)),
+)
+
+
+def settings_without_effect(config):
+    """Messages naming the training settings that differ from their default but have no effect,
+    because what reads them is off (e.g. a teacher without distillation), for a run to report."""
+    train = config.TRAIN
+    return [f'TRAIN.{key} is {train[key]!r}, which has no effect: {switch}'
+            for switch, is_off, keys in _SWITCHED_SETTINGS if is_off(train)
+            for key in keys if train[key] != _C.TRAIN[key]]
 
 
 def _check_optimizer_settings(optimizer, source):

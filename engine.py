@@ -32,7 +32,7 @@ import paddle
 import paddle.nn as nn
 from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_gradients
 
-from config import ConfigError, get_config, update_config
+from config import ConfigError, get_config, settings_without_effect, update_config
 from datasets import DataError, build_dataloader, build_dataset, check_data_path
 from ema import ModelEma
 from losses import build_criterion
@@ -503,6 +503,8 @@ class Trainer:
             if not (config.MODEL.PRETRAINED or resume):
                 logger.warning('TRAIN.FREEZE_BACKBONE without -pretrained: the head learns on the features of '
                                'a randomly initialised model')
+        for message in settings_without_effect(config):
+            logger.warning(message)
         if train.SYNC_BN:
             if not device.startswith('gpu'):
                 raise ConfigError("TRAIN.SYNC_BN: Paddle's SyncBatchNorm runs on GPUs only; on the CPU each process "

@@ -12,9 +12,7 @@ Modes: 'batch' (one lam and box for the whole batch), 'pair' (per pair i, B - 1 
 import numpy as np
 import paddle
 
-from config import ConfigError
-
-MODES = ('batch', 'pair', 'elem')
+from config import MIXUP_MODES as MODES, ConfigError
 
 
 def smooth_one_hot(target, num_classes, smoothing):
@@ -140,10 +138,6 @@ def build_mixup(config):
     if not mixup_active(config):
         return None
     train = config.TRAIN
-    if train.MIXUP_MODE not in MODES:
-        raise ConfigError(f'TRAIN.MIXUP_MODE must be one of {MODES}, got {train.MIXUP_MODE!r}')
-    if train.CUTMIX_MINMAX and len(train.CUTMIX_MINMAX) != 2:
-        raise ConfigError(f'TRAIN.CUTMIX_MINMAX must be [] or [min, max], got {list(train.CUTMIX_MINMAX)}')
     if config.DATA.BATCH_SIZE % 2:
         raise ConfigError(f'Mixup/CutMix needs an even DATA.BATCH_SIZE, got {config.DATA.BATCH_SIZE}')
     return Mixup(train.MIXUP_ALPHA, train.CUTMIX_ALPHA, list(train.CUTMIX_MINMAX) or None, train.MIXUP_PROB,

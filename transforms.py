@@ -17,7 +17,7 @@ import re
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from config import ConfigError
+from config import ERASE_MODES, ConfigError
 
 INTERPOLATIONS = {
     'nearest': Image.Resampling.NEAREST,
@@ -407,7 +407,7 @@ class RandomErasing:
     ~ U(0.02, 1/3) / count and log aspect ~ U(log 0.3, log 1/0.3) (10 tries to fit, else skipped),
     filled per ``mode``: 'pixel' N(0, 1) per value, 'rand' N(0, 1) per channel, 'const' zeros.
     """
-    MODES = ('pixel', 'rand', 'const')
+    MODES = ERASE_MODES
 
     def __init__(self, prob, mode='pixel', max_count=1, min_area=0.02, max_area=1 / 3, min_aspect=0.3):
         if mode not in self.MODES:

@@ -9,7 +9,7 @@ import numpy as np
 import paddle
 import pytest
 
-from config import ConfigError, get_config, update_config
+from config import ConfigError, get_config, merge_from_list, settings_without_effect, update_config
 from conftest import GOLDEN, ROOT
 from xcit import build_xcit
 
@@ -213,6 +213,9 @@ def test_wrong_type_in_opts_is_named():
     ('TRAIN:\n  RANDOM_RESIZED_CROP_SCALE: [1.0, 0.5]\n',
      'TRAIN.RANDOM_RESIZED_CROP_SCALE must be [min, max] with 0 < min <= max'),
     ('TRAIN:\n  CUTMIX_MINMAX: [0.2]\n', 'TRAIN.CUTMIX_MINMAX must be [] or [min, max] with 0 < min <= max <= 1'),
+    ('TRAIN:\n  MIXUP_MODE: garbage\n', "TRAIN.MIXUP_MODE must be 'batch' or 'pair' or 'elem', got 'garbage'"),
+    ('TRAIN:\n  MIXUP_PROB: 0.0\n  RANDOM_ERASE_MODE: noise\n',
+     "TRAIN.RANDOM_ERASE_MODE must be 'pixel' or 'rand' or 'const', got 'noise'"),
 ])
 def test_value_out_of_range_in_file_names_key_and_file(tmp_path, text, message):
     path = write(tmp_path / 'bad.yaml', text)
@@ -236,3 +239,19 @@ def test_value_out_of_range_from_the_command_line_is_blamed_on_it():
     # a later override may fix what an earlier one set: only the final values are checked
     args = argparse.Namespace(cfg=None, opts=['MODEL.NUM_HEADS', '3', 'MODEL.EMBED_DIM', '192'])
     assert update_config(get_config(), args).MODEL.NUM_HEADS == 3
+
+
+def test_settings_without_effect_are_named():
+    """A teacher without distillation, colour jitter under RandAugment, an EMA decay without EMA:
+    each named with what turns it off; defaults and the shipped configs name nothing."""
+    config = get_config()
+    config.defrost()
+    merge_from_list(config, ['TRAIN.TEACHER_PRETRAINED', 'teacher.pdparams', 'TRAIN.COLOR_JITTER', '0.9',
+                             'TRAIN.MODEL_EMA', 'False', 'TRAIN.MODEL_EMA_DECAY', '0.5'])
+    assert settings_without_effect(config) == [
+        "TRAIN.TEACHER_PRETRAINED is 'teacher.pdparams', which has no effect: TRAIN.DISTILLATION_TYPE is 'none'",
+        'TRAIN.COLOR_JITTER is 0.9, which has no effect: TRAIN.RAND_AUGMENT is on',
+        'TRAIN.MODEL_EMA_DECAY is 0.5, which has no effect: TRAIN.MODEL_EMA is off']
+    assert settings_without_effect(get_config()) == []
+    for path in glob.glob(os.path.join(ROOT, 'configs', '**', '*.yaml'), recursive=True):
+        assert settings_without_effect(get_config(path)) == [], path
