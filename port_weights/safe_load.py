@@ -5,12 +5,14 @@ Supported formats, recognised by content rather than by file name:
 - PyTorch zip (``torch.save`` since 1.6): ``<archive>/data.pkl`` plus one raw file per
   storage under ``<archive>/data/<key>``, and ``<archive>/byteorder``;
 - PyTorch legacy (``_use_new_zipfile_serialization=False``): a sequence of pickles followed
-  by the raw storages, each prefixed by its element count as an int64;
+  by the raw storages, each prefixed by its element count as an int64, all little-endian;
 - safetensors: an 8-byte little-endian header length, a JSON header, then raw data.
 
 Pickles go through ``RestrictedUnpickler``, whose ``find_class`` hands out only the few
 globals a tensor checkpoint refers to, replaced by harmless local stand-ins; any other
 global (``os.system``, ``builtins.exec``, ...) stops the load with ``CheckpointError``.
+Nor can a small file claim much memory: a storage file must have the size its elements take,
+and ``materialize`` bounds what views of the storages may add.
 Tensors come back as numpy arrays in their stored dtype, except bfloat16, which numpy lacks
 and which is widened exactly to float32.
 """
@@ -18,6 +20,7 @@ import collections
 import functools
 import io
 import json
+import math
 import os
 import pickle
 import struct
@@ -43,6 +46,9 @@ SAFETENSORS_DTYPES = {
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 MAX_SAFETENSORS_HEADER = 100 * 2 ** 20  # bytes
+MAX_DEPTH = 100  # containers inside containers; a training checkpoint nests a few
+MAX_EXPANDED = 2 ** 20  # elements at most of a tensor larger than its storage (an expanded, stride-0 view)
+MAX_OVERLAP = 4  # a file's tensors together: at most this many times its storages' elements
 
 
 class CheckpointError(ValueError):
@@ -53,8 +59,9 @@ class CheckpointError(ValueError):
 # must not be able to alter a checked tensor record or the stand-ins shared between files.
 StorageType = collections.namedtuple('StorageType', 'name dtype')
 StorageType.__doc__ = """Stand-in for a ``torch.*Storage`` class named in a pickle."""
-StorageRef = collections.namedtuple('StorageRef', 'key dtype')
-StorageRef.__doc__ = """A storage the pickle refers to by persistent id; its data is read afterwards."""
+StorageRef = collections.namedtuple('StorageRef', 'key dtype numel')
+StorageRef.__doc__ = """A storage the pickle refers to by persistent id, of ``numel`` elements; its data
+is read afterwards."""
 TensorRecord = collections.namedtuple('TensorRecord', 'storage offset size stride')
 TensorRecord.__doc__ = """A tensor as the pickle describes it: a view of a storage, in elements."""
 
@@ -104,7 +111,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     ``ALLOWED_GLOBALS``, or nothing.
 
     Tensors come out as ``TensorRecord``; the storages they refer to are collected in
-    ``self.storages`` (key -> dtype) for the caller to read.
+    ``self.storages`` (key -> StorageRef) for the caller to read.
     """
 
     def __init__(self, file):
@@ -126,15 +133,15 @@ class RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid):
         """Resolves ``('storage', StorageType, key, location, numel[, view])`` to a StorageRef."""
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == 'storage'
-                and isinstance(pid[1], StorageType) and isinstance(pid[2], str)):
+                and isinstance(pid[1], StorageType) and isinstance(pid[2], str) and _is_index(pid[4])):
             raise CheckpointError(f'unsupported persistent id {pid!r}')
         if len(pid) == 6 and pid[5] is not None:
             raise CheckpointError('storage views of the pre-1.0 legacy format are not supported; '
                                   're-save the checkpoint with a recent torch.save')
-        key, dtype = pid[2], pid[1].dtype
-        if self.storages.setdefault(key, dtype) != dtype:
-            raise CheckpointError(f'storage {key} is used with two dtypes')
-        return StorageRef(key, dtype)
+        ref = StorageRef(pid[2], pid[1].dtype, pid[4])
+        if self.storages.setdefault(ref.key, ref) != ref:
+            raise CheckpointError(f'storage {ref.key} is used with two dtypes or sizes')
+        return ref
 
 
 def itemsize(dtype):
@@ -167,19 +174,50 @@ def tensor_to_numpy(record, storages, where):
     return view.copy()
 
 
-def materialize(obj, storages, where=''):
+def materialize(obj, storages):
     """``obj`` with every TensorRecord in nested dicts, lists and tuples turned into an array.
 
-    ``storages`` maps storage keys to their elements (1-D arrays).
+    ``storages`` maps storage keys to their elements (1-D arrays). What the pickle shares (one
+    object referred to twice) is built once and shared in the result. Raises ``CheckpointError``
+    for containers nested deeper than ``MAX_DEPTH`` or holding themselves, for a tensor with
+    more elements than both its storage and ``MAX_EXPANDED``, and once the tensors together hold
+    more than ``MAX_OVERLAP`` times the elements of the storages plus ``MAX_EXPANDED``.
     """
-    if isinstance(obj, TensorRecord):
-        return tensor_to_numpy(obj, storages, where)
-    if isinstance(obj, dict):
-        return type(obj)((k, materialize(v, storages, f'{where}.{k}' if where else str(k)))
-                         for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(materialize(v, storages, f'{where}[{i}]') for i, v in enumerate(obj))
-    return obj
+    total = sum(elements.size for elements in storages.values())
+    budget = MAX_OVERLAP * total + MAX_EXPANDED
+    in_progress = object()
+    built = {}  # id of a record or container -> what it became
+
+    def build(x, where, depth):
+        nonlocal budget
+        if not isinstance(x, (TensorRecord, dict, list, tuple)):
+            return x
+        if id(x) in built:
+            if built[id(x)] is in_progress:
+                raise CheckpointError(f'{where}: a container holds itself')
+            return built[id(x)]
+        if depth > MAX_DEPTH:
+            raise CheckpointError(f'{where}: containers nested more than {MAX_DEPTH} deep')
+        built[id(x)] = in_progress
+        if isinstance(x, TensorRecord):
+            numel, available = math.prod(x.size), storages[x.storage.key].size
+            if numel > max(available, MAX_EXPANDED):
+                raise CheckpointError(f'{where}: tensor of size {list(x.size)} has more elements than its '
+                                      f'storage ({available}) and than an expanded view may ({MAX_EXPANDED})')
+            budget -= numel
+            if budget < 0:
+                raise CheckpointError(f'{where}: the tensors hold more than {MAX_OVERLAP} times the {total} '
+                                      f'elements of the storages plus {MAX_EXPANDED} (the same data viewed '
+                                      f'over and over)')
+            result = tensor_to_numpy(x, storages, where)
+        elif isinstance(x, dict):
+            result = type(x)((k, build(v, f'{where}.{k}' if where else str(k), depth + 1)) for k, v in x.items())
+        else:
+            result = type(x)(build(v, f'{where}[{i}]', depth + 1) for i, v in enumerate(x))
+        built[id(x)] = result
+        return result
+
+    return build(obj, '', 0)
 
 
 def _read_torch_zip(path):
@@ -191,15 +229,22 @@ def _read_torch_zip(path):
         prefix = pickles[0][:-len('data.pkl')]
         byteorder = 'little'
         if prefix + 'byteorder' in names:
-            byteorder = archive.read(prefix + 'byteorder').decode('ascii', 'replace').strip()
+            with archive.open(prefix + 'byteorder') as f:
+                byteorder = f.read(16).decode('ascii', 'replace').strip()
+        if byteorder not in ('little', 'big'):
+            raise CheckpointError(f'byteorder record {byteorder!r} is neither little nor big')
         unpickler = RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])))
         obj = unpickler.load()
         storages = {}
-        for key, dtype in unpickler.storages.items():
+        for key, ref in unpickler.storages.items():
             entry = f'{prefix}data/{key}'
             if entry not in names:
                 raise CheckpointError(f'storage file {entry} is missing from the archive')
-            storages[key] = decode_elements(archive.read(entry), dtype, byteorder)
+            size, stored = ref.numel * itemsize(ref.dtype), archive.getinfo(entry).file_size
+            if stored != size:  # checked before inflating anything
+                raise CheckpointError(f'storage file {entry} holds {stored} bytes, not the {size} of its '
+                                      f'{ref.numel} elements')
+            storages[key] = decode_elements(archive.read(entry), ref.dtype, byteorder)
     return materialize(obj, storages)
 
 
@@ -210,18 +255,21 @@ def _read_torch_legacy(path):
         if RestrictedUnpickler(f).load() != LEGACY_PROTOCOL:
             raise CheckpointError('unsupported legacy torch.save protocol; re-save the '
                                   'checkpoint with a recent torch.save (zip format)')
-        sys_info = RestrictedUnpickler(f).load()
-        byteorder = 'little' if sys_info.get('little_endian', True) else 'big'
+        # sys_info, whose little_endian describes the saving host: torch writes the storages
+        # little-endian on any host, and torch.load reads them so
+        RestrictedUnpickler(f).load()
         unpickler = RestrictedUnpickler(f)
         obj = unpickler.load()
         storages = {}
         for key in RestrictedUnpickler(f).load():
-            dtype = unpickler.storages[key]
-            numel, = struct.unpack('<q' if byteorder == 'little' else '>q', f.read(8))
-            raw = f.read(numel * itemsize(dtype))
-            if len(raw) != numel * itemsize(dtype):
+            ref = unpickler.storages[key]
+            numel, = struct.unpack('<q', f.read(8))
+            if numel != ref.numel:
+                raise CheckpointError(f'storage {key} has {numel} elements where the pickle says {ref.numel}')
+            size = numel * itemsize(ref.dtype)
+            if size > os.fstat(f.fileno()).st_size - f.tell():
                 raise CheckpointError('file ends inside a storage: truncated')
-            storages[key] = decode_elements(raw, dtype, byteorder)
+            storages[key] = decode_elements(f.read(size), ref.dtype)
     return materialize(obj, storages)
 
 
@@ -233,7 +281,7 @@ def _read_safetensors(path):
         raise CheckpointError('file ends inside the safetensors header: truncated')
     try:
         header = json.loads(data[8:8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f'corrupt safetensors header: {e}') from None
     body = memoryview(data)[8 + header_len:]
     arrays = {}
@@ -272,11 +320,15 @@ def read_checkpoint(path):
     torch files give what ``torch.load`` would (dicts, lists, numbers; ``argparse.Namespace``
     as ``types.SimpleNamespace``), safetensors files a flat dict name -> array.
     Raises ``CheckpointError`` naming ``path`` when the file is missing, corrupt, truncated,
-    of an unknown kind or asks the pickle for anything beyond tensors.
+    of an unknown kind, asks the pickle for anything beyond tensors, or would take far more
+    memory than its storages (see ``materialize``).
     """
     if not os.path.isfile(path):
         raise CheckpointError(f'{path}: no such file')
-    kind = _sniff(path)
+    try:
+        kind = _sniff(path)
+    except OSError as e:
+        raise CheckpointError(f'{path}: cannot read: {e.strerror or e}') from None
     readers = {'zip': _read_torch_zip, 'legacy': _read_torch_legacy, 'safetensors': _read_safetensors}
     if kind is None:
         raise CheckpointError(f'{path}: not a checkpoint (expected a torch.save .pth/.pt/.bin '
@@ -285,8 +337,13 @@ def read_checkpoint(path):
         return readers[kind](path)
     except CheckpointError as e:
         raise CheckpointError(f'{path}: {e}') from None
-    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        raise CheckpointError(f'{path}: corrupt or truncated {kind} file ({e})') from None
+    except MemoryError as e:
+        raise CheckpointError(f'{path}: not enough memory to read this {kind} file ({e})') from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError) as e:
+        # RuntimeError: encrypted zip entries; NotImplementedError (a RuntimeError): unknown zip
+        # compression methods, versions and flags
+        raise CheckpointError(f'{path}: corrupt, truncated or unsupported {kind} file '
+                              f'({type(e).__name__}: {e})') from None
     except (pickle.UnpicklingError, AttributeError, IndexError, KeyError, TypeError,
-            ValueError, struct.error) as e:
+            ValueError, OverflowError, struct.error) as e:
         raise CheckpointError(f'{path}: corrupt {kind} checkpoint ({type(e).__name__}: {e})') from None

@@ -3,11 +3,14 @@
 ``fixtures/torch_checkpoints/`` holds two tiny files written by torch (see the fixtures
 README); every other odd or hostile file is made here.
 """
+import collections
 import functools
+import io
 import json
 import os
 import pickle
 import re
+import struct
 import zipfile
 
 import numpy as np
@@ -17,8 +20,10 @@ import yaml
 
 from conftest import FIXTURES, GOLDEN, write_torch_zip
 from config import get_config
+from port_weights import safe_load
 from port_weights.convert import (CheckpointError, convert_state_dict, count_parameters, find_mismatches,
                                   from_timm_layout, load_checkpoint_arrays, main, model_shapes)
+from port_weights.safe_load import read_checkpoint
 
 TORCH_FILES = os.path.join(FIXTURES, 'torch_checkpoints')
 STORAGE_KINDS = [os.path.join(TORCH_FILES, 'storage_kinds.pth'),
@@ -289,3 +294,253 @@ def test_folder_mode_reports_each_file_and_fails_if_any_fails(tmp_path, capsys):
     assert '1 of 2 files converted' in captured.out
     assert f'error: {src / "bad.bin"}: not a checkpoint' in captured.err
     assert os.listdir(out) == ['good.pdparams']
+
+
+class TorchName:
+    """A torch global (``module.name``) that ``RecordPickler`` writes by name: torch is not needed."""
+
+    def __init__(self, module, name):
+        self.module, self.name = module, name
+
+    def __call__(self, *args):  # pickle's save_reduce wants a callable; never called here
+        raise NotImplementedError
+
+
+Storage = collections.namedtuple('Storage', 'key numel')  # a FloatStorage of ``numel`` elements
+
+
+class Tensor:
+    """A tensor as torch pickles it: ``size`` elements of ``storage`` from ``offset`` by ``stride``
+    (in elements), whatever those are; one object pickled twice is one object unpickled."""
+
+    def __init__(self, storage, offset, size, stride):
+        self.args = (storage, offset, tuple(size), tuple(stride), False, collections.OrderedDict())
+
+    def __reduce__(self):
+        return TorchName('torch._utils', '_rebuild_tensor_v2'), self.args
+
+
+class RecordPickler(pickle._Pickler):
+    """Pickles ``Tensor`` and ``Storage`` objects as torch.save does (protocol 2)."""
+
+    def __init__(self, file):
+        super().__init__(file, protocol=2)
+
+    def persistent_id(self, obj):
+        if isinstance(obj, Storage):
+            return 'storage', TorchName('torch', 'FloatStorage'), obj.key, 'cpu', obj.numel
+        return None
+
+    def save(self, obj, save_persistent_id=True):
+        if isinstance(obj, TorchName):
+            self.write(pickle.GLOBAL + f'{obj.module}\n{obj.name}\n'.encode('ascii'))
+        else:
+            super().save(obj, save_persistent_id)
+
+
+def record_pickle(obj):
+    buffer = io.BytesIO()
+    RecordPickler(buffer).dump(obj)
+    return buffer.getvalue()
+
+
+def float_storages(**values):
+    """``(key, bytes)`` storage files of float32 ``values`` per key, as ``write_torch_zip`` takes."""
+    return [(key, np.asarray(v, '<f4').tobytes()) for key, v in values.items()]
+
+
+def legacy_file(path, obj, storages, little_endian=True, numels=None):
+    """``obj`` in torch.save's legacy format with the ``(key, bytes)`` float32 ``storages``; each
+    storage's element count is written as ``numels[key]`` when given; returns the path."""
+    sys_info = {'protocol_version': 1001, 'little_endian': little_endian,
+                'type_sizes': {'short': 2, 'int': 4, 'long': 4}}
+    parts = [pickle.dumps(safe_load.LEGACY_MAGIC, protocol=2), pickle.dumps(1001, protocol=2),
+             pickle.dumps(sys_info, protocol=2), record_pickle(obj), pickle.dumps([k for k, _ in storages], protocol=2)]
+    for key, raw in storages:
+        parts += [struct.pack('<q', (numels or {}).get(key, len(raw) // 4)), raw]
+    path.write_bytes(b''.join(parts))
+    return str(path)
+
+
+def test_expanded_and_overlapping_views_are_read_exactly(tmp_path):
+    values = Storage('0', 12)
+    src = write_torch_zip(tmp_path / 'views.pth', record_pickle({'model': {
+        'rows': Tensor(values, 0, (4, 3), (3, 1)), 'columns': Tensor(values, 0, (3, 4), (1, 3)),
+        'expanded': Tensor(values, 9, (5, 3), (0, 1))}}), float_storages(**{'0': np.arange(12)}))
+    arrays = load_checkpoint_arrays(src)
+    np.testing.assert_array_equal(arrays['rows'], np.arange(12).reshape(4, 3))
+    np.testing.assert_array_equal(arrays['columns'], arrays['rows'].T)
+    np.testing.assert_array_equal(arrays['expanded'], np.broadcast_to([9, 10, 11], (5, 3)))
+
+
+@pytest.mark.parametrize('numel, model, message', [
+    (1, {'w': Tensor(Storage('0', 1), 0, (2 ** 11, 2 ** 10), (0, 0))},
+     r'model\.w: tensor of size \[2048, 1024\] has more elements than its storage \(1\) and than an '
+     r'expanded view may \(1048576\)'),
+    (1, {'w': Tensor(Storage('0', 1), 0, (10 ** 30,), (0,))}, r'model\.w: tensor of size \[10{30}\] has more'),
+    (1, {f'w{i}': Tensor(Storage('0', 1), 0, (2 ** 20,), (0,)) for i in range(2)},
+     r'model\.w1: the tensors hold more than 4 times the 1 elements of the storages plus 1048576'),
+    (2 ** 18, {f'w{i}': Tensor(Storage('0', 2 ** 18), 0, (2 ** 18,), (1,)) for i in range(9)},
+     r'model\.w8: the tensors hold more than 4 times the 262144 elements'),
+])
+def test_views_that_would_multiply_memory_are_refused(tmp_path, capsys, numel, model, message):
+    """A tensor larger than its storage (a stride-0 view) may have MAX_EXPANDED elements, and the
+    tensors of a file together MAX_OVERLAP times the elements of its storages plus MAX_EXPANDED:
+    past that, a small file would claim gigabytes."""
+    src = write_torch_zip(tmp_path / 'bomb.pth', record_pickle({'model': model}),
+                          float_storages(**{'0': np.zeros(numel)}))
+    assert main(['--src', src, '--dst', str(tmp_path / 'out.pdparams')]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: {src}: ') and len(err.strip().splitlines()) == 1
+    assert re.search(message, err)
+
+
+def test_shared_objects_are_built_once(tmp_path):
+    """One object the pickle refers to many times (a tensor, a list of lists of ... built from
+    two references at each level) is built once, not once per reference."""
+    tensor = Tensor(Storage('0', 1024), 0, (1024,), (1,))
+    laughs = [0]
+    for _ in range(20):
+        laughs = [laughs, laughs]
+    data_pkl = record_pickle({'model': {'w': tensor}, 'ema': [tensor] * 1000, 'laughs': laughs})
+    out = read_checkpoint(write_torch_zip(tmp_path / 'shared.pth', data_pkl, float_storages(**{'0': np.arange(1024)})))
+    np.testing.assert_array_equal(out['model']['w'], np.arange(1024))
+    assert all(w is out['model']['w'] for w in out['ema'])
+    assert out['laughs'][0] is out['laughs'][1]
+
+
+def nested_lists(depth):
+    """A pickle of ``depth`` lists, each in the one before, built without recursion."""
+    return b'\x80\x02' + b']' * depth + b'a' * (depth - 1) + b'.'
+
+
+def cyclic_list():
+    cycle = []
+    cycle.append(cycle)
+    return record_pickle({'model': {'w': Tensor(Storage('0', 2), 0, (2,), (1,))}, 'cycle': cycle})
+
+
+@pytest.mark.parametrize('data_pkl, message', [
+    (nested_lists(100000), r'\[0\]: containers nested more than 100 deep$'),
+    (cyclic_list(), r'cycle\[0\]: a container holds itself$'),
+])
+def test_deep_or_cyclic_containers_are_refused(tmp_path, capsys, data_pkl, message):
+    src = write_torch_zip(tmp_path / 'nested.pth', data_pkl, float_storages(**{'0': [1, 2]}))
+    assert main(['--src', src, '--dst', str(tmp_path / 'out.pdparams')]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f'error: {src}: ') and len(err.splitlines()) == 1
+    assert re.search(message, err)
+
+
+def test_storage_file_of_another_size_is_refused_before_it_is_inflated(tmp_path, monkeypatch):
+    """A deflated storage file that inflates far beyond the elements its records declare (a
+    decompression bomb) is refused by its declared size alone."""
+    src = tmp_path / 'bomb.pth'
+    with zipfile.ZipFile(src, 'w', compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr('archive/data.pkl', record_pickle({'model': {'w': Tensor(Storage('0', 1), 0, (1,), (1,))}}))
+        archive.writestr('archive/byteorder', 'little')
+        archive.writestr('archive/data/0', bytes(2 ** 24))
+    read, names = zipfile.ZipFile.read, []
+    monkeypatch.setattr(zipfile.ZipFile, 'read',
+                        lambda self, name, *args: names.append(name) or read(self, name, *args))
+    with pytest.raises(CheckpointError, match=rf'^{re.escape(str(src))}: storage file archive/data/0 holds 16777216 '
+                                              rf'bytes, not the 4 of its 1 elements$'):
+        read_checkpoint(str(src))
+    assert names == ['archive/data.pkl']
+
+
+def small_checkpoint(path, byteorder='little'):
+    """A zip checkpoint of one 2-element tensor whose byteorder record says ``byteorder``."""
+    with zipfile.ZipFile(path, 'w') as archive:
+        tensor = Tensor(Storage('0', 2), 0, (2,), (1,))
+        archive.writestr('archive/data.pkl', record_pickle({'model': {'head.bias': tensor}}))
+        archive.writestr('archive/byteorder', byteorder)
+        archive.writestr('archive/data/0', np.array([1, 2], '<f4').tobytes())
+    return str(path)
+
+
+def edit_zip(path, signature, offset, raw):
+    """Writes ``raw`` at ``offset`` of every zip header starting with ``signature`` in the file."""
+    data = bytearray(open(path, 'rb').read())
+    start = data.find(signature)
+    while start >= 0:
+        data[start + offset:start + offset + len(raw)] = raw
+        start = data.find(signature, start + 4)
+    open(path, 'wb').write(data)
+    return path
+
+
+def deep_json_safetensors(path):
+    header = b'{"a": ' + b'[' * 100000 + b']' * 100000 + b'}'
+    path.write_bytes(struct.pack('<Q', len(header)) + header)
+    return str(path)
+
+
+def zip_of(path, model):
+    """``{'model': model}`` in torch.save's zip layout, with storage '0' holding [1, 2]."""
+    return write_torch_zip(path, record_pickle({'model': model}), float_storages(**{'0': [1, 2]}))
+
+
+def legacy_of(path, numel, model):
+    """``model`` in the legacy layout, with storage '0' holding [1, 2] but said to hold ``numel``."""
+    return legacy_file(path, model, float_storages(**{'0': [1, 2]}), numels={'0': numel})
+
+
+CORRUPT_FILES = {
+    'encrypted entries': (lambda p: edit_zip(small_checkpoint(p), b'PK\x01\x02', 8, b'\x01\x00'),
+                          "unsupported zip file (RuntimeError: File 'archive/byteorder' is encrypted"),
+    'unknown compression': (lambda p: edit_zip(small_checkpoint(p), b'PK\x01\x02', 10, b'\x09\x00'),
+                            'unsupported zip file (NotImplementedError: That compression method is not supported)'),
+    'zip version': (lambda p: edit_zip(small_checkpoint(p), b'PK\x01\x02', 6, b'\x56\x00'),
+                    'unsupported zip file (NotImplementedError: zip file version 8.6)'),
+    'directory offset': (lambda p: edit_zip(small_checkpoint(p), b'PK\x05\x06', 16, b'\xff\xff\xff\x7f'),
+                         'unsupported zip file (OSError: '),
+    'byteorder': (lambda p: small_checkpoint(p, 'middle'), "byteorder record 'middle' is neither little nor big"),
+    'huge stride': (lambda p: zip_of(p, {'w': Tensor(Storage('0', 2), 0, (1,), (2 ** 70,))}),
+                    'corrupt zip checkpoint (OverflowError: '),
+    'legacy storage beyond the file': (
+        lambda p: legacy_of(p, 2 ** 40, {'w': Tensor(Storage('0', 2 ** 40), 0, (2,), (1,))}),
+        'file ends inside a storage: truncated'),
+    'legacy element count': (lambda p: legacy_of(p, 2 ** 60, {'w': Tensor(Storage('0', 2), 0, (2,), (1,))}),
+                             'storage 0 has 1152921504606846976 elements where the pickle says 2'),
+    'deep safetensors header': (deep_json_safetensors, 'corrupt safetensors header: maximum recursion depth'),
+}
+
+
+@pytest.mark.parametrize('kind', sorted(CORRUPT_FILES))
+def test_corrupt_files_are_one_line_errors(tmp_path, capsys, kind):
+    make, message = CORRUPT_FILES[kind]
+    src = make(tmp_path / 'corrupt.pth')
+    assert main(['--src', src, '--dst', str(tmp_path / 'out.pdparams')]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f'error: {src}: ') and len(err.splitlines()) == 1
+    assert message in err
+
+
+def test_running_out_of_memory_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    def allocate(*args):
+        raise MemoryError('Unable to allocate 64.0 GiB')
+    monkeypatch.setattr(safe_load, 'decode_elements', allocate)
+    src = small_checkpoint(tmp_path / 'big.pth')
+    assert main(['--src', src, '--dst', str(tmp_path / 'out.pdparams')]) == 1
+    assert capsys.readouterr().err.strip() == (f'error: {src}: not enough memory to read this zip file '
+                                               f'(Unable to allocate 64.0 GiB)')
+
+
+def test_legacy_storages_are_little_endian_whatever_the_header_says(tmp_path):
+    """torch writes a legacy file's storages little-endian on any host and ignores the header's
+    little_endian (the saving host's); a file saved on a big-endian host reads the same."""
+    raw = open(STORAGE_KINDS[1], 'rb').read()
+    flag = b'little_endianq\x02\x88'  # pickle's NEWTRUE
+    assert raw.count(flag) == 1
+    src = tmp_path / 'big_endian_host.pth'
+    src.write_bytes(raw.replace(flag, flag[:-1] + b'\x89'))  # NEWFALSE
+    expected = load_checkpoint_arrays(STORAGE_KINDS[1])
+    arrays = load_checkpoint_arrays(str(src))
+    assert list(arrays) == list(expected)
+    for name, value in expected.items():
+        assert arrays[name].dtype == value.dtype, name
+        np.testing.assert_array_equal(arrays[name], value, err_msg=name)
+    hand_made = legacy_file(tmp_path / 'hand_made.pth', {'w': Tensor(Storage('0', 3), 0, (3,), (1,))},
+                            float_storages(**{'0': [1.5, -2, 3]}), little_endian=False)
+    np.testing.assert_array_equal(read_checkpoint(hand_made)['w'], [1.5, -2, 3])
