@@ -80,6 +80,10 @@ def extract_state_dict(obj, path, key=None):
             break
     state_dict = {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
     ignored += [k for k in obj if k not in state_dict]
+    for name, value in state_dict.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f'{path}: key {name!r} of a tensor of shape {list(value.shape)} '
+                                  f'is not a string')
     if not state_dict:
         hint = ('; name the entry that holds the weights with --key'
                 if key is None and any(isinstance(v, dict) for v in obj.values()) else '')
@@ -100,24 +104,36 @@ def from_timm_layout(arrays):
 
     timm calls the positional encoder ``pos_embed`` and splits each class-attention ``qkv``
     Linear into ``q``, ``k``, ``v``; those are concatenated back in q, k, v order along the
-    output axis (axis 0 of torch's [out, in] weights).
+    output axis (axis 0 of torch's [out, in] weights). Raises ``CheckpointError`` when two keys
+    give the same official one (``pos_embed.x`` beside ``pos_embeder.x``, ``q`` beside ``qkv``)
+    or the parts do not make one ``qkv``.
     """
-    out, parts = {}, {}
+    out, parts, sources = {}, {}, {}
     for name, value in arrays.items():
         match = TIMM_SPLIT_QKV.match(name)
         if match:
             key = f'{match["prefix"]}.qkv.{match["leaf"]}'
+        elif name.startswith('pos_embed.'):
+            key = 'pos_embeder.' + name[len('pos_embed.'):]
+        else:
+            key = name
+        if key in sources and not (match and key in parts):
+            raise CheckpointError(f'{sources[key]} and {name} both become {key}')
+        sources.setdefault(key, name)
+        if match:
             parts.setdefault(key, {})[match['part']] = value
             out.setdefault(key, None)  # keep the position of the first part
-        elif name.startswith('pos_embed.'):
-            out['pos_embeder.' + name[len('pos_embed.'):]] = value
         else:
-            out[name] = value
+            out[key] = value
     for key, qkv in parts.items():
         missing = [p for p in 'qkv' if p not in qkv]
         if missing:
             raise CheckpointError(f'{key}: timm layout with {", ".join(sorted(qkv))} but no '
                                   f'{", ".join(missing)}')
+        shapes = [qkv[p].shape for p in 'qkv']
+        if any(len(shape) == 0 or shape[1:] != shapes[0][1:] for shape in shapes):
+            raise CheckpointError(f'{key}: timm parts q {list(shapes[0])}, k {list(shapes[1])}, '
+                                  f'v {list(shapes[2])} do not concatenate along their first axis')
         out[key] = np.concatenate([qkv['q'], qkv['k'], qkv['v']], axis=0)
     return out
 
@@ -190,12 +206,17 @@ def convert_state_dict(arrays, dtype='float32'):
     Linear weights [out, in] become [in, out], BatchNorm statistics are renamed, counters
     dropped, floating arrays cast to ``dtype``. Arrays are not copied when nothing changes
     (transposes are views), so shape-only stand-ins such as ``np.broadcast_to`` cost nothing.
+    Two keys that give one Paddle name (``x.running_mean`` beside ``x._mean``) raise
+    ``CheckpointError``, as ``from_timm_layout``'s problems do.
     """
-    converted = {}
+    converted, sources = {}, {}
     for name, value in from_timm_layout(strip_wrapper_prefix(arrays)).items():
         target = paddle_name(name)
         if target is None:
             continue
+        if target in sources:
+            raise CheckpointError(f'{sources[target]} and {name} both become {target}')
+        sources[target] = name
         if is_linear_weight(name, value.ndim):
             value = value.T
         if np.issubdtype(value.dtype, np.floating):
@@ -285,7 +306,10 @@ def convert_file(src, dst, cfg_path=None, dtype='float32', key=None, linear=None
     state_dict, outside_backbone = take_backbone(state_dict)
     if linear:
         state_dict = add_linear_head(state_dict, read_linear_head(linear), linear)
-    arrays = convert_state_dict(state_dict, dtype)
+    try:
+        arrays = convert_state_dict(state_dict, dtype)
+    except CheckpointError as e:
+        raise CheckpointError(f'{src}: {e}') from None
     if cfg_path:
         try:
             expected = model_shapes(get_config(cfg_path))

@@ -544,3 +544,40 @@ def test_legacy_storages_are_little_endian_whatever_the_header_says(tmp_path):
     hand_made = legacy_file(tmp_path / 'hand_made.pth', {'w': Tensor(Storage('0', 3), 0, (3,), (1,))},
                             float_storages(**{'0': [1.5, -2, 3]}), little_endian=False)
     np.testing.assert_array_equal(read_checkpoint(hand_made)['w'], [1.5, -2, 3])
+
+
+def test_non_string_key_of_a_tensor_is_refused(tmp_path, capsys):
+    src = zip_of(tmp_path / 'keys.pth', {('blocks', 0): Tensor(Storage('0', 2), 0, (2,), (1,))})
+    assert main(['--src', src, '--dst', str(tmp_path / 'out.pdparams')]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: {src}: key ('blocks', 0) of a tensor of shape [2] "
+                                               f"is not a string")
+
+
+@pytest.mark.parametrize('shapes', [[(4, 8), (4, 9), (4, 8)], [(), (), ()]])
+def test_timm_qkv_parts_that_do_not_concatenate(shapes):
+    arrays = {f'cls_attn_blocks.0.attn.{p}.weight': np.zeros(shape, np.float32) for p, shape in zip('qkv', shapes)}
+    listed = ', '.join(f'{p} {list(shape)}' for p, shape in zip('qkv', shapes))
+    with pytest.raises(CheckpointError, match=re.escape(f'cls_attn_blocks.0.attn.qkv.weight: timm parts {listed} '
+                                                        f'do not concatenate along their first axis')):
+        from_timm_layout(arrays)
+
+
+@pytest.mark.parametrize('names, message', [
+    (['pos_embed.token_projection.bias', 'pos_embeder.token_projection.bias'],
+     'pos_embed.token_projection.bias and pos_embeder.token_projection.bias both become '
+     'pos_embeder.token_projection.bias'),
+    (['patch_embed.proj.0.1.running_mean', 'patch_embed.proj.0.1._mean'],
+     'patch_embed.proj.0.1.running_mean and patch_embed.proj.0.1._mean both become patch_embed.proj.0.1._mean'),
+    ([f'cls_attn_blocks.0.attn.{p}.bias' for p in ('q', 'k', 'v', 'qkv')],
+     'cls_attn_blocks.0.attn.q.bias and cls_attn_blocks.0.attn.qkv.bias both become cls_attn_blocks.0.attn.qkv.bias'),
+    ([f'cls_attn_blocks.0.attn.{p}.bias' for p in ('qkv', 'q', 'k', 'v')],
+     'cls_attn_blocks.0.attn.qkv.bias and cls_attn_blocks.0.attn.q.bias both become cls_attn_blocks.0.attn.qkv.bias'),
+])
+def test_two_names_for_one_paddle_name_are_refused(tmp_path, capsys, names, message):
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        convert_state_dict({name: np.ones(2, np.float32) for name in names})
+    src = write_torch_zip(tmp_path / 'twice.pth', record_pickle(
+        {name: Tensor(Storage(str(i), 2), 0, (2,), (1,)) for i, name in enumerate(names)}),
+        float_storages(**{str(i): [1, 2] for i in range(len(names))}))
+    assert main(['--src', src, '--dst', str(tmp_path / 'out.pdparams')]) == 1
+    assert capsys.readouterr().err.strip() == f'error: {src}: {message}'
