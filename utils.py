@@ -14,7 +14,7 @@ import paddle
 import paddle.distributed as dist
 
 from port_weights.convert import check_fits, state_shapes
-from port_weights.safe_load import CheckpointError  # the project's one error type for bad checkpoints
+from port_weights.safe_load import CheckpointError, map_nested  # CheckpointError: the project's one error type for bad checkpoints
 
 
 # ---------------------------------------------------------------- distributed
@@ -258,34 +258,15 @@ class _PdparamsUnpickler(pickle.Unpickler):
 
 def _tensors_of(obj):
     """``obj`` as ``paddle.load`` returns it: every numpy array (or ``(name, array)`` pair, how
-    Paddle 2.1 saved tensors) a ``paddle.Tensor``. Shared objects are converted once; a
-    container that holds itself raises ``CheckpointError``."""
-    in_progress = object()
-
+    Paddle 2.1 saved tensors) a ``paddle.Tensor`` (``map_nested``: shared objects are converted
+    once; a container that holds itself raises ``CheckpointError``)."""
     def is_pair(x):
         return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], np.ndarray)
-
-    def walk(x, visit, converted):
-        if not isinstance(x, (dict, list, tuple, np.ndarray)):
-            return x
-        if id(x) in converted:
-            if converted[id(x)] is in_progress:
-                raise CheckpointError('a container holds itself')
-            return converted[id(x)]
-        converted[id(x)] = in_progress
-        if isinstance(x, dict):
-            result = type(x)((key, walk(value, visit, converted)) for key, value in x.items())
-        elif isinstance(x, (list, tuple)) and not is_pair(x):
-            result = type(x)(walk(item, visit, converted) for item in x)
-        else:
-            result = visit(x)
-        converted[id(x)] = result
-        return result
     pairs = []
-    walk(obj, lambda x: pairs.append(x) if is_pair(x) else x, {})
+    map_nested(obj, lambda x, where: pairs.append(x) if is_pair(x) else x, is_leaf=is_pair)
     if pairs:  # Paddle 2.1's files: the pairs are the tensors, other arrays stay arrays
-        return walk(obj, lambda x: paddle.to_tensor(x[1]) if is_pair(x) else x, {})
-    return walk(obj, lambda x: paddle.to_tensor(x) if isinstance(x, np.ndarray) else x, {})
+        return map_nested(obj, lambda x, where: paddle.to_tensor(x[1]) if is_pair(x) else x, is_leaf=is_pair)
+    return map_nested(obj, lambda x, where: paddle.to_tensor(x) if isinstance(x, np.ndarray) else x)
 
 
 def _joined_big_arrays(state):

@@ -174,24 +174,16 @@ def tensor_to_numpy(record, storages, where):
     return view.copy()
 
 
-def materialize(obj, storages):
-    """``obj`` with every TensorRecord in nested dicts, lists and tuples turned into an array.
-
-    ``storages`` maps storage keys to their elements (1-D arrays). What the pickle shares (one
-    object referred to twice) is built once and shared in the result. Raises ``CheckpointError``
-    for containers nested deeper than ``MAX_DEPTH`` or holding themselves, for a tensor with
-    more elements than both its storage and ``MAX_EXPANDED``, and once the tensors together hold
-    more than ``MAX_OVERLAP`` times the elements of the storages plus ``MAX_EXPANDED``.
-    """
-    total = sum(elements.size for elements in storages.values())
-    budget = MAX_OVERLAP * total + MAX_EXPANDED
+def map_nested(obj, convert, is_leaf=lambda x: False):
+    """``obj`` with every value inside its nested dicts, lists and tuples replaced by
+    ``convert(value, where)`` (``where``: its path, e.g. ``model.head.weight``, for errors);
+    ``is_leaf`` marks tuples to convert whole. What ``obj`` shares (one object referred to twice,
+    as a pickle may) is converted once and shared in the result. Raises ``CheckpointError`` for
+    containers nested deeper than ``MAX_DEPTH`` or holding themselves."""
     in_progress = object()
-    built = {}  # id of a record or container -> what it became
+    built = {}  # id of a container or converted value -> what it became
 
     def build(x, where, depth):
-        nonlocal budget
-        if not isinstance(x, (TensorRecord, dict, list, tuple)):
-            return x
         if id(x) in built:
             if built[id(x)] is in_progress:
                 raise CheckpointError(f'{where}: a container holds itself')
@@ -199,25 +191,45 @@ def materialize(obj, storages):
         if depth > MAX_DEPTH:
             raise CheckpointError(f'{where}: containers nested more than {MAX_DEPTH} deep')
         built[id(x)] = in_progress
-        if isinstance(x, TensorRecord):
-            numel, available = math.prod(x.size), storages[x.storage.key].size
-            if numel > max(available, MAX_EXPANDED):
-                raise CheckpointError(f'{where}: tensor of size {list(x.size)} has more elements than its '
-                                      f'storage ({available}) and than an expanded view may ({MAX_EXPANDED})')
-            budget -= numel
-            if budget < 0:
-                raise CheckpointError(f'{where}: the tensors hold more than {MAX_OVERLAP} times the {total} '
-                                      f'elements of the storages plus {MAX_EXPANDED} (the same data viewed '
-                                      f'over and over)')
-            result = tensor_to_numpy(x, storages, where)
-        elif isinstance(x, dict):
+        if isinstance(x, dict):
             result = type(x)((k, build(v, f'{where}.{k}' if where else str(k), depth + 1)) for k, v in x.items())
-        else:
+        elif type(x) in (list, tuple) and not is_leaf(x):
             result = type(x)(build(v, f'{where}[{i}]', depth + 1) for i, v in enumerate(x))
+        else:
+            result = convert(x, where)
         built[id(x)] = result
         return result
 
     return build(obj, '', 0)
+
+
+def materialize(obj, storages):
+    """``obj`` with every TensorRecord in nested dicts, lists and tuples turned into an array
+    (``map_nested``: shared records are built once).
+
+    ``storages`` maps storage keys to their elements (1-D arrays). Raises ``CheckpointError``
+    for a tensor with more elements than both its storage and ``MAX_EXPANDED``, and once the
+    tensors together hold more than ``MAX_OVERLAP`` times the elements of the storages plus
+    ``MAX_EXPANDED``.
+    """
+    total = sum(elements.size for elements in storages.values())
+    budget = MAX_OVERLAP * total + MAX_EXPANDED
+
+    def to_array(x, where):
+        nonlocal budget
+        if not isinstance(x, TensorRecord):
+            return x
+        numel, available = math.prod(x.size), storages[x.storage.key].size
+        if numel > max(available, MAX_EXPANDED):
+            raise CheckpointError(f'{where}: tensor of size {list(x.size)} has more elements than its '
+                                  f'storage ({available}) and than an expanded view may ({MAX_EXPANDED})')
+        budget -= numel
+        if budget < 0:
+            raise CheckpointError(f'{where}: the tensors hold more than {MAX_OVERLAP} times the {total} '
+                                  f'elements of the storages plus {MAX_EXPANDED} (the same data viewed '
+                                  f'over and over)')
+        return tensor_to_numpy(x, storages, where)
+    return map_nested(obj, to_array, is_leaf=lambda x: isinstance(x, TensorRecord))
 
 
 def _read_torch_zip(path):
