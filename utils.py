@@ -14,7 +14,8 @@ import paddle
 import paddle.distributed as dist
 
 from port_weights.convert import check_fits, state_shapes
-from port_weights.safe_load import CheckpointError, map_nested  # CheckpointError: the project's one error type for bad checkpoints
+# CheckpointError: the project's one error type for bad checkpoints
+from port_weights.safe_load import CheckpointError, map_nested
 
 
 # ---------------------------------------------------------------- distributed

@@ -148,7 +148,8 @@ def test_training_checkpoint_as_pretrained_and_its_ema(golden, tmp_path):
 
 def test_batch_size_sets_the_evaluation_batch_however_eval_is_asked_for(capsys):
     cfg = os.path.join(ROOT, 'configs', 'xcit_nano_12_p16_224.yaml')
-    for argv in (['-cfg', cfg, '-eval', '-batch_size', '50'], ['-cfg', cfg, '-batch_size', '50', '-opts', 'EVAL', 'True']):
+    for argv in (['-cfg', cfg, '-eval', '-batch_size', '50'],
+                 ['-cfg', cfg, '-batch_size', '50', '-opts', 'EVAL', 'True']):
         assert engine.parse_config(argv).DATA.BATCH_SIZE_EVAL == 50
     with pytest.raises(engine.ConfigError, match='NGPUS 4: main_single_gpu.py runs one process'):
         engine.parse_config(['-cfg', cfg, '-eval', '-opts', 'NGPUS', '4'])
