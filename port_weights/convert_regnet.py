@@ -40,7 +40,11 @@ def convert_regnet_file(src, dst, dtype='float32'):
     Raises ``CheckpointError`` (``dst`` untouched) when ``src`` cannot be read or does not fit
     ``regnety_160``; the error carries a table of the differing keys.
     """
-    arrays = convert_state_dict(load_checkpoint_arrays(src), dtype)
+    state_dict = load_checkpoint_arrays(src)
+    try:
+        arrays = convert_state_dict(state_dict, dtype)
+    except CheckpointError as e:
+        raise CheckpointError(f'{src}: {e}') from None
     if HEAD_WEIGHT not in arrays or arrays[HEAD_WEIGHT].ndim != 2:
         raise CheckpointError(f'{src}: no 2-D {HEAD_WEIGHT}: not a regnety_160 checkpoint')
     num_classes = arrays[HEAD_WEIGHT].shape[1]

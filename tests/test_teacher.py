@@ -133,6 +133,10 @@ def test_converter_rejects_other_checkpoints(tmp_path, capsys):
     write_safetensors(src, {'blocks.0.gamma1': [4]}, {})
     assert convert_main(['--src', str(src), '--dst', str(dst)]) == 1
     assert 'not a regnety_160 checkpoint' in capsys.readouterr().err
+
+    write_safetensors(src, {'stem.bn.running_mean': [32], 'stem.bn._mean': [32]}, {})  # one name twice
+    with pytest.raises(CheckpointError, match=rf'^{re.escape(str(src))}: .*both become stem.bn._mean'):
+        convert_regnet_file(str(src), str(dst))
     assert not dst.exists()
 
 
