@@ -349,8 +349,10 @@ def test_weight_options_that_would_have_no_effect_are_errors(tmp_path, flags, me
 
 def test_settings_without_effect_are_reported(tmp_path):
     with capture_stdout() as out:
-        main_single_gpu.main(train_args(tmp_path, *PLAIN_RECIPE, 'TRAIN.MODEL_EMA_DECAY', '0.5', epochs=1))
+        main_single_gpu.main(train_args(tmp_path, *PLAIN_RECIPE, 'TRAIN.MODEL_EMA_DECAY', '0.5', epochs=1,
+                                        extra=['-data_path', str(tmp_path / 'images')]))
     assert 'TRAIN.MODEL_EMA_DECAY is 0.5, which has no effect: TRAIN.MODEL_EMA is off' in out.getvalue()
+    assert f'-data_path {tmp_path / "images"} has no effect: the digits dataset is bundled' in out.getvalue()
 
 
 def test_sync_bn_on_the_cpu_is_an_error_not_ignored(tmp_path):
