@@ -288,11 +288,11 @@ def load_checkpoint(path):
         with open(path, 'rb') as f:
             state = _PdparamsUnpickler(f, encoding='latin1').load()
         if not isinstance(state, dict):
-            raise CheckpointError(f'{path}: expected a dict, got {type(state).__name__}')
+            raise CheckpointError(f'expected a dict, got {type(state).__name__}')
         state.pop('StructuredToParameterName@@', None)
         return _tensors_of(_joined_big_arrays(state))
     except CheckpointError as e:
-        raise CheckpointError(f'{path}: {e}' if not str(e).startswith(path) else str(e)) from e
+        raise CheckpointError(f'{path}: {e}') from e
     except Exception as e:  # a foreign, truncated or hostile file: whatever unpickling raises, name the file
         raise CheckpointError(f'{path}: not a readable Paddle checkpoint ({type(e).__name__}: {e})') from e
 
