@@ -33,9 +33,10 @@ def mixup_target(target, num_classes, lam, smoothing):
 def cutmix_box(height, width, lam, minmax, rng):
     """A CutMix box (top, bottom, left, right) and the fraction of the image it leaves uncovered.
 
-    Without ``minmax``: a box of int(side * sqrt(1 - lam)) per side centred uniformly in the image,
-    clipped to it. With ``minmax`` = [lo, hi]: sides ~ randint(int(side * lo), int(side * hi)),
-    placed wholly inside the image (``lam`` unused).
+    Without ``minmax`` (timm's ``rand_bbox``): with cut = int(side * sqrt(1 - lam)), the box spans
+    [c - cut // 2, c + cut // 2) around a centre c drawn uniformly from the pixels, clipped to the
+    image (so an odd cut loses a pixel, as in timm). With ``minmax`` = [lo, hi]: sides ~
+    randint(int(side * lo), int(side * hi)), placed wholly inside the image (``lam`` unused).
     """
     if minmax:
         cut_h = int(rng.integers(int(height * minmax[0]), int(height * minmax[1])))
@@ -47,8 +48,8 @@ def cutmix_box(height, width, lam, minmax, rng):
         ratio = np.sqrt(1.0 - lam)
         cut_h, cut_w = int(height * ratio), int(width * ratio)
         cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
-        top, bottom = np.clip([cy - cut_h // 2, cy + (cut_h + 1) // 2], 0, height)
-        left, right = np.clip([cx - cut_w // 2, cx + (cut_w + 1) // 2], 0, width)
+        top, bottom = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, height)
+        left, right = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, width)
     kept = 1.0 - (bottom - top) * (right - left) / (height * width)
     return (int(top), int(bottom), int(left), int(right)), float(kept)
 

@@ -4,7 +4,7 @@ import paddle
 import pytest
 
 from config import ConfigError, get_config, merge_from_list
-from mixup import Mixup, build_mixup, mixup_active, smooth_one_hot
+from mixup import Mixup, build_mixup, cutmix_box, mixup_active, smooth_one_hot
 
 C = 10
 LABELS = np.array([0, 1, 2, 3, 4, 5, 6, 7], np.int64)  # distinct, so lam can be read off the targets
@@ -77,6 +77,19 @@ def test_batch_cutmix_pastes_one_box_and_lam_is_its_uncovered_fraction(seed):
     top, bottom, left, right = box_of(changed)
     np.testing.assert_array_equal(mixed[:, :, top:bottom, left:right], x_np[::-1, :, top:bottom, left:right])
     np.testing.assert_allclose(lam, 1 - (bottom - top) * (right - left) / 16 ** 2, atol=1e-6)
+
+
+def test_cutmix_box_spans_half_the_cut_each_side_of_its_centre_as_timm():
+    """timm's rand_bbox: [c - cut // 2, c + cut // 2) per axis, so an odd cut of 5 pixels (lam = 1 - (5/16)^2,
+    exact in binary) gives a 4-pixel side wherever the box is not clipped by the border."""
+    unclipped = 0
+    for seed in range(40):
+        (top, bottom, left, right), kept = cutmix_box(16, 16, 1 - (5 / 16) ** 2, None, np.random.default_rng(seed))
+        cy, cx = (int(v) for v in np.random.default_rng(seed).integers(0, 16, 2))  # the centre cutmix_box drew
+        assert (top, bottom, left, right) == (max(cy - 2, 0), min(cy + 2, 16), max(cx - 2, 0), min(cx + 2, 16))
+        assert kept == 1 - (bottom - top) * (right - left) / 256
+        unclipped += (bottom - top, right - left) == (4, 4)
+    assert unclipped >= 10
 
 
 def test_cutmix_minmax_box_sides():
