@@ -35,14 +35,16 @@ def cutmix_box(height, width, lam, minmax, rng):
 
     Without ``minmax`` (timm's ``rand_bbox``): with cut = int(side * sqrt(1 - lam)), the box spans
     [c - cut // 2, c + cut // 2) around a centre c drawn uniformly from the pixels, clipped to the
-    image (so an odd cut loses a pixel, as in timm). With ``minmax`` = [lo, hi]: sides ~
-    randint(int(side * lo), int(side * hi)), placed wholly inside the image (``lam`` unused).
+    image (so an odd cut loses a pixel, as in timm). With ``minmax`` = [lo, hi] (timm's
+    ``rand_bbox_minmax``): sides ~ randint(int(side * lo), int(side * hi)), top-left corner ~
+    randint(0, side - cut), upper bounds excluded as in timm, so the box never touches the bottom or
+    right border (``lam`` unused).
     """
     if minmax:
         cut_h = int(rng.integers(int(height * minmax[0]), int(height * minmax[1])))
         cut_w = int(rng.integers(int(width * minmax[0]), int(width * minmax[1])))
-        top = int(rng.integers(0, height - cut_h + 1))
-        left = int(rng.integers(0, width - cut_w + 1))
+        top = int(rng.integers(0, height - cut_h))
+        left = int(rng.integers(0, width - cut_w))
         bottom, right = top + cut_h, left + cut_w
     else:
         ratio = np.sqrt(1.0 - lam)

@@ -103,6 +103,15 @@ def test_cutmix_minmax_box_sides():
                                    atol=1e-6)
 
 
+def test_cutmix_minmax_box_placement_is_timms():
+    """timm's rand_bbox_minmax draws the top-left corner from randint(0, side - cut), upper bound excluded:
+    the box starts at the top/left border at times but never reaches the bottom/right one."""
+    boxes = [cutmix_box(16, 16, None, [0.25, 0.75], np.random.default_rng(seed))[0] for seed in range(300)]
+    tops, bottoms, lefts, rights = np.array(boxes).T
+    assert bottoms.max() < 16 and rights.max() < 16
+    assert tops.min() == 0 and lefts.min() == 0
+
+
 @pytest.mark.parametrize('switch_prob,cutmix', [(0.0, False), (1.0, True)])
 def test_switch_prob_chooses_between_mixup_and_cutmix(switch_prob, cutmix):
     mixup = build_mixup(make_config(**{'TRAIN.MIXUP_SWITCH_PROB': switch_prob}))
