@@ -136,6 +136,16 @@ def mixup_active(config):
     return uses_mix and train.MIXUP_PROB > 0
 
 
+def _check_cutmix_minmax(minmax, size):
+    """Raises ``ConfigError`` unless [lo, hi] leaves a box side to draw on a ``size``-pixel image:
+    sides are drawn from int(size * lo) up to int(size * hi), excluded."""
+    low, high = int(size * minmax[0]), int(size * minmax[1])
+    if low >= high:
+        raise ConfigError(f'TRAIN.CUTMIX_MINMAX {list(minmax)} leaves no CutMix box side on DATA.IMAGE_SIZE {size}: '
+                          f'sides are drawn from int({size} * {minmax[0]}) = {low} up to int({size} * {minmax[1]}) '
+                          f'= {high}, excluded; widen the range')
+
+
 def build_mixup(config):
     """A ``Mixup`` from TRAIN.MIXUP_* / CUTMIX_* / SMOOTHING and MODEL.NUM_CLASSES, or None when off."""
     if not mixup_active(config):
@@ -143,5 +153,7 @@ def build_mixup(config):
     train = config.TRAIN
     if config.DATA.BATCH_SIZE % 2:
         raise ConfigError(f'Mixup/CutMix needs an even DATA.BATCH_SIZE, got {config.DATA.BATCH_SIZE}')
+    if train.CUTMIX_MINMAX:
+        _check_cutmix_minmax(train.CUTMIX_MINMAX, config.DATA.IMAGE_SIZE)
     return Mixup(train.MIXUP_ALPHA, train.CUTMIX_ALPHA, list(train.CUTMIX_MINMAX) or None, train.MIXUP_PROB,
                  train.MIXUP_SWITCH_PROB, train.MIXUP_MODE, train.SMOOTHING, config.MODEL.NUM_CLASSES)

@@ -168,6 +168,15 @@ def test_mixup_is_a_function_of_the_rng():
     assert not np.array_equal(first[1], other[1])
 
 
+@pytest.mark.parametrize('minmax,size', [([0.5, 0.5], 224), ([0.3, 0.301], 224), ([0.2, 0.24], 16)])
+def test_cutmix_minmax_without_a_box_side_is_a_config_error(minmax, size):
+    """Sides are drawn from int(size * lo) up to int(size * hi), excluded: an empty range is refused when the
+    mixup is built, naming the key, rather than failing at the first batch inside numpy."""
+    with pytest.raises(ConfigError, match=r'TRAIN\.CUTMIX_MINMAX .* DATA\.IMAGE_SIZE'):
+        build_mixup(make_config(**{'TRAIN.CUTMIX_MINMAX': minmax, 'DATA.IMAGE_SIZE': size}))
+    assert isinstance(build_mixup(make_config(**{'TRAIN.CUTMIX_MINMAX': [0.2, 0.32], 'DATA.IMAGE_SIZE': 16})), Mixup)
+
+
 def test_build_mixup_off_and_errors():
     assert build_mixup(make_config(**{'TRAIN.MIXUP_ALPHA': 0.0, 'TRAIN.CUTMIX_ALPHA': 0.0})) is None
     assert build_mixup(make_config(**{'TRAIN.MIXUP_PROB': 0.0})) is None
