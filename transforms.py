@@ -6,8 +6,11 @@ Evaluation (``build_eval_transform``) reproduces torchvision's ``Resize(int(S / 
 Training (``build_train_transform``) follows timm's ``create_transform`` as DeiT and XCiT call it:
 ``RandomResizedCrop`` + horizontal flip, then RandAugment (e.g. ``rand-m9-mstd0.5-inc1``) or,
 without RandAugment, ``ColorJitter``, then to-array + normalise, then ``RandomErasing`` on the
-normalised array. Every random draw comes from the ``np.random.Generator`` passed with the image,
-so an image's augmentation is a pure function of that generator's seed.
+normalised array. (For inputs of 32 pixels or less, XCiT's and DeiT's ``build_transform`` swap the
+crop for ``RandomCrop(S, padding=4)``, as for CIFAR; here the crop stays ``RandomResizedCrop``,
+whose scale range ``TRAIN.RANDOM_RESIZED_CROP_SCALE`` sets, e.g. for the bundled digits.) Every
+random draw comes from the ``np.random.Generator`` passed with the image, so an image's
+augmentation is a pure function of that generator's seed.
 
 Outputs are float32 arrays (3, S, S): RGB, scaled to [0, 1], normalised by the dataset mean/std.
 """
