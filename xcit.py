@@ -356,6 +356,19 @@ def trunc_normal_init(std=0.02):
         return nn.initializer.Normal(mean=0.0, std=std)
 
 
+def torch_default_conv_init(conv):
+    """Initialises ``conv`` (weight (out, in / groups, kh, kw), bias (out,) or None) as
+    ``torch.nn.Conv2d`` does, which the official code keeps for every convolution: weight and
+    bias Uniform(-b, b) with b = 1 / sqrt(fan_in), fan_in = in / groups * kh * kw (the weight's
+    ``kaiming_uniform_(a=sqrt(5))``). Paddle's default, Normal(0, sqrt(2 / (in * kh * kw))) and
+    zero bias, counts all input channels also for a depthwise convolution: the LPI kernels came
+    out 3x smaller than the official ones and the stem's 2.5x larger."""
+    bound = 1.0 / math.sqrt(float(np.prod(conv.weight.shape[1:])))
+    nn.initializer.Uniform(-bound, bound)(conv.weight)
+    if conv.bias is not None:
+        nn.initializer.Uniform(-bound, bound)(conv.bias)
+
+
 class DropPath(nn.Layer):
     """Stochastic depth per sample: drops the residual branch with probability ``drop_prob``."""
 
@@ -753,6 +766,8 @@ class XCiT(nn.Layer):
         elif isinstance(layer, nn.LayerNorm):
             nn.initializer.Constant(1.0)(layer.weight)
             nn.initializer.Constant(0.0)(layer.bias)
+        elif isinstance(layer, nn.Conv2D):
+            torch_default_conv_init(layer)
 
     def _new_head(self, num_classes):
         return Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()

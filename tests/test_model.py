@@ -51,6 +51,21 @@ def test_initialisation_matches_official():
     assert np.all(params['norm.weight'].numpy() == 1) and np.all(params['norm.bias'].numpy() == 0)
 
 
+@pytest.mark.parametrize('name,fan_in', [('patch_embed.proj.0.0', 3 * 9), ('patch_embed.proj.2.0', 8 * 9),
+                                         ('blocks.0.local_mp.conv1', 9), ('blocks.1.local_mp.conv2', 9),
+                                         ('pos_embeder.token_projection', 64)])
+def test_convolutions_are_initialised_as_torchs(name, fan_in):
+    """The official code leaves its convolutions at torch's default, Uniform(-b, b) for weight and
+    bias with b = 1 / sqrt(fan_in), fan_in counting the input channels of one group."""
+    params = dict(tiny(embed_dim=64).named_parameters())
+    bound = fan_in ** -0.5
+    weight = params[f'{name}.weight'].numpy()
+    assert np.abs(weight).max() <= bound and abs(weight.std() - bound / 3 ** 0.5) < 0.15 * bound
+    if f'{name}.bias' in params:
+        bias = params[f'{name}.bias'].numpy()
+        assert np.abs(bias).max() <= bound and bias.std() > 0.3 * bound
+
+
 def test_build_xcit_reads_every_architecture_key():
     config = get_config()
     config.defrost()
