@@ -432,11 +432,35 @@ class PositionalEncodingFourier(nn.Layer):
         return interleaved.reshape([-1, t.shape[1]])
 
 
+class BatchNorm2D(nn.BatchNorm2D):
+    """``nn.BatchNorm2D`` whose running variance takes the unbiased batch variance, as torch's.
+
+    Paddle's kernel updates ``running = m * running + (1 - m) * var`` with the biased variance
+    of the n = B * H * W values of each channel; torch (and so the official training) with
+    ``var * n / (n - 1)``. In training the kernel updates a copy of the running variance (the
+    one its gradient keeps), and the running variance becomes that update plus the difference,
+    ``(1 - m) * var / (n - 1)`` = ``(new - m * old) / (n - 1)``: a few operations on (C,)
+    vectors. The output is the kernel's, normalised with the biased variance as in torch.
+    """
+
+    def forward(self, x):
+        if not self.training or self._use_global_stats:
+            return nn.BatchNorm2D.forward(self, x)  # not super(): Paddle 2.6's to_static cannot translate it
+        updated = self._variance.clone()
+        out = F.batch_norm(x, self._mean, updated, self.weight, self.bias, training=True,
+                           momentum=self._momentum, epsilon=self._epsilon, data_format=self._data_format)
+        with paddle.no_grad():
+            n = paddle.numel(x).astype('float32') / x.shape[1]
+            unbiased = updated + (updated - self._momentum * self._variance) / paddle.clip(n - 1, min=1.0)
+            paddle.assign(unbiased, output=self._variance)
+        return out
+
+
 def conv3x3_bn(in_planes, out_planes, stride=1):
     """3x3 convolution without bias followed by BatchNorm, as the official ``conv3x3``."""
     return nn.Sequential(
         nn.Conv2D(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias_attr=False),
-        nn.BatchNorm2D(out_planes, momentum=BN_MOMENTUM, epsilon=BN_EPS),
+        BatchNorm2D(out_planes, momentum=BN_MOMENTUM, epsilon=BN_EPS),
     )
 
 
@@ -478,7 +502,7 @@ class LPI(nn.Layer):
         padding = kernel_size // 2
         self.conv1 = nn.Conv2D(in_features, in_features, kernel_size, padding=padding, groups=in_features)
         self.act = nn.GELU()
-        self.bn = nn.BatchNorm2D(in_features, momentum=BN_MOMENTUM, epsilon=BN_EPS)
+        self.bn = BatchNorm2D(in_features, momentum=BN_MOMENTUM, epsilon=BN_EPS)
         self.conv2 = nn.Conv2D(in_features, in_features, kernel_size, padding=padding, groups=in_features)
 
     def forward(self, x, H, W, scale=None):

@@ -4,6 +4,7 @@ import paddle
 import pytest
 
 from config import get_config
+import xcit
 from xcit import XCiT, build_xcit
 
 
@@ -64,6 +65,28 @@ def test_convolutions_are_initialised_as_torchs(name, fan_in):
     if f'{name}.bias' in params:
         bias = params[f'{name}.bias'].numpy()
         assert np.abs(bias).max() <= bound and bias.std() > 0.3 * bound
+
+
+def test_batchnorm_running_variance_takes_the_unbiased_batch_variance_as_torchs():
+    """torch's BatchNorm, which the official training ran, moves its running variance towards
+    the batch variance over n - 1 (Paddle's kernel over n); normalising uses the biased one."""
+    model = tiny()
+    batchnorms = [layer for layer in model.sublayers() if isinstance(layer, paddle.nn.BatchNorm2D)]
+    assert len(batchnorms) == 4 + 2 and all(isinstance(bn, xcit.BatchNorm2D) for bn in batchnorms)
+    bn = batchnorms[0]
+    bn.train()
+    x = np.random.default_rng(0).standard_normal((2, 4, 3, 5)).astype('float32') * 3 + 1
+    bn._variance.set_value(np.full([4], 2.0, 'float32'))
+    bn._mean.set_value(np.full([4], 0.5, 'float32'))
+    out = bn(paddle.to_tensor(x)).numpy()
+    np.testing.assert_allclose(bn._variance.numpy(), 0.9 * 2.0 + 0.1 * x.var(axis=(0, 2, 3), ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(bn._mean.numpy(), 0.9 * 0.5 + 0.1 * x.mean(axis=(0, 2, 3)), rtol=1e-5)
+    normalised = (x - x.mean(axis=(0, 2, 3), keepdims=True)) / np.sqrt(x.var(axis=(0, 2, 3), keepdims=True) + 1e-5)
+    np.testing.assert_allclose(out, normalised, atol=1e-5)
+    bn.eval()
+    before = bn._variance.numpy().copy()
+    bn(paddle.to_tensor(x))
+    np.testing.assert_array_equal(bn._variance.numpy(), before)
 
 
 def test_build_xcit_reads_every_architecture_key():
