@@ -8,7 +8,10 @@ The arithmetic is the official one, rearranged for Paddle's CPU kernels (same re
 to float32 rounding): layer-scale gammas are folded into the weights of the layer before
 them, XCA normalises the small d x d attention map instead of q and k, the depthwise
 convolutions run as batched GEMMs on the CPU, and reshapes stay in 2-D/3-D layouts. The same
-code runs eagerly and under ``paddle.jit.to_static`` with dynamic batch, height and width.
+code runs eagerly and under ``paddle.jit.to_static(model, input_spec, full_graph=True)`` (as
+``export_model.py`` and ``benchmark.py`` call it) with dynamic batch, height and width. Without
+``full_graph=True`` Paddle 2.6 and 3.x translate by bytecode (SOT), which fails with an internal
+error (``BreakGraphError`` or ``UnboundLocalError``) on the eager CPU code paths.
 
 Shapes use B = batch, C = channels (embed dim), N = tokens, H/W = token grid.
 """
