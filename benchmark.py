@@ -273,8 +273,11 @@ def parse_args(argv=None):
     parser.add_argument('--paths', nargs='+', choices=PATHS, default=None,
                         help=f'compute paths (default: {" ".join(DEFAULT_PATHS)}; with --scaling one path, '
                              f'default infer)')
-    parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--reps', type=int, default=5, help='timed batches per measurement')
+    parser.add_argument('--threads', type=int, default=2,
+                        help="CPU threads per measurement: OMP_NUM_THREADS and the predictor's (default 2)")
+    parser.add_argument('--reps', type=int, default=5,
+                        help='timed batches per measurement, after one warm-up batch; their median counts '
+                             '(default 5)')
     parser.add_argument('--scaling', action='store_true',
                         help='time and memory per image against tokens for one config, path and batch size')
     parser.add_argument('--plot', default=None, help='PNG written by --scaling (default: scaling.png)')

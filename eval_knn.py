@@ -102,17 +102,21 @@ def parse_args(argv=None):
     parser.add_argument('-cfg', required=True, help='model YAML config (its DATA section sets the transform)')
     parser.add_argument('-pretrained', required=True, help='weights (.pdparams or training checkpoint)')
     parser.add_argument('-ema', action='store_true', help="the training checkpoint's EMA weights ('model_ema')")
-    parser.add_argument('-dataset', default=None, help='imagenet2012, imagefolder, cifar10, cifar100 or digits')
+    parser.add_argument('-dataset', default=None,
+                        help='imagenet2012, imagefolder, cifar10, cifar100 or digits (DATA.DATASET)')
     parser.add_argument('-data_path', default=None, help='dataset folder (DATA.DATA_PATH)')
     parser.add_argument('-batch_size', dest='batch_size_eval', type=int, default=None,
                         help='images per forward pass (DATA.BATCH_SIZE_EVAL)')
     parser.add_argument('-image_size', type=int, default=None, help='input side in pixels (DATA.IMAGE_SIZE)')
-    parser.add_argument('-k', type=int, nargs='+', default=list(DEFAULT_K), help='numbers of neighbours')
-    parser.add_argument('-temperature', type=float, default=0.07, help='T of the exp(similarity / T) votes')
+    parser.add_argument('-k', type=int, nargs='+', default=list(DEFAULT_K),
+                        help='numbers of neighbours (default: 10 20 100 200)')
+    parser.add_argument('-temperature', type=float, default=0.07,
+                        help='T of the exp(similarity / T) votes (default 0.07)')
     parser.add_argument('-num_classes', type=int, default=None,
                         help='labels are in [0, this): needed by list-file datasets when the model has no '
                              'head (default: MODEL.NUM_CLASSES, or 1000 without head)')
-    parser.add_argument('-output', default=None, help='folder for knn_summary.json')
+    parser.add_argument('-output', default=None,
+                        help='folder for knn_summary.json (default: none, the summary is only printed)')
     parser.add_argument('-save_features', action='store_true',
                         help='also write the unit-norm features and the labels to <output>/features.npz')
     parser.add_argument('-device', default=None, help='cpu, gpu or gpu:N (default: the first GPU if any)')

@@ -233,7 +233,8 @@ def parse_args(argv=None):
                         help='weights: a converted .pdparams or a training checkpoint')
     parser.add_argument('-ema', action='store_true', help="the training checkpoint's EMA weights ('model_ema')")
     parser.add_argument('-output', required=True,
-                        help='folder for model.json / model.pdmodel and model.pdiparams')
+                        help='folder for model.json / model.pdmodel, model.pdiparams and config.yaml '
+                             '(and model.onnx with -onnx)')
     parser.add_argument('-image_size', type=int, default=None,
                         help='fix the input to S x S (default: dynamic height and width)')
     parser.add_argument('--legacy-format', action='store_true',

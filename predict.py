@@ -113,7 +113,8 @@ def csv_header(k=TOP_K):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('inputs', nargs='+', metavar='IMAGE_OR_FOLDER')
+    parser.add_argument('inputs', nargs='+', metavar='IMAGE_OR_FOLDER',
+                        help='image files, or folders: every image file below them, sorted')
     parser.add_argument('-cfg', default=None,
                         help='model YAML config (its DATA section sets the transform); with -model_dir, by '
                              'default the config.yaml export_model.py wrote there')
@@ -122,10 +123,12 @@ def parse_args(argv=None):
     weights.add_argument('-model_dir', help='folder of a model exported by export_model.py')
     parser.add_argument('-ema', action='store_true',
                         help="with -pretrained, the training checkpoint's EMA weights ('model_ema')")
-    parser.add_argument('-output', default=None, help='write the CSV here (default: stdout)')
+    parser.add_argument('-output', default=None,
+                        help='write the CSV here (default: stdout); for a model without head, the .npz '
+                             'of the features (required)')
     parser.add_argument('-class_names', default=None,
                         help='class names, one per line (default: ImageNet-1k names for 1000 classes)')
-    parser.add_argument('-batch_size', type=int, default=16)
+    parser.add_argument('-batch_size', type=int, default=16, help='images per forward pass (default 16)')
     parser.add_argument('-workers', type=int, default=DEFAULT_WORKERS,
                         help='threads that read and transform the next batch of images while the model '
                              'runs on this one (default: 4, or the number of CPUs if fewer)')

@@ -101,7 +101,8 @@ def output_path(folder, image_path, written):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('inputs', nargs='+', metavar='IMAGE_OR_FOLDER')
+    parser.add_argument('inputs', nargs='+', metavar='IMAGE_OR_FOLDER',
+                        help='image files, or folders: every image file below them, sorted')
     parser.add_argument('-cfg', required=True, help='model YAML config (its DATA section sets the transform)')
     parser.add_argument('-pretrained', required=True, help='weights (.pdparams or training checkpoint)')
     parser.add_argument('-ema', action='store_true', help="the training checkpoint's EMA weights ('model_ema')")

@@ -1,0 +1,40 @@
+"""The documentation as a contract: every command-line option, and its default, is described in
+its script's ``--help``."""
+import argparse
+import importlib
+
+import pytest
+
+SCRIPTS = ['benchmark', 'eval_knn', 'export_model', 'main_multi_gpu', 'main_single_gpu', 'plot_metrics',
+           'predict', 'visualize_attention', 'port_weights.convert', 'port_weights.convert_regnet']
+
+
+class _ParserBuilt(Exception):
+    """Raised instead of parsing, to hand the built parser back."""
+
+
+def parser_of(module_name, monkeypatch):
+    """The ``argparse`` parser that ``module_name``'s ``main`` builds (nothing runs)."""
+    def capture(parser, *args, **kwargs):
+        raise _ParserBuilt(parser)
+    monkeypatch.setattr(argparse.ArgumentParser, 'parse_args', capture)
+    with pytest.raises(_ParserBuilt) as built:
+        importlib.import_module(module_name).main([])
+    return built.value.args[0]
+
+
+@pytest.mark.parametrize('module_name', SCRIPTS)
+def test_every_option_is_described_in_the_help(module_name, monkeypatch):
+    parser = parser_of(module_name, monkeypatch)
+    undescribed = [action.option_strings[0] if action.option_strings else action.metavar or action.dest
+                   for action in parser._actions if not action.help]
+    assert undescribed == []
+
+
+@pytest.mark.parametrize('module_name', SCRIPTS)
+def test_every_default_value_is_stated_in_the_help(module_name, monkeypatch):
+    parser = parser_of(module_name, monkeypatch)
+    unstated = [action.option_strings[0] for action in parser._actions
+                if action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+                and 'default' not in action.help]
+    assert unstated == []
