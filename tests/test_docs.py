@@ -1,9 +1,13 @@
 """The documentation as a contract: every command-line option, and its default, is described in
-its script's ``--help``."""
+its script's ``--help``; the Python functions the READMEs name have the signatures they give."""
 import argparse
 import importlib
+import inspect
+import os
 
 import pytest
+
+from conftest import ROOT
 
 SCRIPTS = ['benchmark', 'eval_knn', 'export_model', 'main_multi_gpu', 'main_single_gpu', 'plot_metrics',
            'predict', 'visualize_attention', 'port_weights.convert', 'port_weights.convert_regnet']
@@ -38,3 +42,11 @@ def test_every_default_value_is_stated_in_the_help(module_name, monkeypatch):
                 if action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
                 and 'default' not in action.help]
     assert unstated == []
+
+
+@pytest.mark.parametrize('name', ['load_checkpoint_arrays', 'convert_state_dict', 'convert_file'])
+def test_port_weights_readme_gives_the_python_signatures(name):
+    from port_weights import convert
+    with open(os.path.join(ROOT, 'port_weights', 'README.md'), encoding='utf-8') as f:
+        readme = ' '.join(f.read().split())
+    assert f'{name}{inspect.signature(getattr(convert, name))}`' in readme
