@@ -1,9 +1,11 @@
 """The documentation as a contract: every command-line option, and its default, is described in
-its script's ``--help``; the Python functions the READMEs name have the signatures they give."""
+its script's ``--help``; the Python functions the READMEs name have the signatures they give; the
+README names every file a training run writes."""
 import argparse
 import importlib
 import inspect
 import os
+import re
 
 import pytest
 
@@ -50,3 +52,20 @@ def test_port_weights_readme_gives_the_python_signatures(name):
     with open(os.path.join(ROOT, 'port_weights', 'README.md'), encoding='utf-8') as f:
         readme = ' '.join(f.read().split())
     assert f'{name}{inspect.signature(getattr(convert, name))}`' in readme
+
+
+def test_readme_names_every_file_a_training_run_writes(tmp_path):
+    """A one-epoch run on the digits with a tiny XCiT; the README's -output paragraph names each
+    file it leaves (epoch_1.pdparams as epoch_N.pdparams)."""
+    import main_single_gpu
+    main_single_gpu.main(['-dataset', 'digits', '-batch_size', '64', '-output', str(tmp_path), '-opts',
+                          'MODEL.PATCH_SIZE', '8', 'MODEL.EMBED_DIM', '32', 'MODEL.DEPTH', '1', 'MODEL.NUM_HEADS',
+                          '2', 'MODEL.NUM_CLASSES', '10', 'DATA.IMAGE_SIZE', '32', 'DATA.NUM_WORKERS', '0',
+                          'TRAIN.NUM_EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0', 'TRAIN.MIXUP_PROB', '0.0',
+                          'SAVE_FREQ', '1'])
+    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        readme = f.read()
+    paragraph = readme[readme.index('`-output DIR` receives'):]
+    paragraph = paragraph[:paragraph.index('\n\n')]
+    written = sorted(re.sub(r'_\d+\.', '_N.', p.name) for p in tmp_path.iterdir())
+    assert [name for name in written if f'`{name}`' not in paragraph] == []
