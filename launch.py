@@ -7,12 +7,15 @@ tell it its place.
 """
 import os
 import sys
+import threading
+import time
 
 import paddle.distributed as dist
 
 from config import ConfigError
 
 CPU_PROCESSES = 2  # default process count without a GPU
+PARENT_POLL_SECONDS = 1.0  # how often a started process checks that the one that started it is there
 
 
 def started_by_paddle_launch():
@@ -32,13 +35,32 @@ def num_processes(requested, gpus, name):
     return count
 
 
+def _exit_when_orphaned(parent_pid):
+    """Ends this process (exit status 1) within ``PARENT_POLL_SECONDS`` of the process that started
+    it, ``parent_pid``, ending: killed, or stopped by a job scheduler's SIGTERM, it cannot stop its
+    workers, which would go on training and writing to the output folder (beside a relaunched
+    run) or wait forever in a collective call."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_SECONDS)
+    print(f'error: the process that started this one ({parent_pid}) has ended; stopping',
+          file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def _run_worker(parent_pid, worker, *args):
+    """Body of a started process: ``worker(*args)``, ended early if ``parent_pid`` ends."""
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+    return worker(*args)
+
+
 def spawn(worker, args, nprocs, on_gpus):
     """Runs ``worker(*args)`` in ``nprocs`` new processes (NCCL between GPUs, else gloo) and waits
-    for them. A failing process has printed its reason; this adds one error line and exits with 1."""
+    for them. A failing process has printed its reason; this adds one error line and exits with 1.
+    The processes end by themselves when this one ends before them (``_exit_when_orphaned``)."""
     backend = 'nccl' if on_gpus else 'gloo'
     print(f'starting {nprocs} processes ({backend})', flush=True)
     try:
-        dist.spawn(worker, args=args, nprocs=nprocs, backend=backend)
+        dist.spawn(_run_worker, args=(os.getpid(), worker, *args), nprocs=nprocs, backend=backend)
     except Exception as e:  # spawn re-raises a worker's failure; the worker printed the reason
         print(f'error: a worker process failed: {str(e).strip().splitlines()[-1]}', file=sys.stderr, flush=True)
         sys.exit(1)

@@ -2,8 +2,10 @@
 training agree with a single process, and bad input ends the program with one clear error line."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import paddle
@@ -171,3 +173,63 @@ def test_the_runs_config_serves_a_single_process_evaluation(two_processes, tmp_p
     result = main_single_gpu.main(['-cfg', str(two_processes / 'config.yaml'), '-eval', '-pretrained',
                                    str(two_processes / 'last.pdparams'), '-output', str(tmp_path)])
     assert result['images'] == 359
+
+
+SLEEPING_WORKERS = """\
+import os, sys, time
+sys.path.insert(0, {root!r})
+import launch
+
+
+def worker(folder):
+    with open(os.path.join(folder, str(os.getpid())), 'w'):
+        pass
+    time.sleep(300)
+
+
+if __name__ == '__main__':
+    launch.spawn(worker, (sys.argv[1],), 2, on_gpus=False)
+"""
+
+
+def running(pid):
+    """Whether process ``pid`` exists and is not a zombie (Linux)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rpartition(')')[2].split()[0] != 'Z'
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(condition, seconds):
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.2)
+    return condition()
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGKILL])
+def test_started_processes_end_when_the_parent_is_killed(tmp_path, signum):
+    """A job scheduler stopping main_multi_gpu.py (SIGTERM, or SIGKILL) stops its workers too: they
+    used to go on training, writing to the output folder beside the relaunched run."""
+    script = tmp_path / 'sleepers.py'
+    script.write_text(SLEEPING_WORKERS.format(root=ROOT))
+    pids = tmp_path / 'pids'
+    pids.mkdir()
+    parent = subprocess.Popen([sys.executable, str(script), str(pids)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    workers = []
+    try:
+        assert wait_for(lambda: len(os.listdir(pids)) == 2, 120), parent.stderr.read() if parent.poll() else ''
+        workers = [int(name) for name in os.listdir(pids)]
+        parent.send_signal(signum)
+        parent.wait(timeout=30)
+        assert wait_for(lambda: not any(map(running, workers)), 10)
+    finally:
+        for pid in workers:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()
+        parent.stderr.close()
