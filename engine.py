@@ -17,7 +17,8 @@ Exactness guarantees:
 
 Outputs in ``config.SAVE``: ``log.txt``, ``metrics.jsonl`` (one JSON record per report/eval),
 ``config.yaml``, ``last.pdparams``, ``best.pdparams``, ``epoch_N.pdparams`` every SAVE_FREQ
-epochs, and ``eval_summary.json`` for ``-eval``.
+epochs, ``run.lock`` (locked by a training run's first process while it runs), and
+``eval_summary.json`` for ``-eval``.
 """
 import argparse
 import contextlib
@@ -42,7 +43,7 @@ from port_weights.convert import find_mismatches, format_mismatches, state_shape
 from teacher import build_teacher
 from utils import (AverageMeter, CheckpointError, MetricsLog, all_reduce_sum, average_batchnorm_statistics,
                    format_seconds, get_rank, get_world_size, in_model_dtypes, load_checkpoint, load_every_weight,
-                   save_checkpoint, setup_logger, visible_gpus, weights_of, write_config, write_json)
+                   lock_folder, save_checkpoint, setup_logger, visible_gpus, weights_of, write_config, write_json)
 from xcit import build_xcit
 
 # AMP (float16, level O1) op lists for xcit.py's layers. White: its Linear layers compute
@@ -797,11 +798,24 @@ def reusable_config(config):
     return config
 
 
+def lock_output(folder):
+    """The open ``<folder>/run.lock`` that the first process of a training run holds while the run
+    writes to ``folder`` (``utils.lock_folder``); raises ``ConfigError`` when another run holds it,
+    as two runs would mix their records in metrics.jsonl and overwrite each other's checkpoints."""
+    lock = lock_folder(folder)
+    if lock is None:
+        raise ConfigError(f'{folder} is the output folder of a training run that is still going on (it holds '
+                          f'{os.path.join(folder, "run.lock")}): wait for it to end, or give another -output')
+    return lock
+
+
 def run_training(config, device, use_amp, logger):
-    trainer = Trainer(config, device, use_amp, logger)
-    if get_rank() == 0:
-        write_config(reusable_config(config), os.path.join(config.SAVE, 'config.yaml'))
-    return trainer.fit()
+    lock = lock_output(config.SAVE) if get_rank() == 0 else contextlib.nullcontext()
+    with lock:
+        trainer = Trainer(config, device, use_amp, logger)
+        if get_rank() == 0:
+            write_config(reusable_config(config), os.path.join(config.SAVE, 'config.yaml'))
+        return trainer.fit()
 
 
 # ---------------------------------------------------------------- entry

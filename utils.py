@@ -9,6 +9,10 @@ import pickle
 import sys
 import time
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, output folders go unguarded
+    fcntl = None
 import numpy as np
 import paddle
 import paddle.distributed as dist
@@ -210,6 +214,21 @@ def write_json(path, data):
     with open(tmp, 'w', encoding='utf-8') as f:
         json.dump(data, f, indent=1)
     os.replace(tmp, path)
+
+
+def lock_folder(folder, name='run.lock'):
+    """Takes an exclusive lock on ``<folder>/<name>`` (created if need be) and returns its open
+    file, which holds the lock until it is closed or the process ends, however it ends; returns
+    None if another open file of it holds the lock (another run, or this process)."""
+    os.makedirs(folder, exist_ok=True)
+    lock = open(os.path.join(folder, name), 'a', encoding='utf-8')
+    if fcntl is not None:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            return None
+    return lock
 
 
 def write_config(config, path):

@@ -265,6 +265,21 @@ def test_run_continued_from_elsewhere_does_not_overwrite_another_runs_checkpoint
     engine.check_inputs(engine.parse_config(same_folder))  # no error
 
 
+def test_a_run_in_the_folder_of_a_running_one_is_refused(tmp_path):
+    """Two runs writing to one folder (a job relaunched while it still runs) would mix their records
+    in metrics.jsonl and overwrite each other's checkpoints: the second stops before writing; once
+    the first has ended, -resume auto continues it."""
+    (tmp_path / 'metrics.jsonl').write_text('{"kind": "train"}\n')
+    args = train_args(tmp_path, *PLAIN_RECIPE, 'VALIDATE_FREQ', '0', epochs=1, extra=['-resume', 'auto'])
+    running = utils.lock_folder(str(tmp_path))
+    with pytest.raises(ConfigError, match=f'{tmp_path} is the output folder of a training run that is still going on'):
+        main_single_gpu.main(args)
+    assert (tmp_path / 'metrics.jsonl').read_text() == '{"kind": "train"}\n'
+    running.close()
+    assert main_single_gpu.main(args)['epochs'] == 1
+    assert main_single_gpu.main(args)['epochs'] == 1  # the lock went with the run that held it
+
+
 def test_corrupt_image_is_named(tmp_path):
     for split in ('train', 'val'):
         for label in ('a', 'b'):
