@@ -26,6 +26,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -133,10 +134,10 @@ def exit_on_user_error(fn, *args):
 
 def check_inputs(config):
     """Raises ``ConfigError`` for combinations of -pretrained, -resume, -ema and -eval that
-    would leave one of them without effect or a training run that would overwrite another run's
-    checkpoints, and ``DataError`` / ``CheckpointError`` for a data folder or weights file
-    that does not exist: checks cheap enough to make before any process starts or any model is
-    built."""
+    would leave one of them without effect, an output folder that cannot be written to or a
+    training run that would overwrite another run's checkpoints, and ``DataError`` /
+    ``CheckpointError`` for a data folder or weights file that does not exist: checks cheap
+    enough to make before any process starts or any model is built. Creates the output folder."""
     pretrained, resume = config.MODEL.PRETRAINED, config.MODEL.RESUME
     auto = resume == AUTO_RESUME
     if pretrained and resume and not auto:
@@ -163,6 +164,21 @@ def check_inputs(config):
     for path in (pretrained, '' if auto else resume):
         if path and not os.path.isfile(path):
             raise CheckpointError(f'checkpoint not found: {path}')
+    check_output_folder(config.SAVE)
+
+
+def check_output_folder(folder):
+    """Creates the output folder ``folder`` if need be; raises ``ConfigError`` naming it when it is
+    a file or cannot be created or written to (a file on its path, permissions, a read-only or
+    full file system)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f'-output {folder} is a file, not a folder')
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(f'-output {folder}: cannot create or write to the folder ({e.strerror or e})') from e
 
 
 def check_output_is_free(folder):

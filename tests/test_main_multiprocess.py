@@ -154,6 +154,9 @@ def test_frozen_backbone_with_two_cpu_processes_matches_one_process(tiny, tmp_pa
     (['-dataset', 'imagefolder', '-data_path', 'no/such/folder'], 'error: DATA.DATA_PATH not found: no/such/folder'),
     (['-dataset', 'imagenet2012'], 'error: DATA.DATA_PATH is not set: give -data_path'),
     (['-eval', '-pretrained', 'no_such.pdparams'], 'error: checkpoint not found: no_such.pdparams'),
+    (['-output', os.path.join(ROOT, 'README.md')], f'error: -output {os.path.join(ROOT, "README.md")} is a file, not'),
+    (['-output', os.path.join(ROOT, 'README.md', 'out')],
+     f'error: -output {os.path.join(ROOT, "README.md", "out")}: cannot create or write to the folder'),
 ])
 def test_bad_command_line_is_one_error_line(tiny, tmp_path, args, message):
     cfg, _ = tiny
