@@ -65,7 +65,11 @@ class TrainingDiverged(RuntimeError):
     """The training loss, or a weight, became NaN or infinite."""
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged)
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, permissions); the file is as it was."""
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged, CheckpointWriteError)
 
 
 # ---------------------------------------------------------------- command line
@@ -590,9 +594,15 @@ class Trainer:
         return state
 
     def save(self, filename):
+        """Writes ``state_dict()`` to ``<SAVE>/<filename>`` (first process only); raises
+        ``CheckpointWriteError`` naming the file when the system refuses it."""
         if self.rank == 0:
             path = os.path.join(self.config.SAVE, filename)
-            save_checkpoint(self.state_dict(), path)
+            try:
+                save_checkpoint(self.state_dict(), path)
+            except OSError as e:
+                raise CheckpointWriteError(f'cannot write {path} ({e.strerror or e}); the file is as it was '
+                                           f'before, and -resume auto continues from last.pdparams') from e
             self.logger.info(f'saved {path}')
 
     def resume(self, path):

@@ -1,9 +1,11 @@
 """Training through ``main_single_gpu.main`` on the bundled digits with a tiny XCiT: learning,
 exact resume, checkpoints and metrics, and the errors a user can run into."""
 import contextlib
+import errno
 import hashlib
 import io
 import json
+import os
 import shutil
 
 import numpy as np
@@ -392,6 +394,27 @@ def test_distillation_from_a_frozen_xcit_teacher(plain_run, tmp_path):
     result = main_single_gpu.main(train_args(tmp_path / 'out', *PLAIN_RECIPE, *distill, epochs=1,
                                              extra=['-pretrained', str(output / 'last.pdparams')]))
     assert start['last_acc1'] > 60.0 and result['last_acc1'] < start['last_acc1'] / 2
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_error_naming_it(tmp_path, monkeypatch, capsys):
+    """A full disk while saving: one error line naming the file (was an OSError traceback from
+    inside paddle.save), and the previous checkpoint is intact."""
+    main_single_gpu.main(train_args(tmp_path, *PLAIN_RECIPE, epochs=1))
+    args = train_args(tmp_path, *PLAIN_RECIPE, epochs=2, extra=['-resume', 'auto'])
+    before = digest(tmp_path / 'last.pdparams')
+
+    def full_disk(state, path):
+        with open(path, 'wb') as f:
+            f.write(b'part of a checkpoint')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(utils.paddle, 'save', full_disk)
+    with pytest.raises(SystemExit) as stop:
+        engine.exit_on_user_error(main_single_gpu.main, args)
+    assert stop.value.code == 1
+    path = tmp_path / 'last.pdparams'
+    assert capsys.readouterr().err == (f'error: cannot write {path} (No space left on device); the file is as it '
+                                       f'was before, and -resume auto continues from last.pdparams\n')
+    assert digest(path) == before
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
