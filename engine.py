@@ -741,17 +741,23 @@ class Trainer:
             results[name] = stats
         return results
 
-    def validate_and_save(self):
-        """Validates the last completed epoch, saves ``best.pdparams`` when the model's Acc@1 is
-        the best so far and ``last.pdparams`` again, now with the validation done; returns
-        ``validate``'s result."""
-        last = self.validate(self.epoch - 1)
-        self.unvalidated = False
-        if self.best_acc is None or last['model']['acc1'] > self.best_acc:
-            self.best_acc, self.best_epoch = last['model']['acc1'], self.epoch
-            self.save('best.pdparams')
+    def finish_epoch(self):
+        """Completes the checkpoints of the last completed epoch: validates it when that is due
+        (``unvalidated``), saving ``best.pdparams`` when the model's Acc@1 is the best so far,
+        writes ``epoch_N.pdparams`` every SAVE_FREQ epochs, and ``last.pdparams`` last, so that a
+        run stopped before then does all of it again when resumed; returns ``validate``'s result,
+        or {} without validation."""
+        results = self.validate(self.epoch - 1) if self.unvalidated else {}
+        if results:
+            self.unvalidated = False
+            if self.best_acc is None or results['model']['acc1'] > self.best_acc:
+                self.best_acc, self.best_epoch = results['model']['acc1'], self.epoch
+                self.save('best.pdparams')
+        save_freq = self.config.SAVE_FREQ
+        if save_freq > 0 and self.epoch % save_freq == 0:
+            self.save(f'epoch_{self.epoch}.pdparams')
         self.save('last.pdparams')
-        return last
+        return results
 
     def replica_difference(self):
         """Max abs difference between the ranks' weights (0.0 with one process)."""
@@ -769,11 +775,11 @@ class Trainer:
     def fit(self):
         """Trains from ``self.epoch`` to TRAIN.NUM_EPOCHS; returns the result dict."""
         config, logger = self.config, self.logger
-        num_epochs, validate_freq, save_freq = config.TRAIN.NUM_EPOCHS, config.VALIDATE_FREQ, config.SAVE_FREQ
+        num_epochs, validate_freq = config.TRAIN.NUM_EPOCHS, config.VALIDATE_FREQ
         logger.info(f'training epochs {self.epoch + 1}..{num_epochs}: {self.steps_per_epoch} optimizer steps '
                     f'of {config.DATA.BATCH_SIZE} x {self.world_size} process(es) x {config.TRAIN.ACCUM_ITER} '
                     f'accumulation images each, peak lr {self.lr_scheduler.peak_lr:.3e}')
-        last = self.validate_and_save() if self.unvalidated else {}
+        last = self.finish_epoch() if self.unvalidated else {}
         for epoch in range(self.epoch, num_epochs):
             stats = self.train_one_epoch(epoch)
             average_batchnorm_statistics(self.model)
@@ -785,11 +791,9 @@ class Trainer:
             logger.info(f'epoch {epoch + 1} done in {format_seconds(stats["seconds"])}: '
                         f'train loss {stats["loss"]:.4f}{acc_text}')
             self.unvalidated = (validate_freq > 0 and self.epoch % validate_freq == 0) or self.epoch == num_epochs
-            self.save('last.pdparams')  # the epoch's training is kept whatever happens while validating
             if self.unvalidated:
-                last = self.validate_and_save()
-            if save_freq > 0 and self.epoch % save_freq == 0:
-                self.save(f'epoch_{self.epoch}.pdparams')
+                self.save('last.pdparams')  # the epoch's training is kept whatever happens while validating
+            last = self.finish_epoch() or last
         result = {'best_acc1': self.best_acc, 'best_epoch': self.best_epoch, 'epochs': self.epoch,
                   'steps': self.step, 'replica_max_abs_diff': self.replica_difference()}
         if self.world_size > 1:

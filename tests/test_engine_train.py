@@ -141,6 +141,35 @@ def test_a_failed_validation_keeps_the_epoch_and_is_run_again_on_resume(full_run
     assert result['best_acc1'] == straight_result['best_acc1']
 
 
+@pytest.mark.parametrize('validate_freq', ['1', '0'])
+def test_a_run_stopped_while_writing_a_snapshot_writes_it_when_resumed(full_run, tmp_path, monkeypatch,
+                                                                        validate_freq):
+    """Killed while writing epoch_1.pdparams (SAVE_FREQ 1), after epoch 1's validation or
+    without one: the resumed run writes it, and ends as the uninterrupted run did (last.pdparams
+    used to say that epoch 1 was complete, so the snapshot was never written)."""
+    output, _ = full_run
+    save = engine.Trainer.save
+
+    def killed_at_snapshot(self, filename):
+        if filename == 'epoch_1.pdparams':
+            raise KeyboardInterrupt
+        save(self, filename)
+    monkeypatch.setattr(engine.Trainer, 'save', killed_at_snapshot)
+    args = train_args(tmp_path, *FULL_RECIPE, 'VALIDATE_FREQ', validate_freq, extra=['-resume', 'auto'])
+    with pytest.raises(KeyboardInterrupt):
+        main_single_gpu.main(args)
+    monkeypatch.setattr(engine.Trainer, 'save', save)
+    main_single_gpu.main(args)
+    for name in ('epoch_1.pdparams', 'epoch_2.pdparams', 'last.pdparams'):
+        straight, resumed = (paddle.load(str(folder / name)) for folder in (output, tmp_path))
+        assert max_abs_diff(flat_state(straight['model']), flat_state(resumed['model'])) == 0.0, name
+        assert resumed['epoch'] == straight['epoch'] and resumed['step'] == straight['step']
+    if validate_freq == '1':
+        same = ('kind', 'model', 'epoch', 'step', 'lr', 'loss', 'acc1', 'acc5')
+        logs = [[{k: r.get(k) for k in same} for r in read_metrics(folder)] for folder in (output, tmp_path)]
+        assert logs[0] == logs[1]
+
+
 def test_resume_with_other_steps_per_epoch_continues_the_schedule_where_the_epochs_end(full_run, tmp_path):
     """Epoch 1 of batch 64 (22 steps) resumed with batch 32 (44 steps an epoch): epoch 2 runs
     steps 45..88 of the 88-step schedule, not 23..66."""
