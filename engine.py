@@ -442,7 +442,9 @@ def evaluate(forward, loader, logger, use_amp=False, report_freq=50, name='model
     sums, (steady_images,) = all_reduce_sum(sums), all_reduce_sum([steady_images])
     seconds = time.time() - start
     rate = steady_images / steady_seconds if steady_images else sums[3] / seconds
-    path = forward.path + ('-amp' if use_amp else '') if forward.path else 'none (no images)'
+    # a process without images reports the others' path: dygraph, as none of them tried the predictor
+    chosen = forward.path or ('dygraph' if sums[3] else None)
+    path = chosen + ('-amp' if use_amp else '') if chosen else 'none (no images)'
     return {**summarise(sums), 'images_per_sec': rate, 'seconds': seconds, 'path': path}
 
 

@@ -395,8 +395,8 @@ def evaluate(batches, works):
     forward.compiled = predictor
     model.forward = lambda x: (time.sleep(0.3), plain(x))[1]
     loader = [(paddle.randn([2, 3, 32, 32]), paddle.to_tensor([0, 1])) for _ in range(batches)]
-    engine.evaluate(forward, loader, setup_logger(rank=dist.get_rank()))
-    return {'path': forward.path, 'predictor_calls': len(calls)}
+    reported = engine.evaluate(forward, loader, setup_logger(rank=dist.get_rank()))['path']
+    return {'path': forward.path, 'predictor_calls': len(calls), 'reported': reported}
 
 
 def work():
@@ -428,6 +428,11 @@ def test_processes_agree_on_the_evaluation_path(tmp_path):
                           timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = {rank: json.loads((tmp_path / f'result_{rank}.json').read_text()) for rank in (0, 1)}
+    reported = {rank: {name: case.pop('reported') for name, case in cases.items()}
+                for rank, cases in results.items()}
+    # the path in the summary is the one the processes took, also in one without images (was 'none')
+    assert reported[0] == reported[1] == {'both_pass': 'inference', 'rank_1_fails': 'dygraph',
+                                          'rank_0_has_one_batch': 'dygraph', 'rank_1_has_no_batch': 'dygraph'}
     for rank, cases in results.items():
         assert cases['both_pass'] == {'path': 'inference', 'predictor_calls': 4}  # check, timing, 2 batches
         assert cases['rank_1_fails'] == {'path': 'dygraph', 'predictor_calls': 2 if rank == 0 else 1}
