@@ -44,7 +44,8 @@ from port_weights.convert import find_mismatches, format_mismatches, state_shape
 from teacher import build_teacher
 from utils import (AverageMeter, CheckpointError, MetricsLog, all_reduce_sum, average_batchnorm_statistics,
                    format_seconds, get_rank, get_world_size, in_model_dtypes, load_checkpoint, load_every_weight,
-                   lock_folder, save_checkpoint, setup_logger, visible_gpus, weights_of, write_config, write_json)
+                   lock_folder, remove_partial_checkpoints, save_checkpoint, setup_logger, visible_gpus, weights_of,
+                   write_config, write_json)
 from xcit import build_xcit
 
 # AMP (float16, level O1) op lists for xcit.py's layers. White: its Linear layers compute
@@ -830,19 +831,23 @@ def reusable_config(config):
     return config
 
 
-def lock_output(folder):
+def lock_output(folder, logger):
     """The open ``<folder>/run.lock`` that the first process of a training run holds while the run
     writes to ``folder`` (``utils.lock_folder``); raises ``ConfigError`` when another run holds it,
-    as two runs would mix their records in metrics.jsonl and overwrite each other's checkpoints."""
+    as two runs would mix their records in metrics.jsonl and overwrite each other's checkpoints.
+    Once it holds the folder, removes the partial checkpoints of runs killed while writing one."""
     lock = lock_folder(folder)
     if lock is None:
         raise ConfigError(f'{folder} is the output folder of a training run that is still going on (it holds '
                           f'{os.path.join(folder, "run.lock")}): wait for it to end, or give another -output')
+    removed = remove_partial_checkpoints(folder)
+    if removed:
+        logger.info(f'removed what a stopped run left of checkpoints it was writing: {", ".join(removed)}')
     return lock
 
 
 def run_training(config, device, use_amp, logger):
-    lock = lock_output(config.SAVE) if get_rank() == 0 else contextlib.nullcontext()
+    lock = lock_output(config.SAVE, logger) if get_rank() == 0 else contextlib.nullcontext()
     with lock:
         trainer = Trainer(config, device, use_amp, logger)
         if get_rank() == 0:

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import sys
 import time
 
@@ -240,10 +241,14 @@ def write_config(config, path):
 # ---------------------------------------------------------------- checkpoints
 
 
+PARTIAL_CHECKPOINT = re.compile(r'.+\.pdparams\.tmp[0-9]+')  # the temporary files of save_checkpoint
+
+
 def save_checkpoint(state, path):
     """Saves ``state`` with ``paddle.save`` to a temporary file, then renames it over ``path``.
 
-    A crash while writing leaves any previous ``path`` intact.
+    A crash while writing leaves any previous ``path`` intact (and, if the process is killed,
+    the temporary file: see ``remove_partial_checkpoints``).
     """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f'{path}.tmp{os.getpid()}'
@@ -253,6 +258,16 @@ def save_checkpoint(state, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_partial_checkpoints(folder):
+    """Removes from ``folder`` the temporary files (``<name>.pdparams.tmp<pid>``) that
+    ``save_checkpoint`` leaves behind when its process is killed while writing, each as large as a
+    checkpoint; returns their names. For a folder that no running process writes to."""
+    names = sorted(name for name in os.listdir(folder) if PARTIAL_CHECKPOINT.fullmatch(name))
+    for name in names:
+        os.remove(os.path.join(folder, name))
+    return names
 
 
 class _PdparamsUnpickler(pickle.Unpickler):

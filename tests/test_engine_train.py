@@ -311,6 +311,19 @@ def test_a_run_in_the_folder_of_a_running_one_is_refused(tmp_path):
     assert main_single_gpu.main(args)['epochs'] == 1  # the lock went with the run that held it
 
 
+def test_checkpoints_left_half_written_by_a_killed_run_are_removed(tmp_path):
+    """A run killed while writing a checkpoint leaves its temporary file (as large as a
+    checkpoint); the next run in the folder removes such files, and only those."""
+    for name in ('last.pdparams.tmp4242', 'best.pdparams.tmp7', 'epoch_3.pdparams.tmp99'):
+        (tmp_path / name).write_bytes(b'part of a checkpoint')
+    (tmp_path / 'notes.pdparams.tmp').write_text('not a checkpoint of ours')
+    with capture_stdout() as out:
+        main_single_gpu.main(train_args(tmp_path, *PLAIN_RECIPE, epochs=1, extra=['-resume', 'auto']))
+    assert ('removed what a stopped run left of checkpoints it was writing: best.pdparams.tmp7, '
+            'epoch_3.pdparams.tmp99, last.pdparams.tmp4242') in out.getvalue()
+    assert not list(tmp_path.glob('*.pdparams.tmp[0-9]*')) and (tmp_path / 'notes.pdparams.tmp').exists()
+
+
 def test_corrupt_image_is_named(tmp_path):
     for split in ('train', 'val'):
         for label in ('a', 'b'):
