@@ -34,6 +34,7 @@ import paddle
 from PIL import Image
 
 from config import ConfigError
+from launch import end_with_parent
 from samplers import EvalBatchSampler, TrainBatchSampler
 from transforms import build_eval_transform, build_train_transform, to_rgb
 
@@ -391,6 +392,12 @@ def _stop_workers(batches):
         shutdown()
 
 
+def _end_with_loading_process(worker_id):
+    """``worker_init_fn`` of the loader's worker processes: each ends when the process it loads
+    for ends, however it ends (Paddle's workers of a killed process stayed, blocked on their queue)."""
+    end_with_parent(os.getppid())
+
+
 def build_dataloader(config, dataset, mode, rank=0, world_size=1):
     """A ``DataLoader`` (a ``paddle.io.DataLoader``) yielding [images float32 (B, 3, S, S), labels int64 (B,)] tensors.
 
@@ -399,7 +406,7 @@ def build_dataloader(config, dataset, mode, rank=0, world_size=1):
     rank's contiguous shard in order (ranks may get one batch more or less than each other).
     Before each training epoch call ``loader.dataset.set_epoch(e)`` and
     ``loader.batch_sampler.set_epoch(e)``. Workers are ``DATA.NUM_WORKERS`` processes started
-    anew for each pass, so they see the current epoch.
+    anew for each pass, so they see the current epoch; they end when this process ends.
     """
     if mode == 'train':
         repeats = config.TRAIN.REPEATED_AUG_COUNT if config.TRAIN.REPEATED_AUG else 1
@@ -412,4 +419,5 @@ def build_dataloader(config, dataset, mode, rank=0, world_size=1):
         sampler = EvalBatchSampler(len(dataset), config.DATA.BATCH_SIZE_EVAL, rank, world_size)
     else:
         raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.DATA.NUM_WORKERS)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.DATA.NUM_WORKERS,
+                      worker_init_fn=_end_with_loading_process)

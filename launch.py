@@ -39,7 +39,7 @@ def _exit_when_orphaned(parent_pid):
     """Ends this process (exit status 1) within ``PARENT_POLL_SECONDS`` of the process that started
     it, ``parent_pid``, ending: killed, or stopped by a job scheduler's SIGTERM, it cannot stop its
     workers, which would go on training and writing to the output folder (beside a relaunched
-    run) or wait forever in a collective call."""
+    run), wait forever in a collective call, or (data loading processes) on their queue."""
     while os.getppid() == parent_pid:
         time.sleep(PARENT_POLL_SECONDS)
     print(f'error: the process that started this one ({parent_pid}) has ended; stopping',
@@ -47,9 +47,16 @@ def _exit_when_orphaned(parent_pid):
     os._exit(1)
 
 
+def end_with_parent(parent_pid):
+    """Makes this process end within ``PARENT_POLL_SECONDS`` of ``parent_pid`` ending (a thread
+    running ``_exit_when_orphaned``). For processes started by another one: a run's workers,
+    data loading processes."""
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+
+
 def _run_worker(parent_pid, worker, *args):
     """Body of a started process: ``worker(*args)``, ended early if ``parent_pid`` ends."""
-    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+    end_with_parent(parent_pid)
     return worker(*args)
 
 

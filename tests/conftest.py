@@ -1,9 +1,10 @@
 """Shared test set-up: the project root on sys.path, the golden fixtures' location and model
-configs, a config with random weights, torch.save's zip layout, and a way to make installed
-packages look absent."""
+configs, a config with random weights, torch.save's zip layout, a way to make installed
+packages look absent, and watching processes end."""
 import importlib.util
 import os
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
@@ -54,3 +55,20 @@ def random_model_files(folder, config_yaml, seed=1):
     weights = os.path.join(folder, 'tiny.pdparams')
     paddle.save(build_xcit(get_config(cfg)).state_dict(), weights)
     return cfg, weights
+
+
+def running(pid):
+    """Whether process ``pid`` exists and is not a zombie (Linux: reads /proc)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rpartition(')')[2].split()[0] != 'Z'
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(condition, seconds):
+    """Calls ``condition()`` every 0.2 s until it is true or ``seconds`` have passed; returns its last value."""
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.2)
+    return condition()

@@ -4,6 +4,8 @@ import io
 import multiprocessing
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -11,6 +13,7 @@ import paddle
 import pytest
 from PIL import Image
 
+from conftest import ROOT, running, wait_for
 from config import ConfigError, get_config, merge_from_list
 from datasets import DataError, build_dataloader, build_dataset
 from samplers import EvalBatchSampler, TrainBatchSampler
@@ -401,3 +404,58 @@ def test_train_loader_needs_one_full_batch():
     config = make_config(**{'DATA.DATASET': 'digits', 'DATA.BATCH_SIZE': 1024})
     with pytest.raises(DataError, match='no full batch'):
         build_dataloader(config, build_dataset(config, 'train'), 'train', rank=1, world_size=2)
+
+
+LOADING = """\
+import sys
+import time
+
+sys.path.insert(0, {root!r})
+from config import get_config
+from datasets import build_dataloader, build_dataset
+
+config = get_config()
+config.defrost()
+config.DATA.DATASET, config.MODEL.NUM_CLASSES, config.DATA.IMAGE_SIZE, config.DATA.NUM_WORKERS = 'digits', 10, 32, 2
+config.freeze()
+for batch in build_dataloader(config, build_dataset(config, 'val'), 'val'):
+    print('loading', flush=True)
+    time.sleep(300)
+"""
+
+
+def children(pid):
+    """The ids of the processes whose parent is ``pid`` (Linux: reads /proc)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                if int(f.read().rpartition(')')[2].split()[1]) == pid:
+                    found.append(int(entry))
+        except (FileNotFoundError, ProcessLookupError):  # ended meanwhile
+            continue
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
+def test_loader_workers_end_when_the_loading_process_is_killed(tmp_path):
+    """Paddle's worker processes of a killed process stayed, blocked on their queue."""
+    script = tmp_path / 'load.py'
+    script.write_text(LOADING.format(root=ROOT))
+    loading = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True)
+    workers = []
+    try:
+        assert loading.stdout.readline() == 'loading\n'
+        workers = children(loading.pid)
+        assert len(workers) == 2
+        loading.kill()
+        loading.wait(timeout=30)
+        assert wait_for(lambda: not any(map(running, workers)), 10)
+    finally:
+        for pid in workers:
+            if running(pid):
+                os.kill(pid, 9)
+        if loading.poll() is None:
+            loading.kill()
+        loading.stdout.close()

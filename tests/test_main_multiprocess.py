@@ -5,13 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import paddle
 import pytest
 
-from conftest import ROOT, random_model_files
+from conftest import ROOT, random_model_files, running, wait_for
 import main_single_gpu
 from config import get_config
 from xcit import build_xcit
@@ -193,22 +192,6 @@ def worker(folder):
 if __name__ == '__main__':
     launch.spawn(worker, (sys.argv[1],), 2, on_gpus=False)
 """
-
-
-def running(pid):
-    """Whether process ``pid`` exists and is not a zombie (Linux)."""
-    try:
-        with open(f'/proc/{pid}/stat') as f:
-            return f.read().rpartition(')')[2].split()[0] != 'Z'
-    except FileNotFoundError:
-        return False
-
-
-def wait_for(condition, seconds):
-    deadline = time.time() + seconds
-    while not condition() and time.time() < deadline:
-        time.sleep(0.2)
-    return condition()
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
