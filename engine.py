@@ -831,28 +831,27 @@ def reusable_config(config):
     return config
 
 
-def lock_output(folder, logger):
+def hold_output_folder(folder):
     """The open ``<folder>/run.lock`` that the first process of a training run holds while the run
     writes to ``folder`` (``utils.lock_folder``); raises ``ConfigError`` when another run holds it,
-    as two runs would mix their records in metrics.jsonl and overwrite each other's checkpoints.
-    Once it holds the folder, removes the partial checkpoints of runs killed while writing one."""
+    as two runs would mix their records in log.txt and metrics.jsonl and overwrite each other's
+    checkpoints."""
     lock = lock_folder(folder)
     if lock is None:
         raise ConfigError(f'{folder} is the output folder of a training run that is still going on (it holds '
                           f'{os.path.join(folder, "run.lock")}): wait for it to end, or give another -output')
-    removed = remove_partial_checkpoints(folder)
-    if removed:
-        logger.info(f'removed what a stopped run left of checkpoints it was writing: {", ".join(removed)}')
     return lock
 
 
 def run_training(config, device, use_amp, logger):
-    lock = lock_output(config.SAVE, logger) if get_rank() == 0 else contextlib.nullcontext()
-    with lock:
-        trainer = Trainer(config, device, use_amp, logger)
-        if get_rank() == 0:
-            write_config(reusable_config(config), os.path.join(config.SAVE, 'config.yaml'))
-        return trainer.fit()
+    if get_rank() == 0:  # it holds the folder: no other process writes these files now
+        removed = remove_partial_checkpoints(config.SAVE)
+        if removed:
+            logger.info(f'removed what a stopped run left of checkpoints it was writing: {", ".join(removed)}')
+    trainer = Trainer(config, device, use_amp, logger)
+    if get_rank() == 0:
+        write_config(reusable_config(config), os.path.join(config.SAVE, 'config.yaml'))
+    return trainer.fit()
 
 
 # ---------------------------------------------------------------- entry
@@ -865,14 +864,17 @@ def run(config):
     """
     check_inputs(config)
     rank, world_size = get_rank(), get_world_size()
-    logger = setup_logger(config.SAVE, rank)
-    device = setup_device()
-    logger.info(f'device: {device}' + (f', {world_size} processes' if world_size > 1 else ''))
-    use_amp = config.AMP and device.startswith('gpu')
-    if config.AMP and not use_amp:
-        logger.info('-amp has no effect on CPU: computing in float32')
-    if config.DATA.DATA_PATH and config.DATA.DATASET not in FOLDER_DATASETS:
-        logger.info(f'-data_path {config.DATA.DATA_PATH} has no effect: the {config.DATA.DATASET} dataset is bundled')
-    if config.EVAL:
-        return run_evaluation(config, device, use_amp, logger)
-    return run_training(config, device, use_amp, logger)
+    holds_output = rank == 0 and not config.EVAL
+    with hold_output_folder(config.SAVE) if holds_output else contextlib.nullcontext():
+        logger = setup_logger(config.SAVE, rank)
+        device = setup_device()
+        logger.info(f'device: {device}' + (f', {world_size} processes' if world_size > 1 else ''))
+        use_amp = config.AMP and device.startswith('gpu')
+        if config.AMP and not use_amp:
+            logger.info('-amp has no effect on CPU: computing in float32')
+        if config.DATA.DATA_PATH and config.DATA.DATASET not in FOLDER_DATASETS:
+            logger.info(f'-data_path {config.DATA.DATA_PATH} has no effect: the {config.DATA.DATASET} dataset is '
+                        f'bundled')
+        if config.EVAL:
+            return run_evaluation(config, device, use_amp, logger)
+        return run_training(config, device, use_amp, logger)

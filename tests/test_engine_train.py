@@ -306,6 +306,7 @@ def test_a_run_in_the_folder_of_a_running_one_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=f'{tmp_path} is the output folder of a training run that is still going on'):
         main_single_gpu.main(args)
     assert (tmp_path / 'metrics.jsonl').read_text() == '{"kind": "train"}\n'
+    assert not (tmp_path / 'log.txt').exists()  # the refused run wrote nothing, not even its log
     running.close()
     assert main_single_gpu.main(args)['epochs'] == 1
     assert main_single_gpu.main(args)['epochs'] == 1  # the lock went with the run that held it
