@@ -50,6 +50,7 @@ DROPPED_LEAVES = {'num_batches_tracked'}  # a torch BatchNorm counter, not a wei
 BN_BUFFERS = ('._mean', '._variance')
 WRAPPER_PREFIX = 'module.'  # torch DataParallel / DistributedDataParallel saves
 BACKBONE_PREFIX = 'backbone.'  # DINO's training wrapper: the XCiT, beside its projection 'head.'
+SHOWN_KEYS = 5  # entries of a wrong --linear file named in its error
 LINEAR_HEAD = {'linear.weight': 'head.weight', 'linear.bias': 'head.bias'}  # DINO's LinearClassifier
 TIMM_SPLIT_QKV = re.compile(r'^(?P<prefix>cls_attn_blocks\.\d+\.attn)\.(?P<part>[qkv])\.(?P<leaf>weight|bias)$')
 
@@ -164,8 +165,11 @@ def read_linear_head(path):
     state_dict, _ = extract_state_dict(read_checkpoint(path), path)
     state_dict = strip_wrapper_prefix(state_dict)
     if sorted(state_dict) != sorted(LINEAR_HEAD):
+        found = sorted(state_dict)
+        more = f' and {len(found) - SHOWN_KEYS} more' if len(found) > SHOWN_KEYS else ''
+        listed = ', '.join(found[:SHOWN_KEYS]) + more
         raise CheckpointError(f'{path}: not a linear classifier: expected {" and ".join(LINEAR_HEAD)}, '
-                              f'found {", ".join(sorted(state_dict))}')
+                              f'found {len(found)} entries: {listed}')
     weight, bias = state_dict['linear.weight'], state_dict['linear.bias']
     if weight.ndim != 2 or bias.shape != weight.shape[:1]:
         raise CheckpointError(f'{path}: linear.weight {list(weight.shape)} and linear.bias {list(bias.shape)} '

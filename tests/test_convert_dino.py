@@ -195,7 +195,9 @@ def test_linear_classifier_errors(golden, dino_files, tmp_path, capsys):
     # not a linear classifier at all
     assert main(['--src', dino_files['backbone'], '--linear', dino_files['backbone'], '--dst', str(dst)]) == 1
     err = capsys.readouterr().err
-    assert f'{dino_files["backbone"]}: not a linear classifier: expected linear.weight and linear.bias, found ' in err
+    found = sorted(load_checkpoint_arrays(dino_files['backbone']))
+    assert (f'{dino_files["backbone"]}: not a linear classifier: expected linear.weight and linear.bias, found '
+            f'{len(found)} entries: {", ".join(found[:5])} and {len(found) - 5} more') in err
     assert not dst.exists()
     with pytest.raises(SystemExit):  # one classifier, one backbone
         main(['--src', GOLDEN, '--linear', dino_files['linear'], '--dst', str(tmp_path)])
