@@ -174,17 +174,24 @@ def merge_from_file(config, path):
     _merge(config, data, path)
 
 
-def _parse_value(text):
-    """Parses an ``-opts`` value the way yacs does: a Python literal, else a plain string."""
+def _parse_value(text, default):
+    """Parses an ``-opts`` value the way yacs does: a Python literal, else a plain string.
+
+    For a key whose ``default`` is a string (a path, a name) a number or boolean stays the text
+    as typed: ``-output 2024`` is the folder 2024. ``None`` still gives the empty string.
+    """
     if not isinstance(text, str):
         return text
     try:
-        return ast.literal_eval(text)
+        value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         lowered = text.lower()
         if lowered in ('true', 'false'):
             return lowered == 'true'
         return text
+    if isinstance(default, str) and value is not None and not isinstance(value, str):
+        return text
+    return value
 
 
 def merge_from_list(config, opts, source='-opts'):
@@ -199,7 +206,8 @@ def merge_from_list(config, opts, source='-opts'):
             if part not in node or not isinstance(node[part], CN):
                 raise ConfigError(f'{source}: unknown config key {key}')
             node = node[part]
-        _merge(node, {parts[-1]: _parse_value(text)}, source, '.'.join(parts[:-1]) + '.' if len(parts) > 1 else '')
+        value = _parse_value(text, node.get(parts[-1]))
+        _merge(node, {parts[-1]: value}, source, '.'.join(parts[:-1]) + '.' if len(parts) > 1 else '')
 
 
 def _positive(v):

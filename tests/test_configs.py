@@ -181,6 +181,16 @@ def test_opts_override_the_file():
     assert config.is_frozen()
 
 
+def test_text_keys_keep_the_command_line_text():
+    """A folder or file named like a number or a boolean is a path, not a type error."""
+    args = argparse.Namespace(cfg=None, output='2024', data_path='1e3',
+                              opts=['MODEL.PRETRAINED', '123', 'MODEL.NAME', 'True', 'TRAIN.TEACHER_PRETRAINED', 'None'])
+    config = update_config(get_config(), args)
+    assert (config.SAVE, config.DATA.DATA_PATH, config.MODEL.PRETRAINED) == ('2024', '1e3', '123')
+    assert (config.MODEL.NAME, config.TRAIN.TEACHER_PRETRAINED) == ('True', '')
+    assert update_config(get_config(), argparse.Namespace(cfg=None, opts=['SEED', '7'])).SEED == 7
+
+
 @pytest.mark.parametrize('key', ['TRAIN.NUM_EPOCH', 'SEEDS', 'TRIAN.NUM_EPOCHS', 'SEED.X'])
 def test_unknown_opts_key_is_named(key):
     args = argparse.Namespace(cfg=None, opts=[key, '2'])
