@@ -8,6 +8,7 @@ it has one, in its range (``check_values``); otherwise ``ConfigError`` names the
 it came from.
 """
 import ast
+import math
 import os
 
 import yaml
@@ -116,13 +117,18 @@ def _coerce(key, value, default, source):
         if isinstance(value, bool):
             return value
     elif isinstance(default, float):
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:
+            raise ConfigError(f'{source}: {key} must be a finite number, got {value!r}')
     elif isinstance(default, int):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -227,9 +233,9 @@ def _below_one(v):
 
 
 def _numbers(v, count, test):
-    """``v`` is a list of ``count`` numbers (bools excluded) that each pass ``test``."""
+    """``v`` is a list of ``count`` finite numbers (bools excluded) that each pass ``test``."""
     return (len(v) == count and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-            and all(test(x) for x in v))
+            and all(math.isfinite(x) and test(x) for x in v))
 
 
 def _interval(v, high=None):

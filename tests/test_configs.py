@@ -146,6 +146,21 @@ def test_exponent_without_dot_is_accepted_for_a_float_key(tmp_path):
     assert config.MODEL.ETA == 1e-5
 
 
+@pytest.mark.parametrize('text, message', [
+    ('MODEL:\n  ETA: .nan\n', 'MODEL.ETA must be a finite number, got nan'),
+    ('MODEL:\n  MLP_RATIO: .inf\n', 'MODEL.MLP_RATIO must be a finite number, got inf'),
+    ('TRAIN:\n  BASE_LR: inf\n', "TRAIN.BASE_LR must be a finite number, got 'inf'"),
+    ('DATA:\n  IMAGENET_MEAN: [.nan, 0.4, 0.4]\n', 'DATA.IMAGENET_MEAN must be 3 numbers (R, G, B)'),
+])
+def test_non_finite_number_is_refused(tmp_path, text, message):
+    """NaN or infinity would reach the weights or the learning rate and fail far from its cause."""
+    path = write(tmp_path / 'bad.yaml', text)
+    with pytest.raises(ConfigError, match=re.escape(f'{path}: {message}')):
+        get_config(path)
+    with pytest.raises(ConfigError, match=re.escape("-opts: MODEL.ETA must be a finite number, got 'nan'")):
+        update_config(get_config(), argparse.Namespace(cfg=None, opts=['MODEL.ETA', 'nan']))
+
+
 def test_int_is_accepted_for_a_float_key(tmp_path):
     path = write(tmp_path / 'lr.yaml', 'TRAIN:\n  BASE_LR: 1\n  WEIGHT_DECAY: 0\n')
     config = get_config(path)
