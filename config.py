@@ -295,6 +295,8 @@ _VALUE_RULES = {
     'TRAIN.DISTILLATION_TYPE': (lambda v: v in ('none', 'soft', 'hard'), "'none', 'soft' or 'hard'"),
     'TRAIN.DISTILLATION_ALPHA': (_probability, 'in [0, 1]'),
     'TRAIN.DISTILLATION_TAU': (_positive, '> 0'),
+    # numpy seeds below 2**32; SEED + rank (+ 1000 * epoch for Paddle) must stay there
+    'SEED': (lambda v: 0 <= v < 2 ** 31, 'in [0, 2**31)'),
     'SAVE_FREQ': (_non_negative, '>= 0'),
     'REPORT_FREQ': (_positive, '> 0'),
     'VALIDATE_FREQ': (_non_negative, '>= 0'),

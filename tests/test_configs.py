@@ -239,6 +239,8 @@ def test_wrong_type_in_opts_is_named():
      'TRAIN.RANDOM_RESIZED_CROP_SCALE must be [min, max] with 0 < min <= max'),
     ('TRAIN:\n  CUTMIX_MINMAX: [0.2]\n', 'TRAIN.CUTMIX_MINMAX must be [] or [min, max] with 0 < min <= max <= 1'),
     ('TRAIN:\n  MIXUP_MODE: garbage\n', "TRAIN.MIXUP_MODE must be 'batch' or 'pair' or 'elem', got 'garbage'"),
+    ('SEED: -1\n', 'SEED must be in [0, 2**31), got -1'),  # Paddle and numpy refuse it when training starts
+    ('SEED: 4294967296\n', 'SEED must be in [0, 2**31), got 4294967296'),
     ('TRAIN:\n  MIXUP_PROB: 0.0\n  RANDOM_ERASE_MODE: noise\n',
      "TRAIN.RANDOM_ERASE_MODE must be 'pixel' or 'rand' or 'const', got 'noise'"),
 ])
