@@ -276,6 +276,7 @@ _VALUE_RULES = {
     'TRAIN.GRAD_CLIP': (_non_negative, '>= 0'),
     'TRAIN.ACCUM_ITER': (_positive, '> 0'),
     'TRAIN.OPTIMIZER.NAME': (lambda v: v.lower() in OPTIMIZER_SETTINGS, "'AdamW' or 'SGD'"),
+    'TRAIN.OPTIMIZER.EPS': (_non_negative, '>= 0'),
     'TRAIN.OPTIMIZER.MOMENTUM': (_below_one, 'in [0, 1)'),
     'TRAIN.OPTIMIZER.BETAS': (lambda v: _numbers(v, 2, _below_one), '2 numbers in [0, 1) (beta1, beta2)'),
     'TRAIN.RANDOM_RESIZED_CROP_SCALE': (_interval, '[min, max] with 0 < min <= max'),
