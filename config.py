@@ -283,6 +283,7 @@ _VALUE_RULES = {
     'TRAIN.CUTMIX_MINMAX': (lambda v: not v or _interval(v, 1), '[] or [min, max] with 0 < min <= max <= 1'),
     'TRAIN.MODEL_EMA_DECAY': (_probability, 'in [0, 1]'),
     'TRAIN.SMOOTHING': (_below_one, 'in [0, 1)'),
+    'TRAIN.COLOR_JITTER': (_non_negative, '>= 0'),
     'TRAIN.HFLIP': (_probability, 'in [0, 1]'),
     'TRAIN.REPEATED_AUG_COUNT': (_positive, '> 0'),
     'TRAIN.MIXUP_ALPHA': (_non_negative, '>= 0'),

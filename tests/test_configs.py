@@ -234,6 +234,7 @@ def test_wrong_type_in_opts_is_named():
     ('TRAIN:\n  OPTIMIZER:\n    BETAS: [0.9]\n', 'TRAIN.OPTIMIZER.BETAS must be 2 numbers in [0, 1) (beta1, beta2)'),
     ('TRAIN:\n  OPTIMIZER:\n    BETAS: [0.9, 1.0]\n', 'TRAIN.OPTIMIZER.BETAS must be 2 numbers in [0, 1)'),
     ('TRAIN:\n  OPTIMIZER:\n    EPS: -1.0e-8\n', 'TRAIN.OPTIMIZER.EPS must be >= 0, got -1e-08'),
+    ('TRAIN:\n  RAND_AUGMENT: False\n  COLOR_JITTER: -0.4\n', 'TRAIN.COLOR_JITTER must be >= 0, got -0.4'),
     ('DATA:\n  IMAGENET_MEAN: [0.5, 0.5]\n', 'DATA.IMAGENET_MEAN must be 3 numbers (R, G, B), got [0.5, 0.5]'),
     ('DATA:\n  IMAGENET_STD: [0.2, 0.0, 0.2]\n', 'DATA.IMAGENET_STD must be 3 numbers > 0 (R, G, B)'),
     ('TRAIN:\n  RANDOM_RESIZED_CROP_SCALE: [1.0, 0.5]\n',
