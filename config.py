@@ -166,6 +166,8 @@ def _load_yaml(path):
             data = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f'{path}: not valid YAML: {e}') from e
+        except UnicodeDecodeError as e:  # e.g. weights given as -cfg
+            raise ConfigError(f'{path}: not a YAML config, which is UTF-8 text ({e.reason} at byte {e.start})') from e
     if not isinstance(data, dict):
         raise ConfigError(f'{path}: expected a mapping at the top level')
     return data

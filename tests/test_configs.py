@@ -186,6 +186,13 @@ def test_missing_base_file_is_reported(tmp_path):
         get_config(child)
 
 
+def test_binary_file_as_config_is_named(tmp_path):
+    path = tmp_path / 'weights.pdparams'
+    path.write_bytes(b'\x80\x04\x95binary')
+    with pytest.raises(ConfigError, match=re.escape(f'{path}: not a YAML config, which is UTF-8 text')):
+        get_config(str(path))
+
+
 def test_opts_override_the_file():
     args = argparse.Namespace(cfg=config_path('xcit_tiny_12_p8_224'),
                               opts=['TRAIN.NUM_EPOCHS', '2', 'SEED', '3', 'MODEL.DROPPATH', '0'])
