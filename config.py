@@ -147,7 +147,7 @@ def _coerce(key, value, default, source):
 def _merge(node, updates, source, prefix=''):
     """Merges a nested dict into ``node``, checking every key and type."""
     for key, value in updates.items():
-        full = prefix + key
+        full = f'{prefix}{key}'  # YAML keys may be numbers or booleans (``12:``, ``yes:``)
         if key not in node:
             raise ConfigError(f'{source}: unknown config key {full}')
         if isinstance(node[key], CN):

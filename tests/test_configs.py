@@ -108,6 +108,8 @@ def test_smallest_config_builds_and_runs_at_its_image_size():
     ('MODEL:\n  EMBED_DIMS: 128\n', 'MODEL.EMBED_DIMS'),
     ('SEEDS: 1\n', 'SEEDS'),
     ('TRIAN:\n  NUM_EPOCHS: 1\n', 'TRIAN'),
+    ('MODEL:\n  12: 3\n', 'MODEL.12'),
+    ('yes: 1\n', 'True'),
 ])
 def test_unknown_key_in_file_names_key_and_file(tmp_path, text, key):
     path = write(tmp_path / 'bad.yaml', text)
