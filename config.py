@@ -173,12 +173,20 @@ def _load_yaml(path):
     return data
 
 
+def _base_files(data, path):
+    """Removes ``BASE`` from the mapping ``data`` read from ``path``; returns the paths of the
+    files it names (relative to ``path``), in order."""
+    bases = data.pop('BASE', None) or []
+    if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
+        raise ConfigError(f"{path}: BASE must be a list of file names, e.g. ['base.yaml'], got {bases!r}")
+    return [os.path.join(os.path.dirname(path), base) for base in bases if base]
+
+
 def merge_from_file(config, path):
     """Merges ``path`` into ``config``, after the files its ``BASE`` list names (relative to it)."""
     data = _load_yaml(path)
-    for base in data.pop('BASE', None) or []:
-        if base:
-            merge_from_file(config, os.path.join(os.path.dirname(path), base))
+    for base in _base_files(data, path):
+        merge_from_file(config, base)
     _merge(config, data, path)
 
 

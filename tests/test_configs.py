@@ -182,6 +182,15 @@ def test_base_files_are_merged_first_relative_to_the_including_file(tmp_path):
     assert config.TRAIN.WARMUP_EPOCHS == get_config().TRAIN.WARMUP_EPOCHS  # untouched default
 
 
+@pytest.mark.parametrize('base', ["'common.yaml'", "[['common.yaml']]", '{common.yaml: 1}'])
+def test_base_that_is_not_a_list_of_names_is_reported(tmp_path, base):
+    """A single name without brackets used to be read letter by letter ('file not found: .../c')."""
+    write(tmp_path / 'common.yaml', 'SEED: 1\n')
+    child = write(tmp_path / 'child.yaml', f'BASE: {base}\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{child}: BASE must be a list of file names, e.g. ['base.yaml']")):
+        get_config(child)
+
+
 def test_missing_base_file_is_reported(tmp_path):
     child = write(tmp_path / 'child.yaml', "BASE: ['nowhere.yaml']\n")
     with pytest.raises(ConfigError, match='nowhere.yaml'):
