@@ -182,11 +182,18 @@ def _base_files(data, path):
     return [os.path.join(os.path.dirname(path), base) for base in bases if base]
 
 
-def merge_from_file(config, path):
-    """Merges ``path`` into ``config``, after the files its ``BASE`` list names (relative to it)."""
+def merge_from_file(config, path, including=()):
+    """Merges ``path`` into ``config``, after the files its ``BASE`` list names (relative to it).
+
+    ``including``: the files whose ``BASE`` led here, outermost first; a file among them would
+    include itself without end.
+    """
+    chain = including + (path,)
+    if any(os.path.realpath(path) == os.path.realpath(outer) for outer in including):
+        raise ConfigError(f'{including[-1]}: BASE includes itself: {" -> ".join(chain)}')
     data = _load_yaml(path)
     for base in _base_files(data, path):
-        merge_from_file(config, base)
+        merge_from_file(config, base, chain)
     _merge(config, data, path)
 
 

@@ -191,6 +191,18 @@ def test_base_that_is_not_a_list_of_names_is_reported(tmp_path, base):
         get_config(child)
 
 
+def test_base_cycle_is_reported(tmp_path):
+    """A file that includes itself, directly or through others, used to end in RecursionError."""
+    a = write(tmp_path / 'a.yaml', "BASE: ['base/b.yaml']\n")
+    b = write(tmp_path / 'base' / 'b.yaml', "BASE: ['../a.yaml']\n")
+    with pytest.raises(ConfigError, match=re.escape(f'{b}: BASE includes itself: {a} -> {b} -> ')):
+        get_config(a)
+    # a file included twice, but not by itself, is fine
+    write(tmp_path / 'common.yaml', 'SEED: 4\n')
+    write(tmp_path / 'c.yaml', "BASE: ['common.yaml']\n")
+    assert get_config(write(tmp_path / 'd.yaml', "BASE: ['common.yaml', 'c.yaml']\n")).SEED == 4
+
+
 def test_missing_base_file_is_reported(tmp_path):
     child = write(tmp_path / 'child.yaml', "BASE: ['nowhere.yaml']\n")
     with pytest.raises(ConfigError, match='nowhere.yaml'):
