@@ -354,6 +354,11 @@ _SWITCHED_SETTINGS = (
     ('TRAIN.RANDOM_ERASE_PROB is 0', lambda t: t.RANDOM_ERASE_PROB == 0, ('RANDOM_ERASE_MODE', 'RANDOM_ERASE_COUNT')),
     ('TRAIN.MIXUP_PROB is 0', lambda t: t.MIXUP_PROB == 0,
      ('MIXUP_ALPHA', 'CUTMIX_ALPHA', 'CUTMIX_MINMAX', 'MIXUP_SWITCH_PROB', 'MIXUP_MODE')),
+    ('TRAIN.MIXUP_ALPHA and TRAIN.CUTMIX_ALPHA are 0 and TRAIN.CUTMIX_MINMAX is empty',
+     lambda t: not (t.MIXUP_ALPHA > 0 or t.CUTMIX_ALPHA > 0 or t.CUTMIX_MINMAX),
+     ('MIXUP_PROB', 'MIXUP_SWITCH_PROB', 'MIXUP_MODE')),
+    ('only one of Mixup (TRAIN.MIXUP_ALPHA) and CutMix (TRAIN.CUTMIX_ALPHA or TRAIN.CUTMIX_MINMAX) is on',
+     lambda t: not (t.MIXUP_ALPHA > 0 and (t.CUTMIX_ALPHA > 0 or t.CUTMIX_MINMAX)), ('MIXUP_SWITCH_PROB',)),
     ('TRAIN.CUTMIX_MINMAX is set', lambda t: bool(t.CUTMIX_MINMAX), ('CUTMIX_ALPHA',)),
     ('TRAIN.MODEL_EMA is off', lambda t: not t.MODEL_EMA, ('MODEL_EMA_DECAY',)),
     ('TRAIN.REPEATED_AUG is off', lambda t: not t.REPEATED_AUG, ('REPEATED_AUG_COUNT',)),
@@ -365,9 +370,12 @@ def settings_without_effect(config):
     """Messages naming the training settings that differ from their default but have no effect,
     because what reads them is off (e.g. a teacher without distillation), for a run to report."""
     train = config.TRAIN
-    return [f'TRAIN.{key} is {train[key]!r}, which has no effect: {switch}'
-            for switch, is_off, keys in _SWITCHED_SETTINGS if is_off(train)
-            for key in keys if train[key] != _C.TRAIN[key]]
+    reasons = {}  # key -> the first of the switches that turn it off
+    for switch, is_off, keys in _SWITCHED_SETTINGS:
+        for key in keys:
+            if is_off(train) and train[key] != _C.TRAIN[key]:
+                reasons.setdefault(key, switch)
+    return [f'TRAIN.{key} is {train[key]!r}, which has no effect: {switch}' for key, switch in reasons.items()]
 
 
 def _check_optimizer_settings(optimizer, source):

@@ -314,3 +314,25 @@ def test_settings_without_effect_are_named():
     assert settings_without_effect(get_config()) == []
     for path in glob.glob(os.path.join(ROOT, 'configs', '**', '*.yaml'), recursive=True):
         assert settings_without_effect(get_config(path)) == [], path
+
+
+@pytest.mark.parametrize('opts, named', [
+    (['TRAIN.MIXUP_ALPHA', '0', 'TRAIN.CUTMIX_ALPHA', '0', 'TRAIN.MIXUP_SWITCH_PROB', '0.3', 'TRAIN.MIXUP_MODE', 'pair'],
+     ["TRAIN.MIXUP_SWITCH_PROB is 0.3, which has no effect: TRAIN.MIXUP_ALPHA and TRAIN.CUTMIX_ALPHA are 0 "
+      "and TRAIN.CUTMIX_MINMAX is empty",
+      "TRAIN.MIXUP_MODE is 'pair', which has no effect: TRAIN.MIXUP_ALPHA and TRAIN.CUTMIX_ALPHA are 0 "
+      "and TRAIN.CUTMIX_MINMAX is empty"]),
+    (['TRAIN.MIXUP_ALPHA', '0', 'TRAIN.MIXUP_SWITCH_PROB', '0.3'],
+     ['TRAIN.MIXUP_SWITCH_PROB is 0.3, which has no effect: only one of Mixup (TRAIN.MIXUP_ALPHA) and CutMix '
+      '(TRAIN.CUTMIX_ALPHA or TRAIN.CUTMIX_MINMAX) is on']),
+    (['TRAIN.MIXUP_PROB', '0.0', 'TRAIN.CUTMIX_MINMAX', '[0.3, 0.8]', 'TRAIN.CUTMIX_ALPHA', '2.0'],
+     ['TRAIN.CUTMIX_ALPHA is 2.0, which has no effect: TRAIN.MIXUP_PROB is 0',  # once, for the first reason
+      'TRAIN.CUTMIX_MINMAX is [0.3, 0.8], which has no effect: TRAIN.MIXUP_PROB is 0']),
+])
+def test_mixup_settings_that_nothing_reads_are_named(opts, named):
+    """Without Mixup and CutMix their probability and mode are not read; the switch probability is read
+    only when both are on (as in timm's Mixup)."""
+    config = get_config()
+    config.defrost()
+    merge_from_list(config, opts)
+    assert settings_without_effect(config) == named
