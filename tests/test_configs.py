@@ -79,6 +79,30 @@ def test_config_has_the_official_hyper_parameters(name):
         assert config.TRAIN.DISTILLATION_TYPE == 'none'
 
 
+# the argument defaults of the official main.py (facebookresearch/xcit), per process the batch of
+# the README's single-node command (8 GPUs x --batch-size 128); 0 / [] where main.py has None
+OFFICIAL_TRAINING = {
+    'NUM_EPOCHS': 400, 'WARMUP_EPOCHS': 5, 'WEIGHT_DECAY': 0.05, 'BASE_LR': 5e-4, 'LINEAR_SCALED_LR': 512,
+    'WARMUP_START_LR': 1e-6, 'END_LR': 1e-5, 'GRAD_CLIP': 0.0, 'MODEL_EMA': True, 'MODEL_EMA_DECAY': 0.99996,
+    'SMOOTHING': 0.1, 'COLOR_JITTER': 0.4, 'RAND_AUGMENT': True, 'RAND_AUGMENT_CONFIG': 'rand-m9-mstd0.5-inc1',
+    'TRAIN_INTERPOLATION': 'bicubic', 'RANDOM_RESIZED_CROP_SCALE': [0.08, 1.0], 'HFLIP': 0.5,
+    'REPEATED_AUG': True, 'REPEATED_AUG_COUNT': 3, 'MIXUP_ALPHA': 0.8, 'CUTMIX_ALPHA': 1.0, 'CUTMIX_MINMAX': [],
+    'MIXUP_PROB': 1.0, 'MIXUP_SWITCH_PROB': 0.5, 'MIXUP_MODE': 'batch', 'RANDOM_ERASE_PROB': 0.25,
+    'RANDOM_ERASE_MODE': 'pixel', 'RANDOM_ERASE_COUNT': 1, 'DISTILLATION_ALPHA': 0.5, 'DISTILLATION_TAU': 1.0,
+    'TEACHER_MODEL': 'regnety_160', 'ACCUM_ITER': 1, 'FREEZE_BACKBONE': False,
+}
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_config_trains_with_the_official_recipe(name):
+    config = get_config(config_path(name))
+    t = config.TRAIN
+    assert {key: t[key] for key in OFFICIAL_TRAINING} == OFFICIAL_TRAINING
+    assert (t.OPTIMIZER.NAME, t.OPTIMIZER.EPS, list(t.OPTIMIZER.BETAS)) == ('AdamW', 1e-8, [0.9, 0.999])
+    assert (config.DATA.BATCH_SIZE, config.MODEL.DROPOUT, config.MODEL.ATTENTION_DROPOUT) == (128, 0.0, 0.0)
+    assert (config.DATA.IMAGENET_MEAN, config.DATA.IMAGENET_STD) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
 @pytest.mark.parametrize('name', VARIANTS)
 def test_built_model_matches_the_official_state_dict(name):
     official = MANIFEST[NAME.fullmatch(name)['arch']]
