@@ -212,7 +212,7 @@ def _parse_value(text, default):
         if lowered in ('true', 'false'):
             return lowered == 'true'
         return text
-    if isinstance(default, str) and value is not None and not isinstance(value, str):
+    if isinstance(default, str) and isinstance(value, (int, float)):  # bool is an int
         return text
     return value
 
