@@ -131,12 +131,13 @@ def _check_dir(path, what):
 
 
 def _read_list_file(root, list_file, num_classes):
-    """(paths, labels, line numbers) from lines 'relative/path label'; blank lines are skipped."""
+    """(paths, labels, line numbers) from lines 'relative/path label'; blank lines are skipped. The
+    file is UTF-8, with or without the byte-order mark that some Windows editors write first."""
     if not os.path.isfile(list_file):
         raise DataError(f'list file not found: {list_file} (imagenet2012 expects train_list.txt '
                         f'and val_list.txt in DATA.DATA_PATH)')
     paths, labels, line_numbers = [], [], []
-    with open(list_file, encoding='utf-8') as f:
+    with open(list_file, encoding='utf-8-sig') as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -200,6 +200,13 @@ def test_imagenet2012_layout(imagenet):
     assert label == 4
 
 
+def test_list_files_with_a_byte_order_mark(imagenet):
+    """Windows editors may start a UTF-8 file with a byte-order mark; it is not part of the first path."""
+    (imagenet / 'val_list.txt').write_text('val/v1.JPEG 4\r\n', encoding='utf-8-sig')
+    val = build_dataset(make_config(**{'DATA.DATASET': 'imagenet2012', 'DATA.DATA_PATH': str(imagenet)}), 'val')
+    assert val.paths == [os.path.join(str(imagenet), 'val/v1.JPEG')] and val.labels.tolist() == [4]
+
+
 # ------------------------------------------------------------------ bad input
 
 def imagenet_config(root):
