@@ -130,14 +130,27 @@ def _check_dir(path, what):
         raise DataError(f'{what} not found: {path}')
 
 
+def _text_lines(path):
+    """The UTF-8 text file ``path`` as a file object of its lines (any line ending; a leading
+    byte-order mark, which some Windows editors write, is dropped); ``DataError`` naming the line
+    of a byte that is not UTF-8."""
+    with open(path, 'rb') as f:
+        raw = f.read().removeprefix(codecs.BOM_UTF8)
+    try:
+        text = raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        line = raw.count(b'\n', 0, e.start) + 1
+        raise DataError(f'{path} line {line}: not UTF-8 text (byte {raw[e.start]:#04x}); save it as UTF-8') from None
+    return io.StringIO(text, newline=None)
+
+
 def _read_list_file(root, list_file, num_classes):
-    """(paths, labels, line numbers) from lines 'relative/path label'; blank lines are skipped. The
-    file is UTF-8, with or without the byte-order mark that some Windows editors write first."""
+    """(paths, labels, line numbers) from the UTF-8 lines 'relative/path label'; blank lines are skipped."""
     if not os.path.isfile(list_file):
         raise DataError(f'list file not found: {list_file} (imagenet2012 expects train_list.txt '
                         f'and val_list.txt in DATA.DATA_PATH)')
     paths, labels, line_numbers = [], [], []
-    with open(list_file, encoding='utf-8-sig') as f:
+    with _text_lines(list_file) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -225,6 +225,12 @@ def test_bad_list_lines_fail_when_built(imagenet, line, message):
         build_dataset(imagenet_config(imagenet), 'val')
 
 
+def test_list_files_that_are_not_utf8_name_the_line(imagenet):
+    (imagenet / 'val_list.txt').write_bytes(b'val/v1.JPEG 1\r\nval/caf\xe9.jpg 2\r\n')
+    with pytest.raises(DataError, match=r'val_list.txt line 2: not UTF-8 text \(byte 0xe9\)'):
+        build_dataset(imagenet_config(imagenet), 'val')
+
+
 def test_missing_images_fail_when_built_undecodable_ones_when_loaded(imagenet):
     """A missing file is found before any training or evaluation starts; an undecodable one
     when it is read. Both name the file and its line."""
