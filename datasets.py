@@ -27,6 +27,7 @@ import io
 import itertools
 import os
 import pickle
+import re
 import tarfile
 
 import numpy as np
@@ -155,7 +156,7 @@ def _read_list_file(root, list_file, num_classes):
             if not line.strip():
                 continue
             fields = line.rsplit(None, 1)
-            if len(fields) != 2 or not fields[1].lstrip('-').isdigit():
+            if len(fields) != 2 or not re.fullmatch('-?[0-9]+', fields[1]):
                 raise DataError(f"{list_file} line {lineno}: expected 'relative/path label', "
                                 f'got {line.rstrip()!r}')
             label = int(fields[1])

@@ -175,7 +175,7 @@ def test_imagefolder_layout(folder):
 
 
 def write_list(root, name, lines):
-    (root / name).write_text(''.join(line + '\n' for line in lines))
+    (root / name).write_text(''.join(line + '\n' for line in lines), encoding='utf-8')
     return str(root / name)
 
 
@@ -216,6 +216,8 @@ def imagenet_config(root):
 @pytest.mark.parametrize('line,message', [
     ('val/v1.JPEG', r"val_list.txt line 2: expected 'relative/path label'"),
     ('val/v1.JPEG cat', r"val_list.txt line 2: expected 'relative/path label'"),
+    ('val/v1.JPEG --3', r"val_list.txt line 2: expected 'relative/path label'"),
+    ('val/v1.JPEG \u00b3', r"val_list.txt line 2: expected 'relative/path label'"),  # a digit to str.isdigit
     ('val/v1.JPEG 10', r'val_list.txt line 2: label 10 outside \[0, MODEL.NUM_CLASSES=10\)'),
     ('val/v1.JPEG -1', r'val_list.txt line 2: label -1 outside'),
 ])
