@@ -38,6 +38,7 @@ from xcit import build_xcit
 
 DEFAULT_K = (10, 20, 100, 200)
 SIMILARITIES_PER_CHUNK = 2 ** 26  # validation images x training images scored at once (256 MiB of float32)
+ANY_NUMBER_OF_CLASSES = 2 ** 31 - 1  # the bound on the classes of a dataset that defines them itself
 
 
 def normalise(features):
@@ -114,7 +115,8 @@ def parse_args(argv=None):
                         help='T of the exp(similarity / T) votes (default 0.07)')
     parser.add_argument('-num_classes', type=int, default=None,
                         help='labels are in [0, this): needed by list-file datasets when the model has no '
-                             'head (default: MODEL.NUM_CLASSES, or 1000 without head)')
+                             'head (default: MODEL.NUM_CLASSES, or 1000 without head; the other datasets give '
+                             'their classes)')
     parser.add_argument('-output', default=None,
                         help='folder for knn_summary.json (default: none, the summary is only printed)')
     parser.add_argument('-save_features', action='store_true',
@@ -140,11 +142,14 @@ def parse_args(argv=None):
 
 
 def data_config(config, num_classes):
-    """``config`` whose MODEL.NUM_CLASSES, which the datasets check labels against, is ``num_classes``
-    (default: the model's, or 1000 for a model without head)."""
+    """``config`` whose MODEL.NUM_CLASSES, which the datasets check labels against, is ``num_classes``.
+    By default, for list files (whose lines alone give the labels) the model's, or 1000 for a model
+    without head; the other datasets define their classes (an image folder's class folders, digits,
+    CIFAR), which the votes take as they are, whatever the size of the model's head."""
     config = config.clone()
     config.defrost()
-    config.MODEL.NUM_CLASSES = num_classes or config.MODEL.NUM_CLASSES or 1000
+    default = (config.MODEL.NUM_CLASSES or 1000) if config.DATA.DATASET == 'imagenet2012' else ANY_NUMBER_OF_CLASSES
+    config.MODEL.NUM_CLASSES = num_classes or default
     config.freeze()
     return config
 

@@ -168,6 +168,20 @@ def test_list_file_labels_are_checked_against_num_classes(backbone, tmp_path, ca
     assert 'label 15 outside [0, MODEL.NUM_CLASSES=10)' in capsys.readouterr().err
 
 
+def test_datasets_that_define_their_classes_are_not_bounded_by_the_head(tmp_path):
+    """The votes use no head: a 3-class image folder or the 10 digits with a 2-class model."""
+    cfg, weights = random_model_files(tmp_path, DIGITS_YAML.format(classes=2))
+    for split in ('train', 'val'):
+        for c, colour in enumerate([(250, 0, 0), (0, 250, 0), (0, 0, 250)]):
+            os.makedirs(tmp_path / split / f'c{c}')
+            Image.new('RGB', (40, 40), colour).save(tmp_path / split / f'c{c}' / '0.png')
+    args = ['-cfg', cfg, '-pretrained', weights, '-k', '1', '-device', 'cpu']
+    summary = eval_knn.main(args + ['-dataset', 'imagefolder', '-data_path', str(tmp_path)])
+    assert (summary['train_images'], summary['val_images']) == (3, 3)
+    assert summary['knn']['1'] == {'acc1': 100.0, 'acc5': 100.0}
+    assert eval_knn.main(args)['val_images'] == 359
+
+
 @pytest.mark.parametrize('args, message', [
     (['-k', '2000'], 'error: -k 2000: must be between 1 and the number of training images (1438)'),
     (['-dataset', 'imagefolder', '-data_path', 'no/such/folder'], 'error: DATA.DATA_PATH not found: no/such/folder'),
