@@ -21,6 +21,7 @@ labels to ``<output>/features.npz``.
 """
 import argparse
 import json
+import math
 import os
 import time
 
@@ -127,8 +128,8 @@ def parse_args(argv=None):
                              'on the CPU; -1 = every visible GPU, or 2 on the CPU (default 1: this process)')
     parser.add_argument('-opts', nargs='+', default=None, metavar='KEY VALUE', help='config overrides')
     args = parser.parse_args(argv)
-    if args.temperature <= 0:
-        parser.error(f'-temperature must be > 0, got {args.temperature}')
+    if not 0 < args.temperature < math.inf:  # also refuses nan, whose votes would all be nan
+        parser.error(f'-temperature must be a number > 0, got {args.temperature}')
     if args.save_features and not args.output:
         parser.error('-save_features writes <output>/features.npz: give -output')
     if args.ngpus != 1 and args.device not in (None, 'cpu', 'gpu'):

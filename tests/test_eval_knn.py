@@ -195,11 +195,14 @@ def test_bad_arguments_are_one_error_line(backbone, capsys, args, message):
     assert capsys.readouterr().err.strip() == message.format(weights=weights)
 
 
-def test_temperature_must_be_positive(backbone, capsys):
+@pytest.mark.parametrize('value', ['0', 'nan', 'inf'])
+def test_temperature_must_be_positive(backbone, capsys, value):
+    """nan made every vote nan (garbage accuracies, and NaN in the JSON summary); inf is no weighting."""
     cfg, weights = backbone
     with pytest.raises(SystemExit) as exit_info:
-        eval_knn.main(['-cfg', cfg, '-pretrained', weights, '-temperature', '0'])
-    assert exit_info.value.code == 2 and '-temperature must be > 0, got 0.0' in capsys.readouterr().err
+        eval_knn.main(['-cfg', cfg, '-pretrained', weights, '-temperature', value])
+    assert exit_info.value.code == 2
+    assert f'-temperature must be a number > 0, got {float(value)}' in capsys.readouterr().err
 
 
 TWO_PROCESS_GATHER = '''\
