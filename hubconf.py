@@ -9,9 +9,11 @@
 ``xcit_<size>_<depth>_p<patch>_<resolution>[_dist]`` are the 42 models of ``configs/``,
 ``xcit_<size>_<depth>_p<patch>_dino[_linear]`` the self-supervised DINO models of
 ``configs/dino/``. Each entry builds its config's model (in training mode, as ``build_xcit``
-does) and, given ``pretrained`` (a converted ``.pdparams`` or a training checkpoint, with
-``use_ema`` its EMA weights), loads every weight of it: a missing, unexpected or differently
-shaped key raises ``CheckpointError`` with a table of them. Nothing is downloaded.
+does), with a head of ``num_classes`` outputs when given (0: none; e.g. the number of classes
+a model of this config was fine-tuned on), and, given ``pretrained`` (a converted ``.pdparams``
+or a training checkpoint, with ``use_ema`` its EMA weights), loads every weight of it: a
+missing, unexpected or differently shaped key raises ``CheckpointError`` with a table of them.
+Nothing is downloaded.
 """
 import functools as _functools
 import glob as _glob
@@ -31,26 +33,26 @@ def _is_here(module):
 
 
 def _import_own_modules():
-    """(get_config, load_every_weight, build_xcit) of this repository, imported now, while
-    paddle.hub has put it on sys.path. A caller's own modules of the same names (e.g. a
-    ``utils``) are set aside meanwhile and put back afterwards, so that neither side gets the
-    other's."""
+    """(get_config, merge_from_list, check_values, load_every_weight, build_xcit) of this
+    repository, imported now, while paddle.hub has put it on sys.path. A caller's own modules of
+    the same names (e.g. a ``utils``) are set aside meanwhile and put back afterwards, so that
+    neither side gets the other's."""
     def top(name):
         return name.partition('.')[0]
     clashing = {top(n) for n, m in _sys.modules.items() if top(n) in _OWN_PACKAGES and not _is_here(m)}
     theirs = {n: _sys.modules.pop(n) for n in list(_sys.modules) if top(n) in clashing}
     try:
-        from config import get_config
+        from config import check_values, get_config, merge_from_list
         from utils import load_every_weight
         from xcit import build_xcit
     finally:
         for name in [n for n in _sys.modules if top(n) in clashing]:
             del _sys.modules[name]
         _sys.modules.update(theirs)
-    return get_config, load_every_weight, build_xcit
+    return get_config, merge_from_list, check_values, load_every_weight, build_xcit
 
 
-_get_config, _load_every_weight, _build_xcit = _import_own_modules()
+_get_config, _merge_from_list, _check_values, _load_every_weight, _build_xcit = _import_own_modules()
 
 
 def _description(cfg_path):
@@ -64,10 +66,23 @@ def _description(cfg_path):
     return ' '.join(lines)
 
 
-def _create_model(cfg_path, pretrained=None, use_ema=False):
+def _with_num_classes(config, num_classes):
+    """``config`` (frozen) with MODEL.NUM_CLASSES ``num_classes``; raises ``ConfigError`` naming
+    ``num_classes`` for a value that is not an int >= 0."""
+    config.defrost()
+    _merge_from_list(config, ['MODEL.NUM_CLASSES', num_classes], source='num_classes')
+    _check_values(config, 'num_classes')
+    config.freeze()
+    return config
+
+
+def _create_model(cfg_path, pretrained=None, use_ema=False, num_classes=None):
     if use_ema and not pretrained:
         raise ValueError('use_ema selects the EMA weights of the pretrained checkpoint: give pretrained')
-    model = _build_xcit(_get_config(cfg_path))
+    config = _get_config(cfg_path)
+    if num_classes is not None:
+        config = _with_num_classes(config, num_classes)
+    model = _build_xcit(config)
     if pretrained:
         _load_every_weight(model, pretrained, f'the model of {cfg_path}', use_ema)
     return model
@@ -79,7 +94,8 @@ def _entry(cfg_path):
     entry.__name__ = name
     config = _os.path.relpath(cfg_path, _os.path.dirname(_CONFIGS))
     entry.__doc__ = (f'{_description(cfg_path)}\n\nThe model of {config}; keywords: pretrained (a .pdparams '
-                     f'or training checkpoint to load), use_ema.')
+                     f'or training checkpoint to load), use_ema, num_classes (the head\'s outputs, if not '
+                     f'the config\'s; 0: no head).')
     return name, entry
 
 

@@ -59,3 +59,25 @@ def test_a_callers_modules_of_the_same_names_stay_apart(tmp_path):
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ['XCiT', 'the', 'caller', 'True']
+
+
+def test_num_classes_loads_a_fine_tuned_checkpoint_and_its_ema(tmp_path):
+    """A model fine-tuned on 3 classes (a training checkpoint of the entry's config) loads with
+    num_classes=3, its EMA weights with use_ema; a bad num_classes names the keyword."""
+    from config import ConfigError
+    paddle.seed(5)
+    tuned = paddle.hub.load(ROOT, 'xcit_nano_12_p16_224', source='local', num_classes=3)
+    assert tuned.num_classes == 3 and tuned.head.weight.shape == [128, 3]
+    weights = tuned.state_dict()
+    ema = {name: value * 0.5 for name, value in weights.items()}
+    checkpoint = str(tmp_path / 'last.pdparams')
+    paddle.save({'model': weights, 'model_ema': ema, 'epoch': 2}, checkpoint)
+    for use_ema, expected in ((False, weights), (True, ema)):
+        loaded = paddle.hub.load(ROOT, 'xcit_nano_12_p16_224', source='local', pretrained=checkpoint,
+                                 num_classes=3, use_ema=use_ema)
+        for name, value in expected.items():
+            np.testing.assert_array_equal(loaded.state_dict()[name].numpy(), value.numpy(), err_msg=name)
+    with pytest.raises(CheckpointError, match=r'head\.weight +\[128, 3\] +\[128, 1000\]'):
+        paddle.hub.load(ROOT, 'xcit_nano_12_p16_224', source='local', pretrained=checkpoint)
+    with pytest.raises(ConfigError, match='num_classes: MODEL.NUM_CLASSES must be >= 0, got -1'):
+        paddle.hub.load(ROOT, 'xcit_nano_12_p16_224', source='local', num_classes=-1)
