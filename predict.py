@@ -11,8 +11,10 @@ by ``-workers`` threads one batch ahead of the model. Single images are printed 
 list. Folders (every image file below them, sorted) and ``-output`` give a CSV instead: path,
 the top-5 class indices (all classes for a model with fewer), their names and their
 probabilities, to ``-output`` (its folder is created) or stdout. Class names come from
-``-class_names`` (one per line, in class-index order), by default the bundled ImageNet-1k list
-for 1000-class models. A model without classifier head (``MODEL.NUM_CLASSES: 0``, e.g. a DINO
+``-class_names``: a text file (one per line, in class-index order), or the image folder dataset
+a model was trained on (``-dataset imagefolder -data_path DIR``: the class folders of
+``DIR/train``, in the order training labels them), by default the bundled ImageNet-1k list for
+1000-class models. A model without classifier head (``MODEL.NUM_CLASSES: 0``, e.g. a DINO
 backbone) gives its features instead: ``-output FILE.npz`` receives ``paths`` and ``features``
 (N, EMBED_DIM), the final-norm class tokens. A file that cannot be read as an image is
 reported on stderr and skipped; the exit status is then 1.
@@ -28,7 +30,7 @@ import paddle
 from PIL import Image
 
 from config import ConfigError, get_config
-from datasets import IMG_EXTENSIONS
+from datasets import IMG_EXTENSIONS, DataError, _find_classes
 from export_model import EXPORT_CONFIG, ExportError, InferenceModel, load_model
 from transforms import build_eval_transform
 from utils import CheckpointError, resolve_device
@@ -39,9 +41,10 @@ IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'dat
 
 
 def read_class_names(path, num_classes):
-    """Class names from ``path`` (one per line); when ``path`` is None, the bundled ImageNet-1k
-    names for a 1000-class model, else the class indices as text. None for a model without
-    head (``num_classes`` 0), which then must not be given names."""
+    """Class names from ``path``: a text file (one per line), or an image folder dataset (see
+    ``folder_class_names``); when ``path`` is None, the bundled ImageNet-1k names for a 1000-class
+    model, else the class indices as text. None for a model without head (``num_classes`` 0),
+    which then must not be given names."""
     if num_classes == 0:
         if path is not None:
             raise ConfigError(f'-class_names {path}: a model without classifier head has no classes to name')
@@ -50,11 +53,25 @@ def read_class_names(path, num_classes):
         path = IMAGENET_CLASSES
     if path is None:
         return [str(i) for i in range(num_classes)]
-    with open(path, encoding='utf-8') as f:
-        names = [line.strip() for line in f if line.strip()]
+    if os.path.isdir(path):
+        names = folder_class_names(path)
+    else:
+        with open(path, encoding='utf-8') as f:
+            names = [line.strip() for line in f if line.strip()]
     if len(names) != num_classes:
         raise ConfigError(f'{path}: {len(names)} class names, but the model has {num_classes} classes')
     return names
+
+
+def folder_class_names(root):
+    """The class names of the image folder dataset ``root`` (``-data_path`` of ``-dataset
+    imagefolder``), in label order: its ``train/`` class folders sorted as ``datasets.py`` sorts
+    them (by code point: 'B' before 'a'), or, for a folder without ``train/``, its own."""
+    split = os.path.join(root, 'train')
+    try:
+        return _find_classes(split if os.path.isdir(split) else root)
+    except DataError as e:
+        raise ConfigError(f'-class_names {root}: {e}') from e
 
 
 def image_paths(inputs):
@@ -127,7 +144,9 @@ def parse_args(argv=None):
                         help='write the CSV here (default: stdout); for a model without head, the .npz '
                              'of the features (required)')
     parser.add_argument('-class_names', default=None,
-                        help='class names, one per line (default: ImageNet-1k names for 1000 classes)')
+                        help='class names, one per line, or the image folder dataset the model was trained on '
+                             '(its train/ class folders, in label order) (default: ImageNet-1k names for 1000 '
+                             'classes)')
     parser.add_argument('-batch_size', type=int, default=16, help='images per forward pass (default 16)')
     parser.add_argument('-workers', type=int, default=DEFAULT_WORKERS,
                         help='threads that read and transform the next batch of images while the model '

@@ -109,7 +109,9 @@ def parse_args(argv=None):
     parser.add_argument('-image_size', type=int, default=None, help='input side in pixels (default: the config\'s)')
     parser.add_argument('-output', default='attention', help='folder for the PNGs (default: ./attention)')
     parser.add_argument('-class_names', default=None,
-                        help='class names, one per line (default: ImageNet-1k names for 1000 classes)')
+                        help='class names, one per line, or the image folder dataset the model was trained on '
+                             '(its train/ class folders, in label order) (default: ImageNet-1k names for 1000 '
+                             'classes)')
     return parser.parse_args(argv)
 
 

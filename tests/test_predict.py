@@ -3,6 +3,7 @@ models, the device choice."""
 import csv
 import io
 import os
+import shutil
 
 import numpy as np
 import paddle
@@ -13,6 +14,7 @@ from PIL import Image
 
 import utils
 from config import get_config
+from datasets import build_dataset
 from export_model import GPU_MEMORY_POOL_MB, export
 from export_model import main as export_main
 import predict
@@ -287,6 +289,34 @@ def test_missing_model_dir_is_a_usage_error(setup, tmp_path, capsys):
         main(['-model_dir', str(tmp_path / 'nowhere'), str(setup['images'])])
     assert exit_info.value.code == 2
     assert f'-model_dir {tmp_path / "nowhere"}: no such folder' in capsys.readouterr().err
+
+
+def test_class_names_of_an_image_folder_dataset_follow_its_labels(setup, tmp_path, capsys):
+    """-class_names DIR names each class as training on the image folder DIR labelled it: by
+    the class folders of DIR/train in code-point order ('Bee' before 'ant'), whatever the order
+    a file listing would give; a split folder gives the same names."""
+    folders = ['ant', 'Bee', 'cat', 'dog', 'eel']
+    for split in ('train', 'val'):
+        for name in folders:
+            (tmp_path / 'data' / split / name).mkdir(parents=True)
+            shutil.copy(setup['images'] / 'a.jpg', tmp_path / 'data' / split / name / 'x.jpg')
+    config = get_config(setup['cfg'])
+    config.defrost()
+    config.DATA.DATASET, config.DATA.DATA_PATH = 'imagefolder', str(tmp_path / 'data')
+    dataset = build_dataset(config, 'train')
+    labels = {os.path.basename(os.path.dirname(path)): int(label) for path, label in zip(dataset.paths, dataset.labels)}
+    expected = sorted(labels, key=labels.get)
+    assert read_class_names(str(tmp_path / 'data'), 5) == expected == ['Bee', 'ant', 'cat', 'dog', 'eel']
+    assert read_class_names(str(tmp_path / 'data' / 'val'), 5) == expected
+    a = str(setup['images'] / 'a.jpg')
+    main(['-cfg', setup['cfg'], '-pretrained', setup['weights'], '-class_names', str(tmp_path / 'data'), a])
+    (best, *_), _ = (row[0] for row in setup['expected'][a])
+    assert capsys.readouterr().out.splitlines()[1].startswith(f'  1. {expected[best]} ({best}): ')
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-cfg', setup['cfg'], '-pretrained', setup['weights'], '-class_names',
+              str(tmp_path / 'data' / 'val' / 'ant'), a])
+    assert exit_info.value.code == 1
+    assert f'error: -class_names {tmp_path / "data" / "val" / "ant"}: ' in capsys.readouterr().err
 
 
 def test_wrong_number_of_class_names_is_an_error(setup, tmp_path, capsys):
