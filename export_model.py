@@ -50,6 +50,18 @@ class ExportError(RuntimeError):
     """The export cannot be written, or it does not reproduce the dygraph model."""
 
 
+def config_at_size(cfg_path, image_size=None):
+    """The config of ``cfg_path``, with DATA.IMAGE_SIZE ``image_size`` when given (``-image_size``:
+    a value out of range raises ``ConfigError`` naming it)."""
+    config = get_config(cfg_path)
+    if image_size is not None:
+        config.defrost()
+        merge_from_list(config, ['DATA.IMAGE_SIZE', image_size], source='-image_size')
+        check_values(config, '-image_size')
+        config.freeze()
+    return config
+
+
 def load_model(cfg_path, pretrained, image_size=None, use_ema=False):
     """(config, eval-mode XCiT) of ``cfg_path`` with every weight of ``pretrained``.
 
@@ -57,12 +69,7 @@ def load_model(cfg_path, pretrained, image_size=None, use_ema=False):
     with ``use_ema`` its 'model_ema'). Unlike training, nothing may be missing: a missing,
     unexpected or differently shaped key raises ``CheckpointError`` with a table of them.
     """
-    config = get_config(cfg_path)
-    if image_size is not None:
-        config.defrost()
-        merge_from_list(config, ['DATA.IMAGE_SIZE', image_size], source='-image_size')
-        check_values(config, '-image_size')
-        config.freeze()
+    config = config_at_size(cfg_path, image_size)
     model = build_xcit(config)
     load_every_weight(model, pretrained, f'the model of {cfg_path}', use_ema)
     model.eval()

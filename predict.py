@@ -6,8 +6,9 @@
 The model is the dygraph XCiT with ``-pretrained`` weights, or an exported model
 (``export_model.py``) run by ``paddle.inference`` with ``-model_dir``, on ``-device`` (by
 default the first GPU when Paddle sees one, else the CPU); images go through the evaluation
-transform of ``-cfg`` (for an exported model, by default the config.yaml of its folder), read
-by ``-workers`` threads one batch ahead of the model. Single images are printed as a ranked
+transform of ``-cfg`` (for an exported model, by default the config.yaml of its folder), at
+``-image_size`` if given (as for ``-eval``, ``export_model.py`` and ``visualize_attention.py``),
+read by ``-workers`` threads one batch ahead of the model. Single images are printed as a ranked
 list. Folders (every image file below them, sorted) and ``-output`` give a CSV instead: path,
 the top-5 class indices (all classes for a model with fewer), their names and their
 probabilities, to ``-output`` (its folder is created) or stdout. Class names come from
@@ -29,9 +30,9 @@ import numpy as np
 import paddle
 from PIL import Image
 
-from config import ConfigError, get_config
+from config import ConfigError
 from datasets import IMG_EXTENSIONS, DataError, _find_classes
-from export_model import EXPORT_CONFIG, ExportError, InferenceModel, load_model
+from export_model import EXPORT_CONFIG, ExportError, InferenceModel, config_at_size, load_model
 from transforms import build_eval_transform
 from utils import CheckpointError, resolve_device
 
@@ -113,9 +114,9 @@ def top_k(logits, k=TOP_K):
 def build_predictor(args):
     """(config, callable images (B, 3, S, S) float32 -> logits (B, classes) ndarray) on ``args.device``."""
     if args.model_dir:
-        return get_config(args.cfg), InferenceModel(args.model_dir, device=args.device)
+        return config_at_size(args.cfg, args.image_size), InferenceModel(args.model_dir, device=args.device)
     paddle.set_device(args.device)
-    config, model = load_model(args.cfg, args.pretrained, use_ema=args.ema)
+    config, model = load_model(args.cfg, args.pretrained, args.image_size, args.ema)
 
     def run(images):
         with paddle.no_grad():
@@ -140,6 +141,9 @@ def parse_args(argv=None):
     weights.add_argument('-model_dir', help='folder of a model exported by export_model.py')
     parser.add_argument('-ema', action='store_true',
                         help="with -pretrained, the training checkpoint's EMA weights ('model_ema')")
+    parser.add_argument('-image_size', type=int, default=None,
+                        help="input side in pixels (default: the config's; a model exported with -image_size "
+                             'takes only that size)')
     parser.add_argument('-output', default=None,
                         help='write the CSV here (default: stdout); for a model without head, the .npz '
                              'of the features (required)')

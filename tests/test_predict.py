@@ -196,6 +196,30 @@ def test_exported_fixed_size_model_with_another_size_is_an_error(setup, tmp_path
     assert err.strip().endswith('a model exported with -image_size takes only that size')
 
 
+def test_image_size_sets_the_transform_of_both_models(setup, capsys):
+    """-image_size S predicts at S x S (as -eval -image_size S evaluates), with the dygraph and
+    the exported model alike; a size out of range is named."""
+    config = get_config(setup['cfg'])
+    config.defrost()
+    config.DATA.IMAGE_SIZE = 48
+    a = str(setup['images'] / 'a.jpg')
+    with Image.open(a) as img:
+        x = build_eval_transform(config)(img)[None]
+    assert x.shape == (1, 3, 48, 48)
+    with paddle.no_grad():
+        (best, *_), (prob, *_) = (row[0] for row in top_k(setup['model'](paddle.to_tensor(x)).numpy()))
+    assert f'{prob:.4f}' != f'{setup["expected"][a][1][0][0]:.4f}'  # not what the config's 32 x 32 gives
+    model_dir = setup['root'] / 'exported_any_size'
+    export(setup['model'], str(model_dir))
+    for weights in (['-pretrained', setup['weights']], ['-model_dir', str(model_dir)]):
+        main(['-cfg', setup['cfg'], *weights, '-image_size', '48', '-class_names', setup['names'], a])
+        assert capsys.readouterr().out.splitlines()[1] == f'  1. {NAMES[best]} ({best}): {prob:.4f}'
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-cfg', setup['cfg'], '-pretrained', setup['weights'], '-image_size', '0', a])
+    assert exit_info.value.code == 1
+    assert 'error: -image_size: DATA.IMAGE_SIZE must be > 0, got 0' in capsys.readouterr().err
+
+
 def test_ema_weights_of_a_training_checkpoint(setup, tmp_path, capsys):
     """-ema predicts with the checkpoint's 'model_ema' (here the fixture's weights), not its 'model'."""
     weights = paddle.load(setup['weights'])
