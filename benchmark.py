@@ -8,7 +8,8 @@ Paths: ``dygraph`` (the eager model under ``paddle.no_grad``), ``static``
 (``paddle.jit.to_static``) and ``infer`` (``paddle.jit.save`` + ``paddle.inference`` with
 oneDNN), and on request ``onnx`` (that export converted by ``export_model.py -onnx``'s
 Paddle2ONNX and run by ONNX Runtime), ``train`` (one training step: forward in training mode,
-cross-entropy, backward, AdamW update) and ``train_gc`` (the same with gradient checkpointing,
+cross-entropy, backward, AdamW update; of the head alone for a linear probe's config,
+``TRAIN.FREEZE_BACKBONE``, as training runs it) and ``train_gc`` (the same with gradient checkpointing,
 ``TRAIN.GRAD_CHECKPOINTING``). Weights are random: speed does not depend on them.
 
 Every measurement runs in a fresh subprocess (``--threads`` OpenMP/math threads), so that
@@ -103,6 +104,8 @@ def build_runner(cfg, path, batch, size, threads):
     images = rng.standard_normal((batch, 3, size, size)).astype('float32')
     if path in ('train', 'train_gc'):
         labels = rng.integers(0, config.MODEL.NUM_CLASSES, batch)
+        if config.TRAIN.FREEZE_BACKBONE:
+            model.freeze_backbone()
         return training_step(model, images, labels, grad_checkpointing=path == 'train_gc')
     model.eval()
     if path in ('infer', 'onnx'):
@@ -123,13 +126,15 @@ def build_runner(cfg, path, batch, size, threads):
 
 def training_step(model, images, labels, grad_checkpointing):
     """A callable running one training step of ``model`` on ``images`` (B, 3, S, S) and
-    ``labels`` (B,): forward, cross-entropy, backward and an AdamW update."""
+    ``labels`` (B,): forward, cross-entropy, backward and an AdamW update of the parameters that
+    train (not those of a frozen backbone)."""
     import paddle
     import paddle.nn.functional as F
 
     model.train()
     model.set_grad_checkpointing(grad_checkpointing)
-    optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=model.parameters())
+    trained = [p for p in model.parameters() if not p.stop_gradient]
+    optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=trained)
     x, y = paddle.to_tensor(images), paddle.to_tensor(labels)
 
     def step():

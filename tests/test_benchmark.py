@@ -52,6 +52,23 @@ def test_training_paths_and_the_memory_gradient_checkpointing_saves(tmp_path, mo
     assert checkpointed['peak_mb'] < 0.8 * train['peak_mb'], (checkpointed['peak_mb'], train['peak_mb'])
 
 
+def test_training_step_of_a_linear_probe_config_trains_the_head_alone(tmp_path, monkeypatch):
+    """With TRAIN.FREEZE_BACKBONE (a linear probe's config, or a probe run's config.yaml) the
+    timed step is the probe's, as training runs it: the backbone keeps its weights, the head moves."""
+    probe = {**TINY, 'TRAIN': {'FREEZE_BACKBONE': True}}
+    (tmp_path / 'probe.yaml').write_text(yaml.safe_dump(probe), encoding='utf-8')
+    models, training_step = [], benchmark.training_step
+    monkeypatch.setattr(benchmark, 'training_step',
+                        lambda model, *args, **kwargs: models.append(model) or training_step(model, *args, **kwargs))
+    step = benchmark.build_runner(str(tmp_path / 'probe.yaml'), 'train', 2, 32, 1)
+    (model,) = models
+    before = {name: value.numpy().copy() for name, value in model.state_dict().items()}
+    step()
+    after = model.state_dict()
+    changed = sorted(name for name, value in before.items() if not np.array_equal(value, after[name].numpy()))
+    assert changed == ['head.bias', 'head.weight']
+
+
 def test_onnx_path_is_measured_on_request(cfg, tmp_path, capsys):
     out = tmp_path / 'rows.json'
     benchmark.main(['-cfg', cfg, '--paths', 'infer', 'onnx', '--batch', '2', '--reps', '1',
