@@ -120,6 +120,8 @@ def main(argv=None):
     paddle.set_device('cpu')
     try:
         config, model = load_model(args.cfg, args.pretrained, args.image_size, args.ema)
+        if config.MODEL.CLS_ATTN_LAYERS == 0:
+            raise ConfigError(f'{args.cfg}: MODEL.CLS_ATTN_LAYERS is 0: the model has no class attention to draw')
         names = read_class_names(args.class_names, config.MODEL.NUM_CLASSES)
         paths = [path for path, _ in image_paths(args.inputs)]
     except (ConfigError, CheckpointError, OSError) as e:

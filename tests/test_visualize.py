@@ -117,3 +117,17 @@ def test_ema_asks_for_the_checkpoints_ema_weights(tiny, tmp_path, capsys):
         visualize_attention.main(['-cfg', cfg, '-pretrained', weights, '-ema', str(tmp_path)])
     assert exit_info.value.code == 1
     assert "-ema needs EMA weights ('model_ema'), but this plain state dict has none" in capsys.readouterr().err
+
+
+def test_a_model_without_class_attention_is_one_error_line(tmp_path, capsys):
+    """MODEL.CLS_ATTN_LAYERS 0: no class attention to draw, said in one line naming the key
+    before any image is read (it was a ValueError traceback)."""
+    cfg, weights = random_model_files(tmp_path, TINY_YAML + '  CLS_ATTN_LAYERS: 0\n')
+    Image.new('RGB', (64, 64), (20, 160, 40)).save(tmp_path / 'leaf.jpg')
+    with pytest.raises(SystemExit) as exit_info:
+        visualize_attention.main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path / 'out'),
+                                  str(tmp_path / 'leaf.jpg')])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == (f'error: {cfg}: MODEL.CLS_ATTN_LAYERS is 0: the model has no class '
+                                       f'attention to draw\n')
+    assert not (tmp_path / 'out').exists()
