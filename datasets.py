@@ -94,6 +94,10 @@ class ImageDataset(paddle.io.Dataset):
         raise NotImplementedError
 
 
+# what PIL raises for a file it cannot decode (a broken PNG chunk is a SyntaxError)
+IMAGE_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 class ImageFileDataset(ImageDataset):
     """Images read from files; those listed in ``list_file`` name their line in error messages."""
 
@@ -110,7 +114,7 @@ class ImageFileDataset(ImageDataset):
                 img = Image.open(f)
                 img.load()
             return to_rgb(img)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        except IMAGE_READ_ERRORS as e:
             where = f' ({self.list_file} line {self.line_numbers[i]})' if self.list_file else ''
             raise DataError(f'cannot read image {path}{where}: {e}') from e
 
@@ -195,7 +199,7 @@ def _imagenet2012(config, mode, transform):
     return ImageFileDataset(paths, labels, num_classes, mode, transform, config.SEED, list_file, line_numbers)
 
 
-def _find_classes(split_dir):
+def find_classes(split_dir):
     """Sorted names of the class folders of ``split_dir``."""
     _check_dir(split_dir, 'image folder split')
     classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
@@ -219,9 +223,9 @@ def _imagefolder(config, mode, transform):
     check_data_path(config)
     root = config.DATA.DATA_PATH
     split_dir = os.path.join(root, mode)
-    classes = _find_classes(split_dir)
+    classes = find_classes(split_dir)
     other = os.path.join(root, 'val' if mode == 'train' else 'train')
-    if os.path.isdir(other) and _find_classes(other) != classes:
+    if os.path.isdir(other) and find_classes(other) != classes:
         raise DataError(f'{split_dir} and {other} have different class folders, so their labels '
                         f'would not match')
     if len(classes) > config.MODEL.NUM_CLASSES:

@@ -31,7 +31,7 @@ import paddle
 from PIL import Image
 
 from config import ConfigError
-from datasets import IMG_EXTENSIONS, DataError, _find_classes
+from datasets import IMAGE_READ_ERRORS, IMG_EXTENSIONS, DataError, find_classes
 from export_model import EXPORT_CONFIG, ExportError, InferenceModel, config_at_size, load_model
 from transforms import build_eval_transform
 from utils import CheckpointError, resolve_device
@@ -70,7 +70,7 @@ def folder_class_names(root):
     them (by code point: 'B' before 'a'), or, for a folder without ``train/``, its own."""
     split = os.path.join(root, 'train')
     try:
-        return _find_classes(split if os.path.isdir(split) else root)
+        return find_classes(split if os.path.isdir(split) else root)
     except DataError as e:
         raise ConfigError(f'-class_names {root}: {e}') from e
 
@@ -97,7 +97,7 @@ def load_image(path, transform):
         with Image.open(path) as img:
             img.load()
             return transform(img)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except IMAGE_READ_ERRORS as e:
         raise OSError(f'{path}: cannot read the image ({type(e).__name__}: {e})') from e
 
 

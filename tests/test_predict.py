@@ -94,6 +94,20 @@ def test_folder_gives_csv_and_reports_unreadable_files(setup, capsys):
         np.testing.assert_allclose([float(v) for v in row[11:16]], probs[0], atol=1e-6)
 
 
+def test_a_png_with_a_broken_chunk_is_reported_by_name(tmp_path):
+    """PIL raises SyntaxError for a broken PNG chunk (here the second IDAT's type); it is an
+    unreadable image like any other, named, as in training and evaluation."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(buf, 'PNG')
+    data = bytearray(buf.getvalue())
+    second_idat = data.find(b'IDAT', data.find(b'IDAT') + 4)
+    data[second_idat:second_idat + 4] = b'ID\x01T'
+    path = tmp_path / 'broken_chunk.png'
+    path.write_bytes(bytes(data))
+    with pytest.raises(OSError, match=f'{path}: cannot read the image \\(SyntaxError: broken PNG file'):
+        predict.load_image(str(path), lambda img: img)
+
+
 def test_reading_threads_keep_the_order_and_read_one_batch_ahead(monkeypatch, capsys):
     """Images come out in input order, unreadable ones are reported in order, and when a batch
     is handed out no image beyond the next batch has been started."""
