@@ -11,15 +11,17 @@ import pytest
 
 from config import ConfigError, get_config, merge_from_list
 from conftest import FIXTURES, ROOT
-from port_weights.convert import CheckpointError
+from port_weights.convert import CheckpointError, check_fits, convert_state_dict, state_shapes
 from port_weights.convert_regnet import convert_regnet_file, main as convert_main
-from regnet import REGNETY_160, regnet_stages, regnety_160
+from regnet import REGNETY_160, RegNet, regnet_stages, regnety_160
 from teacher import build_teacher
 from xcit import build_xcit
 
 NANO_YAML = os.path.join(ROOT, 'configs', 'xcit_nano_12_p16_224.yaml')
 with open(os.path.join(FIXTURES, 'regnety_160_timm_state_dict.json')) as f:
     TIMM_SHAPES = json.load(f)['state_dict']  # timm's names and shapes
+TINY_TIMM = os.path.join(FIXTURES, 'regnety_tiny_timm.npz')  # see tests/fixtures/README.md
+TINY_REGNETY = dict(w0=8, wa=8, wm=1.8, depth=6, group_size=12, se_ratio=0.25, stem_width=8)
 
 
 @pytest.fixture(scope='module')
@@ -62,6 +64,27 @@ def small_config(*opts):
 def test_stage_layout():
     cfg = {k: v for k, v in REGNETY_160.items() if k != 'se_ratio'}
     assert regnet_stages(**cfg) == ([224, 448, 1232, 3024], [2, 4, 11, 1], [112, 112, 112, 112])
+
+
+def test_reduced_regnety_computes_timms_logits():
+    """A reduced RegNetY with timm's random weights, converted by the converter's rules, gives the
+    eval-mode logits of timm's RegNet (computed in float64) on odd-sized images. Its stages
+    cover what regnety_160 uses: a group size capped at the width (s1) and a width rounded to
+    it (s2), several groups (s3, s4), SE widths from the block's input, strided and identity
+    shortcuts, BatchNorm variances small enough for eps to matter."""
+    with np.load(TINY_TIMM) as f:
+        fixture = dict(f)
+    timm_state = {k.split('/', 1)[1]: v for k, v in fixture.items() if k.startswith('state_dict/')}
+    stage_args = {k: v for k, v in TINY_REGNETY.items() if k not in ('se_ratio', 'stem_width')}
+    assert regnet_stages(**stage_args) == ([8, 12, 24, 48], [1, 1, 2, 2], [8, 12, 12, 12])
+    model = RegNet(num_classes=10, **TINY_REGNETY)
+    arrays = convert_state_dict(timm_state)
+    check_fits(arrays, state_shapes(model.state_dict()), 'the reduced RegNetY')
+    model.set_state_dict(arrays)
+    model.eval()
+    with paddle.no_grad():
+        logits = model(paddle.to_tensor(fixture['images'])).numpy()
+    np.testing.assert_allclose(logits, fixture['logits'], rtol=1e-5, atol=1e-5)
 
 
 def test_parameter_count_and_forward(regnet):
