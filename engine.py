@@ -48,13 +48,15 @@ from utils import (AverageMeter, CheckpointError, MetricsLog, all_reduce_sum, av
                    write_config, write_json)
 from xcit import build_xcit
 
-# AMP (float16, level O1) op lists for xcit.py's layers. White: its Linear layers compute
+# AMP (float16, level O1) op lists for xcit.py's layers, by the names autocast knows the ops by
+# (Paddle's operator names, as paddle.amp.debugging's operator statistics list them: paddle.matmul
+# is 'matmul_v2'; a name that is no op's is silently ignored). White: its Linear layers compute
 # x @ W + b as one 'addmm', which Paddle would otherwise leave in float32. Black (float32): the
-# attention products ('matmul': XCA forms q k^T before applying the L2 normalisation, which
+# attention products ('matmul_v2': XCA forms q k^T before applying the L2 normalisation, which
 # xcit.py computes in float32, and a sum over thousands of tokens can overflow float16) and the
 # softmaxes. These products cost about 1 / (3 * heads) of the Linear layers' GEMMs.
 AMP_WHITE_LIST = frozenset({'addmm'})
-AMP_BLACK_LIST = frozenset({'matmul', 'softmax'})
+AMP_BLACK_LIST = frozenset({'matmul_v2', 'softmax'})
 COMPILED_TOLERANCE = 1e-4  # max abs logit difference accepted from the exported model in evaluation
 VERDICTS = ('passed', 'unavailable', 'different logits', 'not faster')  # of the predictor's check in -eval
 HEAD_KEYS = ('head.weight', 'head.bias')

@@ -19,6 +19,7 @@ import utils
 from config import ConfigError, get_config
 from datasets import DataError
 from utils import CheckpointError
+from xcit import XCiT
 
 TINY = ['MODEL.PATCH_SIZE', '8', 'MODEL.EMBED_DIM', '32', 'MODEL.DEPTH', '1', 'MODEL.NUM_HEADS', '2',
         'MODEL.NUM_CLASSES', '10', 'DATA.IMAGE_SIZE', '32', 'DATA.BATCH_SIZE_EVAL', '180',
@@ -473,3 +474,23 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
         utils.save_checkpoint({'epoch': 2}, str(path))
     assert utils.load_checkpoint(str(path)) == {'epoch': 1}
     assert [p.name for p in tmp_path.iterdir()] == ['last.pdparams']
+
+
+def operator_names(run):
+    """The names of the operators ``run()`` calls, as Paddle's autocast knows them (those of its
+    operator statistics, ``paddle.amp.debugging``)."""
+    paddle.base.core.clear_low_precision_op_list()
+    paddle.set_flags({'FLAGS_low_precision_op_list': 1})
+    try:
+        run()
+    finally:
+        paddle.set_flags({'FLAGS_low_precision_op_list': 0})
+    return set(paddle.base.core.get_low_precision_op_list())
+
+
+def test_amp_op_lists_name_operators_the_model_calls():
+    """autocast silently ignores a list entry that is no operator's name (paddle.matmul is
+    'matmul_v2' to it): each entry of -amp's lists must name an operator a training step calls."""
+    model = XCiT(patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=10)
+    names = operator_names(lambda: model(paddle.randn([2, 3, 32, 32])).sum().backward())
+    assert engine.AMP_WHITE_LIST | engine.AMP_BLACK_LIST <= names, sorted(names)
