@@ -228,6 +228,21 @@ def autocast(enabled):
                                 custom_black_list=set(AMP_BLACK_LIST), level='O1', dtype='float16')
 
 
+def update_loss_scale(scaler):
+    """``scaler.update()``: ``paddle.amp.GradScaler``'s dynamic loss scaling after a step.
+
+    When it lowers the scale after a step with an infinite gradient, Paddle 3.x prints the scale
+    with ``float()`` of its (1,) tensor, which NumPy 2.4 refuses ("only 0-dimensional arrays can
+    be converted to Python scalars"); during the call ``float()`` of a one-element tensor takes
+    its element, as with older NumPy."""
+    as_float = paddle.Tensor.__float__
+    paddle.Tensor.__float__ = lambda t: float(t.numpy().reshape([-1])[0]) if t.size == 1 else as_float(t)
+    try:
+        scaler.update()
+    finally:
+        paddle.Tensor.__float__ = as_float
+
+
 def load_pretrained(model, path, use_ema, logger):
     """Loads ``-pretrained`` weights from ``path`` (see ``weights_of``) into ``model`` to train from.
 
@@ -696,8 +711,8 @@ class Trainer:
                     fused_allreduce_gradients(self.model.parameters(), None)  # the mean over processes
                 lr = self.optimizer.get_lr()
                 if self.scaler:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
+                    self.scaler.step(self.optimizer)  # skipped when a gradient is infinite
+                    update_loss_scale(self.scaler)
                 else:
                     self.optimizer.step()
                 self.optimizer.clear_grad()

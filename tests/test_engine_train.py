@@ -494,3 +494,44 @@ def test_amp_op_lists_name_operators_the_model_calls():
     model = XCiT(patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=10)
     names = operator_names(lambda: model(paddle.randn([2, 3, 32, 32])).sum().backward())
     assert engine.AMP_WHITE_LIST | engine.AMP_BLACK_LIST <= names, sorted(names)
+
+
+class _GpuPlace:
+    def __init__(self, place):
+        self.place = place
+
+    def is_gpu_place(self):
+        return True
+
+    def __getattr__(self, name):
+        return getattr(self.place, name)
+
+
+@pytest.fixture
+def gpu_amp(monkeypatch):
+    """A training run takes its -amp path on the CPU: the engine sees a GPU and Paddle's GradScaler
+    is enabled (it checks the device only when built); autocast stays off, as on the CPU."""
+    tracer = paddle.amp.grad_scaler._dygraph_tracer
+    monkeypatch.setattr(engine, 'setup_device', lambda: 'gpu:0')
+    monkeypatch.setattr(paddle.amp.grad_scaler, '_dygraph_tracer',
+                        lambda: type('GpuTracer', (), {'_expected_place': _GpuPlace(tracer()._expected_place)})())
+
+
+def test_amp_training_skips_steps_with_an_infinite_gradient_and_lowers_the_loss_scale(gpu_amp, tmp_path,
+                                                                                      monkeypatch):
+    """The loss of the first two steps is large enough for its scaled gradient to overflow: the
+    scaler skips both steps and halves the scale twice (Paddle 3.x's message on that used to end
+    in a TypeError with NumPy 2.4), and the checkpoint keeps the scale for -resume."""
+    build_criterion = engine.build_criterion
+
+    def overflowing_criterion(config, teacher):
+        criterion, calls = build_criterion(config, teacher), []
+
+        def loss(images, outputs, targets):
+            calls.append(1)
+            return criterion(images, outputs, targets) * (2.0 ** 120 if len(calls) <= 2 else 1.0)
+        return loss
+    monkeypatch.setattr(engine, 'build_criterion', overflowing_criterion)
+    main_single_gpu.main(train_args(tmp_path, *PLAIN_RECIPE, epochs=1, extra=['-amp']))
+    state = utils.load_checkpoint(str(tmp_path / 'last.pdparams'))['scaler']
+    assert float(np.asarray(state['scale'])[0]) == 2.0 ** 14 and state['decr_count'] == 0
