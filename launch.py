@@ -19,9 +19,11 @@ PARENT_POLL_SECONDS = 1.0  # how often a started process checks that the one tha
 
 
 def started_by_paddle_launch():
-    """Whether ``python -m paddle.distributed.launch`` started this process as one of several
-    (it starts them itself; each then runs its worker directly)."""
-    return int(os.environ.get('PADDLE_TRAINERS_NUM', '1')) > 1
+    """Whether ``python -m paddle.distributed.launch`` started this process (it starts them itself,
+    each on the GPU it chose for it; each then runs its worker directly). The launcher sets
+    PADDLE_TRAINERS_NUM in every process it starts, also when it starts a single one (e.g.
+    ``--gpus 3``), which must then run on that GPU, not start processes on every visible GPU."""
+    return 'PADDLE_TRAINERS_NUM' in os.environ
 
 
 def num_processes(requested, gpus, name):

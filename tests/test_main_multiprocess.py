@@ -11,6 +11,8 @@ import paddle
 import pytest
 
 from conftest import ROOT, random_model_files, running, wait_for
+import launch
+import main_multi_gpu
 import main_single_gpu
 from config import get_config
 from xcit import build_xcit
@@ -165,6 +167,17 @@ def test_bad_command_line_is_one_error_line(tiny, tmp_path, args, message):
     assert done.stderr.strip().splitlines()[-1].startswith(message)
     assert 'Traceback' not in done.stderr
     assert 'starting 2 processes' not in done.stdout  # found out before any process starts
+
+
+def test_a_single_process_started_by_paddle_launch_runs_in_place(tiny, tmp_path, monkeypatch):
+    """``python -m paddle.distributed.launch --gpus 3 main_multi_gpu.py`` starts one process, with
+    PADDLE_TRAINERS_NUM=1 and GPU 3 selected: it runs there; it used to start one process per
+    visible GPU (2 on a CPU)."""
+    cfg, weights = tiny
+    monkeypatch.setenv('PADDLE_TRAINERS_NUM', '1')
+    monkeypatch.setattr(launch, 'spawn', lambda *args, **kwargs: pytest.fail('started processes'))
+    result = main_multi_gpu.main(['-cfg', cfg, '-eval', '-pretrained', weights, '-output', str(tmp_path)])
+    assert result['processes'] == 1 and result['images'] == 359
 
 
 def test_the_runs_config_serves_a_single_process_evaluation(two_processes, tmp_path):
