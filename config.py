@@ -366,6 +366,16 @@ _SWITCHED_SETTINGS = (
 )
 
 
+def with_setting(config, key, value, source):
+    """``config`` (frozen) with ``key`` set to ``value`` as ``-opts`` would set it; a value of the
+    wrong type or out of range raises ``ConfigError`` naming ``source`` (e.g. '-image_size')."""
+    config.defrost()
+    merge_from_list(config, [key, value], source=source)
+    check_values(config, source)
+    config.freeze()
+    return config
+
+
 def settings_without_effect(config):
     """Messages naming the training settings that differ from their default but have no effect,
     because what reads them is off (e.g. a teacher without distillation), for a run to report."""

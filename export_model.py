@@ -30,7 +30,7 @@ import tempfile
 import numpy as np
 import paddle
 
-from config import ConfigError, check_values, get_config, merge_from_list
+from config import ConfigError, get_config, with_setting
 from utils import CheckpointError, load_every_weight, write_config
 from xcit import build_xcit
 
@@ -54,12 +54,7 @@ def config_at_size(cfg_path, image_size=None):
     """The config of ``cfg_path``, with DATA.IMAGE_SIZE ``image_size`` when given (``-image_size``:
     a value out of range raises ``ConfigError`` naming it)."""
     config = get_config(cfg_path)
-    if image_size is not None:
-        config.defrost()
-        merge_from_list(config, ['DATA.IMAGE_SIZE', image_size], source='-image_size')
-        check_values(config, '-image_size')
-        config.freeze()
-    return config
+    return config if image_size is None else with_setting(config, 'DATA.IMAGE_SIZE', image_size, '-image_size')
 
 
 def load_model(cfg_path, pretrained, image_size=None, use_ema=False):

@@ -33,26 +33,26 @@ def _is_here(module):
 
 
 def _import_own_modules():
-    """(get_config, merge_from_list, check_values, load_every_weight, build_xcit) of this
-    repository, imported now, while paddle.hub has put it on sys.path. A caller's own modules of
-    the same names (e.g. a ``utils``) are set aside meanwhile and put back afterwards, so that
-    neither side gets the other's."""
+    """(get_config, with_setting, load_every_weight, build_xcit) of this repository, imported
+    now, while paddle.hub has put it on sys.path. A caller's own modules of the same names (e.g.
+    a ``utils``) are set aside meanwhile and put back afterwards, so that neither side gets the
+    other's."""
     def top(name):
         return name.partition('.')[0]
     clashing = {top(n) for n, m in _sys.modules.items() if top(n) in _OWN_PACKAGES and not _is_here(m)}
     theirs = {n: _sys.modules.pop(n) for n in list(_sys.modules) if top(n) in clashing}
     try:
-        from config import check_values, get_config, merge_from_list
+        from config import get_config, with_setting
         from utils import load_every_weight
         from xcit import build_xcit
     finally:
         for name in [n for n in _sys.modules if top(n) in clashing]:
             del _sys.modules[name]
         _sys.modules.update(theirs)
-    return get_config, merge_from_list, check_values, load_every_weight, build_xcit
+    return get_config, with_setting, load_every_weight, build_xcit
 
 
-_get_config, _merge_from_list, _check_values, _load_every_weight, _build_xcit = _import_own_modules()
+_get_config, _with_setting, _load_every_weight, _build_xcit = _import_own_modules()
 
 
 def _description(cfg_path):
@@ -66,22 +66,12 @@ def _description(cfg_path):
     return ' '.join(lines)
 
 
-def _with_num_classes(config, num_classes):
-    """``config`` (frozen) with MODEL.NUM_CLASSES ``num_classes``; raises ``ConfigError`` naming
-    ``num_classes`` for a value that is not an int >= 0."""
-    config.defrost()
-    _merge_from_list(config, ['MODEL.NUM_CLASSES', num_classes], source='num_classes')
-    _check_values(config, 'num_classes')
-    config.freeze()
-    return config
-
-
 def _create_model(cfg_path, pretrained=None, use_ema=False, num_classes=None):
     if use_ema and not pretrained:
         raise ValueError('use_ema selects the EMA weights of the pretrained checkpoint: give pretrained')
     config = _get_config(cfg_path)
     if num_classes is not None:
-        config = _with_num_classes(config, num_classes)
+        config = _with_setting(config, 'MODEL.NUM_CLASSES', num_classes, 'num_classes')
     model = _build_xcit(config)
     if pretrained:
         _load_every_weight(model, pretrained, f'the model of {cfg_path}', use_ema)
