@@ -156,6 +156,7 @@ def _merge(node, updates, source, prefix=''):
             _merge(node[key], value, source, full + '.')
         else:
             node[key] = _coerce(full, value, node[key], source)
+            _check_range(full, node[key], source)
 
 
 def _load_yaml(path):
@@ -262,6 +263,7 @@ def _interval(v, high=None):
 
 # TRAIN.OPTIMIZER.NAME (lower case) -> the TRAIN.OPTIMIZER settings that only this optimizer reads
 OPTIMIZER_SETTINGS = {'adamw': ('EPS', 'BETAS'), 'sgd': ('MOMENTUM',)}
+INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'lanczos')  # resampling filters, as PIL names them
 MIXUP_MODES = ('batch', 'pair', 'elem')  # TRAIN.MIXUP_MODE: one mixing factor per batch, pair or image
 ERASE_MODES = ('pixel', 'rand', 'const')  # TRAIN.RANDOM_ERASE_MODE: the erased box's fill
 
@@ -271,6 +273,8 @@ _VALUE_RULES = {
     'DATA.BATCH_SIZE_EVAL': (_positive, '> 0'),
     'DATA.IMAGE_SIZE': (_positive, '> 0'),
     'DATA.NUM_WORKERS': (_non_negative, '>= 0'),
+    'DATA.CROP_PCT': (_positive, '> 0'),
+    'DATA.INTERPOLATION': (lambda v: v in INTERPOLATIONS, ' or '.join(map(repr, INTERPOLATIONS))),
     'DATA.IMAGENET_MEAN': (lambda v: _numbers(v, 3, lambda x: True), '3 numbers (R, G, B)'),
     'DATA.IMAGENET_STD': (lambda v: _numbers(v, 3, _positive), '3 numbers > 0 (R, G, B)'),
     'MODEL.NUM_CLASSES': (_non_negative, '>= 0'),
@@ -296,6 +300,7 @@ _VALUE_RULES = {
     'TRAIN.OPTIMIZER.EPS': (_non_negative, '>= 0'),
     'TRAIN.OPTIMIZER.MOMENTUM': (_below_one, 'in [0, 1)'),
     'TRAIN.OPTIMIZER.BETAS': (lambda v: _numbers(v, 2, _below_one), '2 numbers in [0, 1) (beta1, beta2)'),
+    'TRAIN.TRAIN_INTERPOLATION': (lambda v: v in INTERPOLATIONS, ' or '.join(map(repr, INTERPOLATIONS))),
     'TRAIN.RANDOM_RESIZED_CROP_SCALE': (_interval, '[min, max] with 0 < min <= max'),
     'TRAIN.CUTMIX_MINMAX': (lambda v: not v or _interval(v, 1), '[] or [min, max] with 0 < min <= max <= 1'),
     'TRAIN.MODEL_EMA_DECAY': (_probability, 'in [0, 1]'),
@@ -322,17 +327,24 @@ _VALUE_RULES = {
 }
 
 
+def _check_range(key, value, source):
+    """Raises ``ConfigError`` naming ``key`` and ``source`` (where the value was set) when ``value``
+    breaks the key's rule in ``_VALUE_RULES``."""
+    if key in _VALUE_RULES:
+        test, requirement = _VALUE_RULES[key]
+        if not test(value):
+            raise ConfigError(f'{source}: {key} must be {requirement}, got {value!r}')
+
+
 def check_values(config, source):
     """Raises ``ConfigError`` naming the key and ``source`` for a value out of its range, or
-    model dimensions that do not fit together."""
-    def value(key):
+    model dimensions that do not fit together. (Each value set from a file or the command line
+    was already checked there, naming that file.)"""
+    for key in _VALUE_RULES:
         node = config
         for part in key.split('.'):
             node = node[part]
-        return node
-    for key, (test, requirement) in _VALUE_RULES.items():
-        if not test(value(key)):
-            raise ConfigError(f'{source}: {key} must be {requirement}, got {value(key)!r}')
+        _check_range(key, node, source)
     _check_optimizer_settings(config.TRAIN.OPTIMIZER, source)
     m = config.MODEL
     if m.EMBED_DIM % m.NUM_HEADS:

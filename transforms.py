@@ -20,21 +20,10 @@ import re
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from config import ERASE_MODES, ConfigError
+from config import ERASE_MODES, INTERPOLATIONS as INTERPOLATION_NAMES, ConfigError
 
-INTERPOLATIONS = {
-    'nearest': Image.Resampling.NEAREST,
-    'bilinear': Image.Resampling.BILINEAR,
-    'bicubic': Image.Resampling.BICUBIC,
-    'lanczos': Image.Resampling.LANCZOS,
-}
-
-
-def pil_interpolation(name, key):
-    """The PIL resampling filter called ``name``; ``key`` names the config key in errors."""
-    if name not in INTERPOLATIONS:
-        raise ConfigError(f'{key} must be one of {sorted(INTERPOLATIONS)}, got {name!r}')
-    return INTERPOLATIONS[name]
+# DATA.INTERPOLATION and TRAIN.TRAIN_INTERPOLATION (checked by the config) -> PIL's filter
+INTERPOLATIONS = {name: Image.Resampling[name.upper()] for name in INTERPOLATION_NAMES}
 
 
 WIDE_GRAY_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')  # 16-bit grayscale (32-bit 'I' read as 16-bit)
@@ -123,10 +112,7 @@ def _normalize_from_config(config):
 
 def build_eval_transform(config):
     """The evaluation transform: callable(PIL.Image) -> float32 (3, DATA.IMAGE_SIZE, DATA.IMAGE_SIZE)."""
-    if config.DATA.CROP_PCT <= 0:
-        raise ConfigError(f'DATA.CROP_PCT must be > 0, got {config.DATA.CROP_PCT}')
-    return EvalTransform(config.DATA.IMAGE_SIZE, config.DATA.CROP_PCT,
-                         pil_interpolation(config.DATA.INTERPOLATION, 'DATA.INTERPOLATION'),
+    return EvalTransform(config.DATA.IMAGE_SIZE, config.DATA.CROP_PCT, INTERPOLATIONS[config.DATA.INTERPOLATION],
                          _normalize_from_config(config))
 
 
@@ -483,11 +469,8 @@ class TrainTransform:
 def build_train_transform(config):
     """The training transform: callable(PIL.Image, np.random.Generator) -> float32 (3, S, S)."""
     train = config.TRAIN
-    resample = pil_interpolation(train.TRAIN_INTERPOLATION, 'TRAIN.TRAIN_INTERPOLATION')
+    resample = INTERPOLATIONS[train.TRAIN_INTERPOLATION]
     scale = list(train.RANDOM_RESIZED_CROP_SCALE)
-    if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
-        raise ConfigError(f'TRAIN.RANDOM_RESIZED_CROP_SCALE must be [min, max] with 0 < min <= max, '
-                          f'got {scale}')
     rand_augment = None
     if train.RAND_AUGMENT:
         # geometric ops fill with the dataset mean colour, as timm's img_mean hparam

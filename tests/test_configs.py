@@ -297,6 +297,10 @@ def test_wrong_type_in_opts_is_named():
     ('TRAIN:\n  MIXUP_MODE: garbage\n', "TRAIN.MIXUP_MODE must be 'batch' or 'pair' or 'elem', got 'garbage'"),
     ('SEED: -1\n', 'SEED must be in [0, 2**31), got -1'),  # Paddle and numpy refuse it when training starts
     ('SEED: 4294967296\n', 'SEED must be in [0, 2**31), got 4294967296'),
+    ('DATA:\n  INTERPOLATION: cubic\n',
+     "DATA.INTERPOLATION must be 'nearest' or 'bilinear' or 'bicubic' or 'lanczos', got 'cubic'"),
+    ('TRAIN:\n  TRAIN_INTERPOLATION: area\n', "TRAIN.TRAIN_INTERPOLATION must be 'nearest' or 'bilinear'"),
+    ('DATA:\n  CROP_PCT: 0.0\n', 'DATA.CROP_PCT must be > 0, got 0.0'),
     ('TRAIN:\n  MIXUP_PROB: 0.0\n  RANDOM_ERASE_MODE: noise\n',
      "TRAIN.RANDOM_ERASE_MODE must be 'pixel' or 'rand' or 'const', got 'noise'"),
 ])
@@ -306,6 +310,13 @@ def test_value_out_of_range_in_file_names_key_and_file(tmp_path, text, message):
         get_config(path)
     with pytest.raises(ConfigError, match=re.escape(f'{path}: {message}')):  # as -cfg of the scripts
         update_config(get_config(), argparse.Namespace(cfg=path, opts=None))
+
+
+def test_value_out_of_range_in_a_base_file_names_the_base_file(tmp_path):
+    base = write(tmp_path / 'base' / 'common.yaml', 'TRAIN:\n  SMOOTHING: 1.0\n')
+    child = write(tmp_path / 'child.yaml', "BASE: ['base/common.yaml']\nSEED: 3\n")
+    with pytest.raises(ConfigError, match=re.escape(f'{base}: TRAIN.SMOOTHING must be in [0, 1), got 1.0')):
+        get_config(child)
 
 
 def test_base_is_for_files_only():

@@ -106,15 +106,6 @@ def test_eval_transform_pads_with_zeros_when_resized_image_is_smaller_than_crop(
     np.testing.assert_allclose(out[:, 0, 0], (-MEAN / STD).ravel(), rtol=1e-6)
 
 
-def test_bad_interpolation_and_crop_pct_are_config_errors():
-    with pytest.raises(ConfigError, match='DATA.INTERPOLATION'):
-        build_eval_transform(make_config(**{'DATA.INTERPOLATION': 'cubic'}))
-    with pytest.raises(ConfigError, match='TRAIN.TRAIN_INTERPOLATION'):
-        build_train_transform(make_config(**{'TRAIN.TRAIN_INTERPOLATION': 'area'}))
-    with pytest.raises(ConfigError, match='DATA.CROP_PCT'):
-        build_eval_transform(make_config(**{'DATA.CROP_PCT': 0.0}))
-
-
 def low_contrast_image():
     """Pixel values in 40..250 (AutoContrast and Solarize at level 9 have work), non-symmetric content."""
     pixels = np.asarray(photo(40, 30, jpeg=False)).astype(np.float32)
