@@ -29,6 +29,7 @@ import os
 import pickle
 import re
 import tarfile
+import warnings
 
 import numpy as np
 import paddle
@@ -98,6 +99,26 @@ class ImageDataset(paddle.io.Dataset):
 IMAGE_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+def read_image(path):
+    """The decoded PIL image in the file ``path``; raises one of ``IMAGE_READ_ERRORS``.
+
+    PIL warns about a possible decompression bomb (an image of more than ``Image.MAX_IMAGE_PIXELS``,
+    89 M pixels; it refuses twice that) without naming the file, and once per process; here the
+    warning names the file, for every such file.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always', Image.DecompressionBombWarning)
+        with open(path, 'rb') as f:
+            img = Image.open(f)
+            img.load()
+    for w in caught:
+        if issubclass(w.category, Image.DecompressionBombWarning):
+            warnings.warn(f'{path}: {w.message}', w.category, stacklevel=2)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return img
+
+
 class ImageFileDataset(ImageDataset):
     """Images read from files; those listed in ``list_file`` name their line in error messages."""
 
@@ -110,10 +131,7 @@ class ImageFileDataset(ImageDataset):
     def load_image(self, i):
         path = self.paths[i]
         try:
-            with open(path, 'rb') as f:
-                img = Image.open(f)
-                img.load()
-            return to_rgb(img)
+            return to_rgb(read_image(path))
         except IMAGE_READ_ERRORS as e:
             where = f' ({self.list_file} line {self.line_numbers[i]})' if self.list_file else ''
             raise DataError(f'cannot read image {path}{where}: {e}') from e

@@ -28,10 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import paddle
-from PIL import Image
 
 from config import ConfigError
-from datasets import IMAGE_READ_ERRORS, IMG_EXTENSIONS, DataError, find_classes
+from datasets import IMAGE_READ_ERRORS, IMG_EXTENSIONS, DataError, find_classes, read_image
 from export_model import EXPORT_CONFIG, ExportError, InferenceModel, config_at_size, load_model
 from transforms import build_eval_transform
 from utils import CheckpointError, resolve_device
@@ -94,9 +93,7 @@ def image_paths(inputs):
 def load_image(path, transform):
     """The transformed image, or raises OSError naming the problem."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return transform(img)
+        return transform(read_image(path))
     except IMAGE_READ_ERRORS as e:
         raise OSError(f'{path}: cannot read the image ({type(e).__name__}: {e})') from e
 

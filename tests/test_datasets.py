@@ -4,6 +4,7 @@ import io
 import multiprocessing
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -253,6 +254,21 @@ def test_floating_point_images_name_the_file(imagenet):
     dataset = build_dataset(imagenet_config(imagenet), 'val')
     with pytest.raises(DataError, match=r'depth.tif \(.*val_list.txt line 2\): a floating-point image'):
         dataset[1]
+
+
+def test_decompression_bomb_warnings_name_every_file(imagenet, monkeypatch):
+    """PIL warns once per process without a file name; each read of a large image names it,
+    and the image is still read. Twice the limit is an error naming the file."""
+    write_list(imagenet, 'val_list.txt', ['val/v1.JPEG 1', 'val/v1.JPEG 1'])
+    dataset = build_dataset(imagenet_config(imagenet), 'val')
+    width, height = Image.open(dataset.paths[0]).size
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', width * height - 1)
+    for i in range(2):
+        with pytest.warns(Image.DecompressionBombWarning, match=re.escape(dataset.paths[0]) + ': Image size'):
+            assert dataset[i][0].shape == (3, 16, 16)
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', width * height // 2 - 1)
+    with pytest.raises(DataError, match=re.escape(dataset.paths[0]) + r' \(.*val_list.txt line 1\): .*decompression bomb'):
+        dataset[0]
 
 
 @pytest.mark.parametrize('workers', [0, 1])
