@@ -102,20 +102,17 @@ IMAGE_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombEr
 def read_image(path):
     """The decoded PIL image in the file ``path``; raises one of ``IMAGE_READ_ERRORS``.
 
-    PIL warns about a possible decompression bomb (an image of more than ``Image.MAX_IMAGE_PIXELS``,
-    89 M pixels; it refuses twice that) without naming the file, and once per process; here the
-    warning names the file, for every such file.
+    An image above PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89 M pixels; PIL
+    refuses twice that) is read with a warning naming the file, for every such file: PIL's own
+    warning names none and is shown once per process.
     """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always', Image.DecompressionBombWarning)
-        with open(path, 'rb') as f:
-            img = Image.open(f)
-            img.load()
-    for w in caught:
-        if issubclass(w.category, Image.DecompressionBombWarning):
-            warnings.warn(f'{path}: {w.message}', w.category, stacklevel=2)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    with open(path, 'rb') as f:
+        img = Image.open(f)
+        pixels = img.width * img.height
+        if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+            warnings.warn(f'{path}: {pixels} pixels, above the {Image.MAX_IMAGE_PIXELS} at which PIL '
+                          f'suspects a decompression bomb', Image.DecompressionBombWarning, stacklevel=2)
+        img.load()
     return img
 
 
