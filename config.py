@@ -10,6 +10,7 @@ it came from.
 import ast
 import math
 import os
+import re
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -261,6 +262,52 @@ def _interval(v, high=None):
     return _numbers(v, 2, _positive) and v[0] <= v[1] and (high is None or v[1] <= high)
 
 
+def _magnitude_std(text):
+    std = float(text)
+    return math.inf if std > 100 else std  # timm: > 100 means uniform sampling
+
+
+# TRAIN.RAND_AUGMENT_CONFIG section -> (RandAugment argument, parser of the number that follows)
+RAND_AUGMENT_SECTIONS = {
+    'm': ('magnitude', int),
+    'n': ('num_layers', int),
+    'p': ('prob', float),
+    'mstd': ('magnitude_std', _magnitude_std),
+    'mmax': ('magnitude_max', int),
+    'inc': ('increasing', lambda text: bool(int(text))),
+}
+
+
+def rand_augment_options(config_str):
+    """timm's RandAugment config string -> the arguments it sets, e.g. 'rand-m9-mstd0.5-inc1' ->
+    {'magnitude': 9, 'magnitude_std': 0.5, 'increasing': True}; ValueError for any other string.
+
+    Sections after 'rand': m (magnitude, default 10), n (layers, 2), p (op probability, 0.5),
+    mstd (magnitude std, 0; > 100 means uniform), mmax (magnitude cap, 10), inc (1: increasing ops).
+    """
+    parts = config_str.split('-')
+    if parts[0] != 'rand':
+        raise ValueError(f"a RandAugment config starts with 'rand', got {config_str!r}")
+    options = {}
+    for part in parts[1:]:
+        match = re.fullmatch(r'([a-z]+)(\d[\d.]*)', part)
+        try:
+            name, parse = RAND_AUGMENT_SECTIONS[match[1]]
+            options[name] = parse(match[2])
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f'unsupported section {part!r} in {config_str!r} '
+                             f'(supported: {", ".join(RAND_AUGMENT_SECTIONS)} followed by a number)') from None
+    return options
+
+
+def _is_rand_augment_config(v):
+    try:
+        rand_augment_options(v)
+    except ValueError:
+        return False
+    return True
+
+
 # TRAIN.OPTIMIZER.NAME (lower case) -> the TRAIN.OPTIMIZER settings that only this optimizer reads
 OPTIMIZER_SETTINGS = {'adamw': ('EPS', 'BETAS'), 'sgd': ('MOMENTUM',)}
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'lanczos')  # resampling filters, as PIL names them
@@ -306,6 +353,9 @@ _VALUE_RULES = {
     'TRAIN.MODEL_EMA_DECAY': (_probability, 'in [0, 1]'),
     'TRAIN.SMOOTHING': (_below_one, 'in [0, 1)'),
     'TRAIN.COLOR_JITTER': (_non_negative, '>= 0'),
+    'TRAIN.RAND_AUGMENT_CONFIG': (_is_rand_augment_config, "timm's RandAugment string: 'rand', then sections "
+                                  f"{', '.join(RAND_AUGMENT_SECTIONS)} each followed by a number, e.g. "
+                                  "'rand-m9-mstd0.5-inc1'"),
     'TRAIN.HFLIP': (_probability, 'in [0, 1]'),
     'TRAIN.REPEATED_AUG_COUNT': (_positive, '> 0'),
     'TRAIN.MIXUP_ALPHA': (_non_negative, '>= 0'),

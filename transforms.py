@@ -15,12 +15,11 @@ augmentation is a pure function of that generator's seed.
 Outputs are float32 arrays (3, S, S): RGB, scaled to [0, 1], normalised by the dataset mean/std.
 """
 import math
-import re
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from config import ERASE_MODES, INTERPOLATIONS as INTERPOLATION_NAMES, ConfigError
+from config import ERASE_MODES, INTERPOLATIONS as INTERPOLATION_NAMES, ConfigError, rand_augment_options
 
 # DATA.INTERPOLATION and TRAIN.TRAIN_INTERPOLATION (checked by the config) -> PIL's filter
 INTERPOLATIONS = {name: Image.Resampling[name.upper()] for name in INTERPOLATION_NAMES}
@@ -340,42 +339,12 @@ class RandAugment:
         return img
 
 
-def _magnitude_std(text):
-    std = float(text)
-    return math.inf if std > 100 else std  # timm: > 100 means uniform sampling
-
-
-# config-string section -> (RandAugment argument, parser)
-_RAND_AUGMENT_SECTIONS = {
-    'm': ('magnitude', int),
-    'n': ('num_layers', int),
-    'p': ('prob', float),
-    'mstd': ('magnitude_std', _magnitude_std),
-    'mmax': ('magnitude_max', int),
-    'inc': ('increasing', lambda text: bool(int(text))),
-}
-
-
-def parse_rand_augment(config_str, fill, resample, key='TRAIN.RAND_AUGMENT_CONFIG'):
-    """A ``RandAugment`` from timm's config string, e.g. 'rand-m9-mstd0.5-inc1'.
-
-    Sections after 'rand': m (magnitude, default 10), n (layers, 2), p (op probability, 0.5),
-    mstd (magnitude std, 0; > 100 means uniform), mmax (magnitude cap, 10), inc (1: increasing ops).
-    """
-    parts = config_str.split('-')
-    if parts[0] != 'rand':
-        raise ConfigError(f"{key} must start with 'rand', got {config_str!r}")
-    kwargs = {}
-    for part in parts[1:]:
-        match = re.fullmatch(r'([a-z]+)(\d[\d.]*)', part)
-        try:
-            name, parse = _RAND_AUGMENT_SECTIONS[match[1]]
-            kwargs[name] = parse(match[2])
-        except (TypeError, KeyError, ValueError):
-            raise ConfigError(f'{key}: unsupported section {part!r} in {config_str!r} '
-                              f'(supported: {", ".join(_RAND_AUGMENT_SECTIONS)} followed by a number)') from None
-    ops = RAND_INCREASING_TRANSFORMS if kwargs.pop('increasing', False) else RAND_TRANSFORMS
-    return RandAugment(ops, fill=fill, resample=resample, **kwargs)
+def parse_rand_augment(config_str, fill, resample):
+    """A ``RandAugment`` from timm's config string, e.g. 'rand-m9-mstd0.5-inc1' (its sections:
+    ``config.rand_augment_options``); raises ValueError for a string that is not one."""
+    options = rand_augment_options(config_str)
+    ops = RAND_INCREASING_TRANSFORMS if options.pop('increasing', False) else RAND_TRANSFORMS
+    return RandAugment(ops, fill=fill, resample=resample, **options)
 
 
 # ---------------------------------------------------------------- colour jitter, random erasing

@@ -301,6 +301,9 @@ def test_wrong_type_in_opts_is_named():
      "DATA.INTERPOLATION must be 'nearest' or 'bilinear' or 'bicubic' or 'lanczos', got 'cubic'"),
     ('TRAIN:\n  TRAIN_INTERPOLATION: area\n', "TRAIN.TRAIN_INTERPOLATION must be 'nearest' or 'bilinear'"),
     ('DATA:\n  CROP_PCT: 0.0\n', 'DATA.CROP_PCT must be > 0, got 0.0'),
+    ('TRAIN:\n  RAND_AUGMENT_CONFIG: rand-m9-tweights\n',
+     "TRAIN.RAND_AUGMENT_CONFIG must be timm's RandAugment string: 'rand', then sections m, n, p, mstd, mmax, "
+     "inc each followed by a number, e.g. 'rand-m9-mstd0.5-inc1', got 'rand-m9-tweights'"),
     ('TRAIN:\n  MIXUP_PROB: 0.0\n  RANDOM_ERASE_MODE: noise\n',
      "TRAIN.RANDOM_ERASE_MODE must be 'pixel' or 'rand' or 'const', got 'noise'"),
 ])

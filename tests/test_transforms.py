@@ -150,8 +150,10 @@ def test_parse_rand_augment_config_string():
     ra = parse_rand_augment('rand-n3-m5-p0.7', FILL, Image.Resampling.BICUBIC)
     assert (ra.op_names, ra.num_layers, ra.magnitude, ra.prob) == (RAND_TRANSFORMS, 3, 5, 0.7)
     assert parse_rand_augment('rand-mstd101', FILL, Image.Resampling.BICUBIC).magnitude_std == float('inf')
-    for bad in ['augmix-m9', 'rand-m9-tweights', 'rand-x3', 'rand-mstd']:
-        with pytest.raises(ConfigError, match='TRAIN.RAND_AUGMENT_CONFIG'):
+    with pytest.raises(ValueError, match="a RandAugment config starts with 'rand', got 'augmix-m9'"):
+        parse_rand_augment('augmix-m9', FILL, Image.Resampling.BICUBIC)
+    for bad in ['rand-m9-tweights', 'rand-x3', 'rand-mstd']:
+        with pytest.raises(ValueError, match=f"unsupported section '{bad.split('-')[-1]}' in '{bad}'"):
             parse_rand_augment(bad, FILL, Image.Resampling.BICUBIC)
 
 
