@@ -262,6 +262,11 @@ def _interval(v, high=None):
     return _numbers(v, 2, _positive) and v[0] <= v[1] and (high is None or v[1] <= high)
 
 
+def _one_of(choices):
+    """The rule (test, requirement) of a value that must be one of ``choices``."""
+    return (lambda v: v in choices), ' or '.join(map(repr, choices))
+
+
 def _magnitude_std(text):
     std = float(text)
     return math.inf if std > 100 else std  # timm: > 100 means uniform sampling
@@ -321,11 +326,11 @@ _VALUE_RULES = {
     'DATA.IMAGE_SIZE': (_positive, '> 0'),
     'DATA.NUM_WORKERS': (_non_negative, '>= 0'),
     'DATA.CROP_PCT': (_positive, '> 0'),
-    'DATA.INTERPOLATION': (lambda v: v in INTERPOLATIONS, ' or '.join(map(repr, INTERPOLATIONS))),
+    'DATA.INTERPOLATION': _one_of(INTERPOLATIONS),
     'DATA.IMAGENET_MEAN': (lambda v: _numbers(v, 3, lambda x: True), '3 numbers (R, G, B)'),
     'DATA.IMAGENET_STD': (lambda v: _numbers(v, 3, _positive), '3 numbers > 0 (R, G, B)'),
     'MODEL.NUM_CLASSES': (_non_negative, '>= 0'),
-    'MODEL.PATCH_SIZE': (lambda v: v in (8, 16), '8 or 16'),
+    'MODEL.PATCH_SIZE': _one_of((8, 16)),
     'MODEL.EMBED_DIM': (_positive, '> 0'),
     'MODEL.DEPTH': (_positive, '> 0'),
     'MODEL.NUM_HEADS': (_positive, '> 0'),
@@ -347,7 +352,7 @@ _VALUE_RULES = {
     'TRAIN.OPTIMIZER.EPS': (_non_negative, '>= 0'),
     'TRAIN.OPTIMIZER.MOMENTUM': (_below_one, 'in [0, 1)'),
     'TRAIN.OPTIMIZER.BETAS': (lambda v: _numbers(v, 2, _below_one), '2 numbers in [0, 1) (beta1, beta2)'),
-    'TRAIN.TRAIN_INTERPOLATION': (lambda v: v in INTERPOLATIONS, ' or '.join(map(repr, INTERPOLATIONS))),
+    'TRAIN.TRAIN_INTERPOLATION': _one_of(INTERPOLATIONS),
     'TRAIN.RANDOM_RESIZED_CROP_SCALE': (_interval, '[min, max] with 0 < min <= max'),
     'TRAIN.CUTMIX_MINMAX': (lambda v: not v or _interval(v, 1), '[] or [min, max] with 0 < min <= max <= 1'),
     'TRAIN.MODEL_EMA_DECAY': (_probability, 'in [0, 1]'),
@@ -362,8 +367,8 @@ _VALUE_RULES = {
     'TRAIN.CUTMIX_ALPHA': (_non_negative, '>= 0'),
     'TRAIN.MIXUP_PROB': (_probability, 'in [0, 1]'),
     'TRAIN.MIXUP_SWITCH_PROB': (_probability, 'in [0, 1]'),
-    'TRAIN.MIXUP_MODE': (lambda v: v in MIXUP_MODES, ' or '.join(map(repr, MIXUP_MODES))),
-    'TRAIN.RANDOM_ERASE_MODE': (lambda v: v in ERASE_MODES, ' or '.join(map(repr, ERASE_MODES))),
+    'TRAIN.MIXUP_MODE': _one_of(MIXUP_MODES),
+    'TRAIN.RANDOM_ERASE_MODE': _one_of(ERASE_MODES),
     'TRAIN.RANDOM_ERASE_PROB': (_probability, 'in [0, 1]'),
     'TRAIN.RANDOM_ERASE_COUNT': (_positive, '> 0'),
     'TRAIN.DISTILLATION_TYPE': (lambda v: v in ('none', 'soft', 'hard'), "'none', 'soft' or 'hard'"),
