@@ -160,16 +160,36 @@ def _merge(node, updates, source, prefix=''):
             _check_range(full, node[key], source)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, which YAML itself
+    resolves silently by keeping the last (e.g. a second ``TRAIN:`` section replacing the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = first_line.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if seen != key_node.start_mark.line + 1:
+                raise ConfigError(f'{self.name}: line {key_node.start_mark.line + 1}: {key} is given a second '
+                                  f'time in the same mapping (first on line {seen}), which would replace the first')
+        return super().construct_mapping(node, deep)
+
+
 def _load_yaml(path):
     if not os.path.isfile(path):
         raise ConfigError(f'config file not found: {path}')
     with open(path, encoding='utf-8') as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as e:
             raise ConfigError(f'{path}: not valid YAML: {e}') from e
         except UnicodeDecodeError as e:  # e.g. weights given as -cfg
             raise ConfigError(f'{path}: not a YAML config, which is UTF-8 text ({e.reason} at byte {e.start})') from e
+    if data is None:
+        raise ConfigError(f'{path}: the file sets nothing (empty, or comments only)')
     if not isinstance(data, dict):
         raise ConfigError(f'{path}: expected a mapping at the top level')
     return data
@@ -318,9 +338,11 @@ OPTIMIZER_SETTINGS = {'adamw': ('EPS', 'BETAS'), 'sgd': ('MOMENTUM',)}
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'lanczos')  # resampling filters, as PIL names them
 MIXUP_MODES = ('batch', 'pair', 'elem')  # TRAIN.MIXUP_MODE: one mixing factor per batch, pair or image
 ERASE_MODES = ('pixel', 'rand', 'const')  # TRAIN.RANDOM_ERASE_MODE: the erased box's fill
+DATASETS = ('imagenet2012', 'imagefolder', 'digits', 'cifar10', 'cifar100')  # DATA.DATASET, see datasets.py
 
 # key -> (test, what the value must be): ranges that the types alone do not enforce
 _VALUE_RULES = {
+    'DATA.DATASET': _one_of(DATASETS),
     'DATA.BATCH_SIZE': (_positive, '> 0'),
     'DATA.BATCH_SIZE_EVAL': (_positive, '> 0'),
     'DATA.IMAGE_SIZE': (_positive, '> 0'),

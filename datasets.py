@@ -35,7 +35,6 @@ import numpy as np
 import paddle
 from PIL import Image
 
-from config import ConfigError
 from launch import end_with_parent
 from samplers import EvalBatchSampler, TrainBatchSampler
 from transforms import build_eval_transform, build_train_transform, to_rgb
@@ -354,8 +353,8 @@ def _cifar(config, mode, transform):
     return ArrayDataset(np.ascontiguousarray(images), labels, num_classes, mode, transform, config.SEED)
 
 
-DATASETS = {'imagenet2012': _imagenet2012, 'imagefolder': _imagefolder, 'digits': _digits,
-            'cifar10': _cifar, 'cifar100': _cifar}
+BUILDERS = {'imagenet2012': _imagenet2012, 'imagefolder': _imagefolder, 'digits': _digits,
+            'cifar10': _cifar, 'cifar100': _cifar}  # one for each of config.DATASETS
 
 
 def build_dataset(config, mode, augment=None):
@@ -364,11 +363,9 @@ def build_dataset(config, mode, augment=None):
     training images for a k-NN classifier, ``eval_knn.py``)."""
     if mode not in MODES:
         raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
-    if config.DATA.DATASET not in DATASETS:
-        raise ConfigError(f'DATA.DATASET must be one of {sorted(DATASETS)}, got {config.DATA.DATASET!r}')
     augment = mode == 'train' if augment is None else augment
     transform = build_train_transform(config) if augment else build_eval_transform(config)
-    dataset = DATASETS[config.DATA.DATASET](config, mode, transform)
+    dataset = BUILDERS[config.DATA.DATASET](config, mode, transform)
     dataset.mode = 'train' if augment else 'val'  # how items go through the transform
     return dataset
 

@@ -240,6 +240,25 @@ def test_binary_file_as_config_is_named(tmp_path):
         get_config(str(path))
 
 
+@pytest.mark.parametrize('text, line, key', [
+    ('TRAIN:\n  NUM_EPOCHS: 3\nDATA:\n  BATCH_SIZE: 8\nTRAIN:\n  BASE_LR: 0.01\n', 5, 'TRAIN'),
+    ('TRAIN:\n  NUM_EPOCHS: 3\n  NUM_EPOCHS: 7\n', 3, 'NUM_EPOCHS'),
+])
+def test_a_key_given_twice_is_refused_naming_file_and_lines(tmp_path, text, line, key):
+    path = write(tmp_path / 'twice.yaml', text)  # YAML alone would keep the last silently
+    first = 2 if key == 'NUM_EPOCHS' else 1
+    with pytest.raises(ConfigError, match=re.escape(f'{path}: line {line}: {key} is given a second time in the '
+                                                    f'same mapping (first on line {first}), which would replace')):
+        get_config(path)
+
+
+@pytest.mark.parametrize('text', ['', '# only a comment\n'])
+def test_a_file_that_sets_nothing_is_refused(tmp_path, text):
+    path = write(tmp_path / 'empty.yaml', text)
+    with pytest.raises(ConfigError, match=re.escape(f'{path}: the file sets nothing (empty, or comments only)')):
+        get_config(path)
+
+
 def test_opts_override_the_file():
     args = argparse.Namespace(cfg=config_path('xcit_tiny_12_p8_224'),
                               opts=['TRAIN.NUM_EPOCHS', '2', 'SEED', '3', 'MODEL.DROPPATH', '0'])
@@ -306,6 +325,8 @@ def test_wrong_type_in_opts_is_named():
      "inc each followed by a number, e.g. 'rand-m9-mstd0.5-inc1', got 'rand-m9-tweights'"),
     ('TRAIN:\n  MIXUP_PROB: 0.0\n  RANDOM_ERASE_MODE: noise\n',
      "TRAIN.RANDOM_ERASE_MODE must be 'pixel' or 'rand' or 'const', got 'noise'"),
+    ('DATA:\n  DATASET: imagenet\n',
+     "DATA.DATASET must be 'imagenet2012' or 'imagefolder' or 'digits' or 'cifar10' or 'cifar100', got 'imagenet'"),
 ])
 def test_value_out_of_range_in_file_names_key_and_file(tmp_path, text, message):
     path = write(tmp_path / 'bad.yaml', text)
