@@ -268,14 +268,14 @@ def draw_scaling(summary, title, path):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('-cfg', nargs='+', default=[os.path.join(HERE, 'configs', 'xcit_nano_12_p16_224.yaml')],
+    parser.add_argument('-cfg', nargs='+', action='extend', default=None,
                         help='model configs (default: xcit_nano_12_p16_224)')
-    parser.add_argument('--batch', type=int, nargs='+', default=None,
+    parser.add_argument('--batch', type=int, nargs='+', action='extend', default=None,
                         help='batch sizes (default: 1 16; with --scaling one size, default 1)')
-    parser.add_argument('--sizes', type=int, nargs='+', default=None,
+    parser.add_argument('--sizes', type=int, nargs='+', action='extend', default=None,
                         help='input sides (default: the config\'s; with --scaling '
                              f'{" ".join(map(str, SCALING_SIZES))})')
-    parser.add_argument('--paths', nargs='+', choices=PATHS, default=None,
+    parser.add_argument('--paths', nargs='+', action='extend', choices=PATHS, default=None,
                         help=f'compute paths (default: {" ".join(DEFAULT_PATHS)}; with --scaling one path, '
                              f'default infer)')
     parser.add_argument('--threads', type=int, default=2,
@@ -291,6 +291,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.worker:
         return args
+    args.cfg = args.cfg or [os.path.join(HERE, 'configs', 'xcit_nano_12_p16_224.yaml')]
     for name in ('batch', 'sizes', 'threads', 'reps'):
         values = getattr(args, name)
         bad = [v for v in (values if isinstance(values, list) else [values]) if values is not None and v < 1]

@@ -40,7 +40,7 @@ from ema import ModelEma
 from losses import build_criterion
 from mixup import build_mixup
 from optim import build_lr_scheduler, build_optimizer
-from port_weights.convert import find_mismatches, format_mismatches, state_shapes
+from port_weights.convert import check_fits, find_mismatches, format_mismatches, state_shapes
 from teacher import build_teacher
 from utils import (AverageMeter, CheckpointError, MetricsLog, all_reduce_sum, average_batchnorm_statistics,
                    format_seconds, get_rank, get_world_size, in_model_dtypes, load_checkpoint, load_every_weight,
@@ -107,8 +107,8 @@ def build_arg_parser(multi_process=False):
     if multi_process:
         add('-ngpus', type=int, default=None,
             help='number of processes (NGPUS): -1 = every visible GPU, or 2 on CPU')
-    add('-opts', nargs='+', default=None, metavar='KEY VALUE',
-        help='config overrides, e.g. -opts TRAIN.NUM_EPOCHS 10 MODEL.DROPPATH 0.1')
+    add('-opts', nargs='+', action='extend', default=None, metavar='KEY VALUE',
+        help='config overrides, e.g. -opts TRAIN.NUM_EPOCHS 10 MODEL.DROPPATH 0.1 (may be repeated)')
     return parser
 
 
@@ -248,8 +248,9 @@ def load_pretrained(model, path, use_ema, logger):
 
     A classifier head whose class count differs is dropped and stays freshly initialised, as does
     the head of a model loaded from a backbone without one (e.g. self-supervised DINO weights).
-    Any other shape mismatch raises ``CheckpointError`` with a table of the differences; other
-    missing or unexpected keys are reported as warnings.
+    Every other weight must fit: a missing, unexpected or differently shaped entry raises
+    ``CheckpointError`` with a table of them (a training run must not start from weights that
+    were silently left as initialised).
     """
     state = dict(weights_of(load_checkpoint(path), path, use_ema))
     expected = state_shapes(model.state_dict())
@@ -263,20 +264,9 @@ def load_pretrained(model, path, use_ema, logger):
         new_head = list(HEAD_KEYS)
         logger.info(f'{path}: a backbone without classifier head; the model\'s head '
                     f'({model.num_classes} classes) starts freshly initialised')
-    rows = find_mismatches(state, expected)
-    mismatched = [row for row in rows if row[1] is not None and row[2] is not None]
-    if mismatched:
-        raise CheckpointError(f'{path} does not fit the model ({len(mismatched)} shape mismatches):\n'
-                              f'{format_mismatches(mismatched)}')
-    missing = [row[0] for row in rows if row[1] is None and row[0] not in new_head]
-    unexpected = [row[0] for row in rows if row[2] is None]
-    if missing:
-        logger.warning(f'{path}: {len(missing)} model weights not in the checkpoint, left as initialised: '
-                       f'{", ".join(missing)}')
-    if unexpected:
-        logger.warning(f'{path}: {len(unexpected)} checkpoint entries not in the model, ignored: '
-                       f'{", ".join(unexpected)}')
-    model.set_state_dict(in_model_dtypes({k: v for k, v in state.items() if k in expected}, model.state_dict()))
+    check_fits(state, {k: v for k, v in expected.items() if k not in new_head},
+               f'{path} does not fit the model (only a classifier head of another size, or none, is replaced)')
+    model.set_state_dict(in_model_dtypes(state, model.state_dict()))
     logger.info(f'loaded {"EMA " if use_ema else ""}weights from {path}')
 
 

@@ -110,7 +110,7 @@ def parse_args(argv=None):
     parser.add_argument('-batch_size', dest='batch_size_eval', type=int, default=None,
                         help='images per forward pass (DATA.BATCH_SIZE_EVAL)')
     parser.add_argument('-image_size', type=int, default=None, help='input side in pixels (DATA.IMAGE_SIZE)')
-    parser.add_argument('-k', type=int, nargs='+', default=list(DEFAULT_K),
+    parser.add_argument('-k', type=int, nargs='+', action='extend', default=None,
                         help='numbers of neighbours (default: 10 20 100 200)')
     parser.add_argument('-temperature', type=float, default=0.07,
                         help='T of the exp(similarity / T) votes (default 0.07)')
@@ -126,8 +126,10 @@ def parse_args(argv=None):
     parser.add_argument('-ngpus', type=int, default=1,
                         help='processes: one per GPU (NCCL), or with -device cpu or no GPU gloo processes '
                              'on the CPU; -1 = every visible GPU, or 2 on the CPU (default 1: this process)')
-    parser.add_argument('-opts', nargs='+', default=None, metavar='KEY VALUE', help='config overrides')
+    parser.add_argument('-opts', nargs='+', action='extend', default=None, metavar='KEY VALUE',
+                        help='config overrides (may be repeated)')
     args = parser.parse_args(argv)
+    args.k = args.k or list(DEFAULT_K)
     if not 0 < args.temperature < math.inf:  # also refuses nan, whose votes would all be nan
         parser.error(f'-temperature must be a number > 0, got {args.temperature}')
     if args.save_features and not args.output:

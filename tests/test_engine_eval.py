@@ -146,6 +146,12 @@ def test_training_checkpoint_as_pretrained_and_its_ema(golden, tmp_path):
     assert model['acc1'] <= 25.0  # negated logits: only labels ranked last before can be top-1 now
 
 
+def test_repeated_opts_all_apply():
+    cfg = os.path.join(ROOT, 'configs', 'xcit_nano_12_p16_224.yaml')
+    config = engine.parse_config(['-cfg', cfg, '-opts', 'TRAIN.NUM_EPOCHS', '1', '-opts', 'DATA.BATCH_SIZE', '8'])
+    assert (config.TRAIN.NUM_EPOCHS, config.DATA.BATCH_SIZE) == (1, 8)
+
+
 def test_batch_size_sets_the_evaluation_batch_however_eval_is_asked_for(capsys):
     cfg = os.path.join(ROOT, 'configs', 'xcit_nano_12_p16_224.yaml')
     for argv in (['-cfg', cfg, '-eval', '-batch_size', '50'],
@@ -231,18 +237,19 @@ def test_a_model_without_head_is_not_trained_or_evaluated_on_labels(golden, tmp_
         main_single_gpu.main(args)
 
 
-def test_missing_and_unexpected_keys_are_reported(golden, tmp_path, caplog):
+def test_pretrained_weights_that_do_not_fit_stop_the_training(golden, tmp_path):
+    """Only the classifier head may be replaced: any other missing or unexpected entry is listed."""
     state = dict(paddle.load(golden['weights']))
     del state['norm.weight']
     state['extra.scale'] = np.ones(3, dtype=np.float32)
     path = tmp_path / 'partial.pdparams'
     paddle.save(state, str(path))
     model = build_xcit(get_config(golden['cfg']))
-    logger = setup_logger()
-    logger.propagate = True
-    engine.load_pretrained(model, str(path), False, logger)
-    assert '1 model weights not in the checkpoint, left as initialised: norm.weight' in caplog.text
-    assert '1 checkpoint entries not in the model, ignored: extra.scale' in caplog.text
+    with pytest.raises(engine.CheckpointError, match=r'partial.pdparams does not fit the model \(only a classifier '
+                       r'head of another size, or none, is replaced\) \(2 problems\):\n.*\n'
+                       r'  norm.weight +- +\[64\] +missing from checkpoint\n'
+                       r'  extra.scale +\[3\] +- +unexpected in checkpoint'):
+        engine.load_pretrained(model, str(path), False, setup_logger())
 
 
 class TestInferencePath:

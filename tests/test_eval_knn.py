@@ -182,6 +182,13 @@ def test_datasets_that_define_their_classes_are_not_bounded_by_the_head(tmp_path
     assert eval_knn.main(args)['val_images'] == 359
 
 
+def test_repeated_multi_value_flags_all_apply():
+    required = ['-cfg', 'c.yaml', '-pretrained', 'w.pdparams']
+    args = eval_knn.parse_args(required + ['-k', '5', '-k', '10', '20', '-opts', 'SEED', '1', '-opts', 'DATA.BATCH_SIZE', '8'])
+    assert args.k == [5, 10, 20] and args.opts == ['SEED', '1', 'DATA.BATCH_SIZE', '8']
+    assert eval_knn.parse_args(required).k == [10, 20, 100, 200]
+
+
 @pytest.mark.parametrize('args, message', [
     (['-k', '2000'], 'error: -k 2000: must be between 1 and the number of training images (1438)'),
     (['-dataset', 'imagefolder', '-data_path', 'no/such/folder'], 'error: DATA.DATA_PATH not found: no/such/folder'),
