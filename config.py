@@ -499,6 +499,29 @@ def get_config(path=None):
     return config
 
 
+def flat_settings(node, prefix=''):
+    """``{dotted key: value}`` of every setting in the nested mapping ``node`` (a config or the
+    dict of its YAML dump)."""
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(flat_settings(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
+
+
+def changed_settings(dumped, config, ignore=()):
+    """``[(key, value in dumped, value in config)]`` for the settings in which ``config`` differs
+    from the config ``dumped`` as YAML text (e.g. the one a training checkpoint keeps), leaving
+    out the keys in ``ignore``. Lists compare as lists whatever YAML made of them."""
+    before = flat_settings(yaml.safe_load(dumped) or {})
+    now = flat_settings(config)
+    listed = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+    return [(key, before.get(key), value) for key, value in now.items()
+            if key not in ignore and listed(before.get(key)) != listed(value)]
+
+
 # command-line argument -> config key, for update_config
 _ARG_KEYS = {
     'dataset': 'DATA.DATASET',

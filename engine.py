@@ -34,7 +34,7 @@ import paddle
 import paddle.nn as nn
 from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_gradients
 
-from config import ConfigError, get_config, settings_without_effect, update_config
+from config import ConfigError, changed_settings, get_config, settings_without_effect, update_config
 from datasets import FOLDER_DATASETS, DataError, build_dataloader, build_dataset, check_data_path
 from ema import ModelEma
 from losses import build_criterion
@@ -167,6 +167,8 @@ def check_inputs(config):
     continues_here = auto or (resume and os.path.realpath(resume_folder) == os.path.realpath(config.SAVE))
     if not config.EVAL and not continues_here:
         check_output_is_free(config.SAVE)  # a fresh run, or one continued from a checkpoint elsewhere
+    if not config.EVAL and continues_here and not auto:
+        check_continues_the_latest(resume, config.SAVE)
     check_data_path(config)
     for path in (pretrained, '' if auto else resume):
         if path and not os.path.isfile(path):
@@ -196,6 +198,17 @@ def check_output_is_free(folder):
         if os.path.exists(path):
             raise ConfigError(f'{path} exists: the output folder holds another training run. Continue it '
                               f'with -resume auto (or -resume {path}), or give another -output to start afresh')
+
+
+def check_continues_the_latest(resume, folder):
+    """Raises ``ConfigError`` when ``resume``, a checkpoint in the output folder ``folder``, is not
+    its ``last.pdparams``: continuing from an earlier epoch there would overwrite the run's later
+    checkpoints (best.pdparams among them) and records."""
+    last = os.path.join(folder, 'last.pdparams')
+    if os.path.isfile(last) and os.path.isfile(resume) and not os.path.samefile(resume, last):
+        raise ConfigError(f'-resume {resume}: {folder} holds the run\'s later checkpoint {last}, which continuing '
+                          f'from {os.path.basename(resume)} there would overwrite, with best.pdparams and '
+                          f'metrics.jsonl; continue from last.pdparams (-resume auto), or give another -output')
 
 
 def resume_path(config):
@@ -626,11 +639,15 @@ class Trainer:
         if rows:
             raise CheckpointError(f'-resume {path}: the checkpoint is of another architecture than '
                                   f'the config\'s ({len(rows)} differences):\n{format_mismatches(rows)}')
+        self.check_settings_against(checkpoint, path)
         self.model.set_state_dict(checkpoint['model'])
         if self.model_ema:
             if 'model_ema' not in checkpoint:
                 raise CheckpointError(f'{path} has no EMA weights but TRAIN.MODEL_EMA is on')
             self.model_ema.set_state_dict(checkpoint['model_ema'])
+        elif 'model_ema' in checkpoint:
+            self.logger.warning(f'{path}: its EMA weights are not continued, TRAIN.MODEL_EMA is off (the '
+                                f'checkpoints of this run have none)')
         names = {n: p.name for n, p in self.model.named_parameters()}
         self.optimizer.set_state_dict(rename_prefixes(checkpoint['optimizer'], names))
         if self.scaler and 'scaler' in checkpoint:
@@ -641,6 +658,22 @@ class Trainer:
         self.logger.info(f'resumed from {path}: {self.epoch} epochs, {int(checkpoint["step"])} steps done'
                          + (f', epoch {self.epoch} not validated yet' if self.unvalidated else ''))
         self.continue_schedule_after(self.epoch, int(checkpoint['step']), path)
+
+    def check_settings_against(self, checkpoint, path):
+        """Compares this run's config with the one ``checkpoint`` was written with: a change of
+        the settings that decide which optimizer state exists raises ``CheckpointError`` (the
+        optimizer could not continue), any other change is named in a warning."""
+        if 'config' not in checkpoint:
+            return
+        changes = changed_settings(checkpoint['config'], self.config, ignore=(*RUN_ONLY_KEYS, 'SAVE'))
+        for key, before, now in changes:
+            if key in OPTIMIZER_STATE_KEYS:
+                raise CheckpointError(f'-resume {path}: its optimizer state was made with {key} {before!r}, this '
+                                      f'run has {now!r}; resume with the checkpoint\'s setting, or start a new run '
+                                      f'from its weights with -pretrained {path} (and another -output)')
+        if changes:
+            self.logger.warning(f'-resume {path}: this run\'s settings differ from the checkpoint\'s: '
+                                + ', '.join(f'{key} {before!r} -> {now!r}' for key, before, now in changes))
 
     def continue_schedule_after(self, epochs, steps, path):
         """Sets the step count and the learning-rate schedule to the end of epoch ``epochs``.
@@ -822,6 +855,7 @@ class Trainer:
         return result
 
 
+OPTIMIZER_STATE_KEYS = ('TRAIN.OPTIMIZER.NAME', 'TRAIN.FREEZE_BACKBONE')  # which state the optimizer keeps
 RUN_ONLY_KEYS = {'MODEL.PRETRAINED': '', 'MODEL.RESUME': '', 'EVAL': False, 'EMA_EVAL': False, 'NGPUS': -1}
 
 
@@ -839,13 +873,13 @@ def reusable_config(config):
 
 
 def hold_output_folder(folder):
-    """The open ``<folder>/run.lock`` that the first process of a training run holds while the run
-    writes to ``folder`` (``utils.lock_folder``); raises ``ConfigError`` when another run holds it,
-    as two runs would mix their records in log.txt and metrics.jsonl and overwrite each other's
-    checkpoints."""
+    """The open ``<folder>/run.lock`` that the first process of a run (training or evaluation) holds
+    while the run writes to ``folder`` (``utils.lock_folder``); raises ``ConfigError`` when another
+    run holds it, as two runs would mix their lines in log.txt (and records in metrics.jsonl) and
+    overwrite each other's checkpoints or summaries."""
     lock = lock_folder(folder)
     if lock is None:
-        raise ConfigError(f'{folder} is the output folder of a training run that is still going on (it holds '
+        raise ConfigError(f'{folder} is the output folder of a run that is still going on (it holds '
                           f'{os.path.join(folder, "run.lock")}): wait for it to end, or give another -output')
     return lock
 
@@ -871,8 +905,7 @@ def run(config):
     """
     check_inputs(config)
     rank, world_size = get_rank(), get_world_size()
-    holds_output = rank == 0 and not config.EVAL
-    with hold_output_folder(config.SAVE) if holds_output else contextlib.nullcontext():
+    with hold_output_folder(config.SAVE) if rank == 0 else contextlib.nullcontext():
         logger = setup_logger(config.SAVE, rank)
         device = setup_device()
         logger.info(f'device: {device}' + (f', {world_size} processes' if world_size > 1 else ''))

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -177,8 +178,12 @@ def test_resume_with_other_steps_per_epoch_continues_the_schedule_where_the_epoc
     output, _ = full_run
     shutil.copy(output / 'epoch_1.pdparams', tmp_path / 'last.pdparams')
     with capture_stdout() as out:
-        main_single_gpu.main(train_args(tmp_path, *FULL_RECIPE, 'VALIDATE_FREQ', '0', batch=32,
-                                        extra=['-resume', 'auto']))
+        main_single_gpu.main(train_args(tmp_path, *FULL_RECIPE, 'VALIDATE_FREQ', '0', 'TRAIN.MODEL_EMA', 'False',
+                                        batch=32, extra=['-resume', 'auto']))
+    assert "this run's settings differ from the checkpoint's: " in out.getvalue()
+    for change in ('DATA.BATCH_SIZE 64 -> 32', 'VALIDATE_FREQ 1 -> 0', 'TRAIN.MODEL_EMA True -> False'):
+        assert change in out.getvalue()
+    assert 'last.pdparams: its EMA weights are not continued, TRAIN.MODEL_EMA is off' in out.getvalue()
     assert 'last.pdparams: 1 epochs took 22 optimizer steps, 44 per epoch now' in out.getvalue()
     assert 'schedule continues at step 44 of 88' in out.getvalue()
     resumed = paddle.load(str(tmp_path / 'last.pdparams'))
@@ -186,6 +191,21 @@ def test_resume_with_other_steps_per_epoch_continues_the_schedule_where_the_epoc
     first = next(r for r in read_metrics(tmp_path) if r['kind'] == 'train' and r['epoch'] == 2)
     half_way = (1e-3 + get_config().TRAIN.END_LR) / 2  # the cosine's middle, where epoch 2 starts
     assert first['lr'] < half_way
+
+
+@pytest.mark.parametrize('change, before, now', [
+    (['TRAIN.OPTIMIZER.NAME', 'SGD'], "'AdamW'", "'SGD'"),
+    (['TRAIN.FREEZE_BACKBONE', 'True'], 'False', 'True'),
+])
+def test_resume_with_another_optimizer_state_is_refused(full_run, tmp_path, change, before, now):
+    """The optimizer keeps other state (SGD's velocity, AdamW's moments; only the head's when the
+    backbone is frozen): refused by name, where Paddle's optimizer failed at its first step."""
+    output, _ = full_run
+    shutil.copy(output / 'last.pdparams', tmp_path / 'last.pdparams')
+    key = change[0]
+    with pytest.raises(CheckpointError, match=re.escape(f'-resume {tmp_path / "last.pdparams"}: its optimizer '
+                                                        f'state was made with {key} {before}, this run has {now}')):
+        main_single_gpu.main(train_args(tmp_path, *FULL_RECIPE, *change, epochs=3, extra=['-resume', 'auto']))
 
 
 def test_checkpoint_and_metrics_contents(full_run):
@@ -293,8 +313,20 @@ def test_run_continued_from_elsewhere_does_not_overwrite_another_runs_checkpoint
     with pytest.raises(ConfigError, match=f'{tmp_path / "last.pdparams"} exists: the output folder holds another'):
         main_single_gpu.main(train_args(tmp_path, *FULL_RECIPE, extra=['-resume', str(output / 'epoch_1.pdparams')]))
     assert (tmp_path / 'last.pdparams').read_bytes() == b'another run'
-    same_folder = train_args(output, *FULL_RECIPE, extra=['-resume', str(output / 'epoch_1.pdparams')])
+    same_folder = train_args(output, *FULL_RECIPE, extra=['-resume', str(output / 'last.pdparams')])
     engine.check_inputs(engine.parse_config(same_folder))  # no error
+
+
+def test_an_earlier_checkpoint_is_not_continued_over_the_later_ones(full_run):
+    """Continuing from epoch_1.pdparams in its own folder would overwrite last.pdparams,
+    best.pdparams and metrics.jsonl of the later epochs: refused before anything is written."""
+    output, _ = full_run
+    before = {path.name: path.read_bytes() for path in output.iterdir() if path.is_file()}
+    earlier = train_args(output, *FULL_RECIPE, extra=['-resume', str(output / 'epoch_1.pdparams')])
+    with pytest.raises(ConfigError, match=re.escape(f'-resume {output / "epoch_1.pdparams"}: {output} holds the '
+                                                    f'run\'s later checkpoint {output / "last.pdparams"}')):
+        main_single_gpu.main(earlier)
+    assert {path.name: path.read_bytes() for path in output.iterdir() if path.is_file()} == before
 
 
 def test_a_run_in_the_folder_of_a_running_one_is_refused(tmp_path):
@@ -304,8 +336,13 @@ def test_a_run_in_the_folder_of_a_running_one_is_refused(tmp_path):
     (tmp_path / 'metrics.jsonl').write_text('{"kind": "train"}\n')
     args = train_args(tmp_path, *PLAIN_RECIPE, 'VALIDATE_FREQ', '0', epochs=1, extra=['-resume', 'auto'])
     running = utils.lock_folder(str(tmp_path))
-    with pytest.raises(ConfigError, match=f'{tmp_path} is the output folder of a training run that is still going on'):
+    refused = f'{tmp_path} is the output folder of a run that is still going on'
+    with pytest.raises(ConfigError, match=refused):
         main_single_gpu.main(args)
+    with pytest.raises(ConfigError, match=refused):  # an evaluation would write its log and summary there
+        (tmp_path / 'w.pdparams').write_bytes(b'weights')
+        main_single_gpu.main(['-eval', '-dataset', 'digits', '-pretrained', str(tmp_path / 'w.pdparams'),
+                              '-output', str(tmp_path)])
     assert (tmp_path / 'metrics.jsonl').read_text() == '{"kind": "train"}\n'
     assert not (tmp_path / 'log.txt').exists()  # the refused run wrote nothing, not even its log
     running.close()
