@@ -21,9 +21,11 @@ exceeds ``TOLERANCE``. When the check passes, the model's config (with the expor
 transform and classes from there.
 """
 import argparse
+import contextlib
 import importlib.util
 import logging
 import os
+import shutil
 import sys
 import tempfile
 
@@ -41,7 +43,7 @@ PADDLE_MAJOR = int(paddle.__version__.split('.')[0])
 PROGRAM_SUFFIXES = ('.json', '.pdmodel') if PADDLE_MAJOR >= 3 else ('.pdmodel',)  # Paddle 2 cannot read .json
 EXPORT_CONFIG = 'config.yaml'  # the exported model's config, written once the check has passed
 EXPORT_FILES = ('model.json', 'model.pdmodel', 'model.pdiparams', 'model.pdiparams.info', 'model.onnx',
-                EXPORT_CONFIG)  # what an export writes: removed from the folder before a new one
+                EXPORT_CONFIG)  # what an export writes: removed from the folder when a new one replaces it
 HAS_ONEDNN = paddle.base.core.is_compiled_with_mkldnn()
 GPU_MEMORY_POOL_MB = 512  # Paddle Inference's initial GPU memory pool; it grows when needed
 
@@ -74,19 +76,46 @@ def load_model(cfg_path, pretrained, image_size=None, use_ema=False):
 def export(model, output, image_size=None):
     """Writes ``model`` to ``output``/model.{json or pdmodel, pdiparams}; returns the program path.
 
-    Input spec [None, 3, H, W] float32 with H = W = ``image_size``, or dynamic H and W. The
-    files of an earlier export in ``output`` (``EXPORT_FILES``) are removed first.
+    Input spec [None, 3, H, W] float32 with H = W = ``image_size``, or dynamic H and W.
     ``model`` stays a dygraph model (``paddle.jit.to_static(model)`` would replace its forward
     by the static function, and what is compared with the export afterwards would no longer
     be the dygraph model).
     """
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise ExportError(f'-output {output} is a file, not a folder')
-    for name in EXPORT_FILES:  # no file of an earlier export may outlive this one
-        if os.path.isfile(os.path.join(output, name)):
-            os.remove(os.path.join(output, name))
     spec = [paddle.static.InputSpec([None, 3, image_size, image_size], 'float32', name='image')]
     paddle.jit.save(model, os.path.join(output, 'model'), input_spec=spec)
+    return program_path(output)
+
+
+@contextlib.contextmanager
+def staging_folder(output):
+    """A new empty folder beside ``output`` (on the same file system) for an export to be written
+    and checked in before ``publish`` moves it there; removed on leaving, whatever happened.
+    Raises ``ExportError`` when ``output`` is a file or its parent folder cannot be written to."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ExportError(f'-output {output} is a file, not a folder')
+    parent = os.path.dirname(os.path.abspath(output))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(output))}.', dir=parent)
+    except OSError as e:
+        raise ExportError(f'-output {output}: cannot write to {parent} ({e.strerror or e})') from e
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish(staging, output):
+    """Moves the checked export in ``staging`` into ``output``, whose files of an earlier export
+    (``EXPORT_FILES``) are removed first: none may outlive the new one. ``config.yaml``, the mark
+    of a usable export, goes last. Returns the program path."""
+    os.makedirs(output, exist_ok=True)
+    for name in reversed(EXPORT_FILES):  # config.yaml first
+        if os.path.isfile(os.path.join(output, name)):
+            os.remove(os.path.join(output, name))
+    names = sorted(os.listdir(staging), key=lambda name: name == EXPORT_CONFIG)
+    for name in names:
+        os.replace(os.path.join(staging, name), os.path.join(output, name))
     return program_path(output)
 
 
@@ -187,9 +216,9 @@ def export_onnx(model_dir):
         paddle2onnx.export(program_path(model_dir), os.path.join(model_dir, 'model.pdiparams'), path,
                            opset_version=ONNX_OPSET, auto_upgrade_opset=False, verbose=False, **options)
     except Exception as e:  # whatever the converter raises, the user gets one line naming it
-        raise ExportError(f'Paddle2ONNX {paddle2onnx.__version__} could not convert {model_dir}: {e}') from e
+        raise ExportError(f'Paddle2ONNX {paddle2onnx.__version__} could not convert the exported model: {e}') from e
     if not os.path.isfile(path):
-        raise ExportError(f'Paddle2ONNX {paddle2onnx.__version__} did not write {path} (see its log above)')
+        raise ExportError(f'Paddle2ONNX {paddle2onnx.__version__} did not write model.onnx (see its log above)')
     return path
 
 
@@ -228,6 +257,31 @@ def max_difference(model, runners, inputs):
             for run in runners]
 
 
+def check_export(model, model_dir, config, image_size, onnx, output):
+    """Runs the export in ``model_dir`` (with ``paddle.inference``, plain and oneDNN kernels, and
+    converted to ONNX for ``onnx``) and ``model`` on the same random images, printing each
+    largest logit difference; raises ``ExportError`` when one exceeds ``TOLERANCE``, saying that
+    ``output`` was left as it was."""
+    inputs = check_inputs(config.DATA.IMAGE_SIZE, not image_size, config.MODEL.PATCH_SIZE)
+    runners = [InferenceModel(model_dir, mkldnn=False)]
+    if HAS_ONEDNN:
+        runners.append(InferenceModel(model_dir, mkldnn=True))
+    if onnx:
+        try:
+            runners.append(OnnxModel(export_onnx(model_dir)))
+        except ExportError as e:
+            raise ExportError(f'{e}. Nothing was written to {output}.') from e
+    shapes = ', '.join(str(list(x.shape)) for x in inputs)
+    failed = []
+    for name, diff in max_difference(model, runners, inputs):
+        print(f'{name}: max |logits - dygraph logits| = {diff:.2e} on {shapes}')
+        if not diff <= TOLERANCE:  # also catches NaN
+            failed.append(f'{name} {diff:.2e}')
+    if failed:
+        raise ExportError(f'the exported model does not reproduce the dygraph model (tolerance {TOLERANCE:.0e}): '
+                          f'{"; ".join(failed)}. Nothing was written to {output}.')
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('-cfg', required=True, help='model YAML config')
@@ -263,28 +317,15 @@ def main(argv=None):
         if args.onnx:
             check_onnx_packages()
         config, model = load_model(args.cfg, args.pretrained, args.image_size, args.ema)
-        path = export(model, args.output, args.image_size)
+        with staging_folder(args.output) as staging:
+            export(model, staging, args.image_size)
+            check_export(model, staging, config, args.image_size, args.onnx, args.output)
+            write_config(config, os.path.join(staging, EXPORT_CONFIG))
+            path = publish(staging, args.output)
         dynamic = 'batch' if args.image_size else 'batch, height and width'
-        print(f'exported {config.MODEL.NAME} to {path} and model.pdiparams '
-              f'(input [N, 3, H, W] float32; dynamic {dynamic})')
-        inputs = check_inputs(config.DATA.IMAGE_SIZE, not args.image_size, config.MODEL.PATCH_SIZE)
-        runners = [InferenceModel(args.output, mkldnn=False)]
-        if HAS_ONEDNN:
-            runners.append(InferenceModel(args.output, mkldnn=True))
-        if args.onnx:
-            onnx_path = export_onnx(args.output)
-            print(f'converted it to {onnx_path} (ONNX opset {ONNX_OPSET})')
-            runners.append(OnnxModel(onnx_path))
-        shapes = ', '.join(str(list(x.shape)) for x in inputs)
-        failed = []
-        for name, diff in max_difference(model, runners, inputs):
-            print(f'{name}: max |logits - dygraph logits| = {diff:.2e} on {shapes}')
-            if not diff <= TOLERANCE:  # also catches NaN
-                failed.append(f'{name} {diff:.2e}')
-        if failed:
-            raise ExportError(f'the exported model does not reproduce the dygraph model (tolerance '
-                              f'{TOLERANCE:.0e}): {"; ".join(failed)}. The files in {args.output} are not usable.')
-        write_config(config, os.path.join(args.output, EXPORT_CONFIG))
+        print(f'exported {config.MODEL.NAME} to {path} and model.pdiparams'
+              + (f', model.onnx (ONNX opset {ONNX_OPSET})' if args.onnx else '')
+              + f' (input [N, 3, H, W] float32; dynamic {dynamic})')
         print(f'OK: the exported model matches the dygraph model within {TOLERANCE:.0e}; its config (the '
               f'transform and classes predict.py uses) is {os.path.join(args.output, EXPORT_CONFIG)}')
     except (ConfigError, CheckpointError, ExportError) as e:

@@ -119,15 +119,29 @@ def test_mismatch_between_exported_and_dygraph_fails(tiny, tmp_path, monkeypatch
     assert exit_info.value.code == 1
     captured = capsys.readouterr()
     assert 'max |logits - dygraph logits| = 1.00e-03' in captured.out
-    assert 'does not reproduce the dygraph model (tolerance 1e-04)' in captured.err
-    assert not os.path.exists(tmp_path / 'config.yaml')  # the folder is not presented as usable
+    assert f'does not reproduce the dygraph model (tolerance 1e-04)' in captured.err
+    assert f'Nothing was written to {tmp_path}.' in captured.err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_export_leaves_the_last_good_one_in_place(tiny, tmp_path, monkeypatch, capsys):
+    cfg, weights, _ = tiny
+    main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path), '-image_size', '32'])
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    assert 'config.yaml' in before and 'model.pdiparams' in before
+    call = InferenceModel.__call__
+    monkeypatch.setattr(InferenceModel, '__call__', lambda self, x: call(self, x) + 1e-3)
+    with pytest.raises(SystemExit):
+        main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path)])
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+    assert not [name for name in os.listdir(tmp_path.parent) if name.startswith(f'.{tmp_path.name}.')]
 
 
 def test_onnx_export_runs_any_batch_and_size(tiny, tmp_path, capsys):
     cfg, weights, model = tiny
     main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path), '-onnx'])
     out = capsys.readouterr().out
-    assert f'converted it to {tmp_path / "model.onnx"} (ONNX opset 17)' in out
+    assert f'and model.pdiparams, model.onnx (ONNX opset 17)' in out and (tmp_path / 'model.onnx').is_file()
     assert 'onnxruntime: max |logits - dygraph logits|' in out and 'OK: the exported model matches' in out
     exported = export_model.OnnxModel(str(tmp_path / 'model.onnx'))
     for shape in [(3, 3, 48, 48), (1, 3, 70, 37), (2, 3, 33, 90)]:
@@ -156,7 +170,8 @@ def test_onnx_conversion_failure_is_one_error_line(tiny, tmp_path, monkeypatch, 
         main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path), '-image_size', '32', '-onnx'])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
-    assert f'could not convert {tmp_path}: Oops, there are some operators not supported yet' in err
+    assert ('could not convert the exported model: Oops, there are some operators not supported yet. '
+            f'Nothing was written to {tmp_path}.') in err
     assert 'Traceback' not in err
 
 
