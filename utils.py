@@ -20,7 +20,7 @@ import paddle.distributed as dist
 
 from port_weights.convert import check_fits, state_shapes
 # CheckpointError: the project's one error type for bad checkpoints
-from port_weights.safe_load import CheckpointError, map_nested
+from port_weights.safe_load import CheckpointError, checkpoint_kind, map_nested
 
 
 # ---------------------------------------------------------------- distributed
@@ -313,11 +313,22 @@ def _joined_big_arrays(state):
     return state
 
 
+FOREIGN_KINDS = {'zip': 'a PyTorch checkpoint', 'legacy': 'a PyTorch checkpoint (legacy format)',
+                 'safetensors': 'a safetensors file'}  # safe_load.checkpoint_kind -> what the file is
+
+
 def load_checkpoint(path):
     """Loads a ``.pdparams`` file (a state dict, or a training checkpoint dict) as ``paddle.load``
     does, but without running code: see ``_PdparamsUnpickler``."""
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint not found: {path}')
+    try:
+        foreign = FOREIGN_KINDS.get(checkpoint_kind(path))
+    except OSError as e:
+        raise CheckpointError(f'{path}: cannot read: {e.strerror or e}') from e
+    if foreign:
+        raise CheckpointError(f'{path} is {foreign}, not a Paddle .pdparams: convert it first, e.g. python '
+                              f'port_weights/convert.py --src {path} --dst NAME.pdparams --cfg CONFIG.yaml')
     try:
         with open(path, 'rb') as f:
             state = _PdparamsUnpickler(f, encoding='latin1').load()

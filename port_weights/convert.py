@@ -335,12 +335,15 @@ def split_suffix(name):
 def conversion_jobs(src, dst):
     """(src file, dst file) pairs: one for a file, one per checkpoint file of a folder.
 
-    Outputs are named ``<stem>.pdparams``; files that share a stem (``a.pth`` and
+    Outputs are named ``<stem>.pdparams`` (also for a file and a ``dst`` ending in a slash, a
+    folder made if need be); files that share a stem (``a.pth`` and
     ``a.safetensors``) keep their suffix apart: ``a_pth.pdparams``, ``a_safetensors.pdparams``.
     """
     if not os.path.isdir(src):
-        if os.path.isdir(dst):
+        if os.path.isdir(dst) or dst.endswith(('/', os.sep)):  # a folder, maybe one still to be made
             dst = os.path.join(dst, split_suffix(os.path.basename(src))[0] + '.pdparams')
+        if os.path.realpath(dst) == os.path.realpath(src):
+            raise CheckpointError(f'--dst {dst} is --src: the conversion would replace the checkpoint it reads')
         return [(src, dst)]
     names = sorted(n for n in os.listdir(src)
                    if split_suffix(n)[1] and os.path.isfile(os.path.join(src, n)))

@@ -262,8 +262,7 @@ def _read_torch_zip(path):
 
 def _read_torch_legacy(path):
     with open(path, 'rb') as f:
-        if RestrictedUnpickler(f).load() != LEGACY_MAGIC:
-            raise CheckpointError('not a checkpoint: a pickle, but not one written by torch.save')
+        RestrictedUnpickler(f).load()  # the magic number (checkpoint_kind)
         if RestrictedUnpickler(f).load() != LEGACY_PROTOCOL:
             raise CheckpointError('unsupported legacy torch.save protocol; re-save the '
                                   'checkpoint with a recent torch.save (zip format)')
@@ -313,16 +312,21 @@ def _read_safetensors(path):
     return arrays
 
 
-def _sniff(path):
-    """Returns 'zip', 'safetensors', 'legacy' or None from the first bytes of the file."""
+TORCH_MAGIC_PICKLE = b'\x8a\x0a' + LEGACY_MAGIC.to_bytes(10, 'little')  # LONG1 opcode: torch.save's first pickle
+
+
+def checkpoint_kind(path):
+    """Returns 'zip', 'safetensors', 'legacy' (a legacy torch.save file), 'pickle' (another
+    pickle, e.g. a Paddle .pdparams) or None from the first bytes of the file."""
     with open(path, 'rb') as f:
-        head = f.read(9)
+        head = f.read(32)
     if head[:4] == b'PK\x03\x04':
         return 'zip'
-    if len(head) == 9 and head[8:9] == b'{' and struct.unpack('<Q', head[:8])[0] <= MAX_SAFETENSORS_HEADER:
+    if len(head) >= 9 and head[8:9] == b'{' and struct.unpack('<Q', head[:8])[0] <= MAX_SAFETENSORS_HEADER:
         return 'safetensors'
-    if head[:1] == b'\x80':  # pickle protocol 2+
-        return 'legacy'
+    if head[:1] == b'\x80':  # pickle protocol 2+; from protocol 4 a frame header precedes the first opcode
+        first = head[11:] if head[2:3] == b'\x95' else head[2:]
+        return 'legacy' if first.startswith(TORCH_MAGIC_PICKLE) else 'pickle'
     return None
 
 
@@ -338,13 +342,16 @@ def read_checkpoint(path):
     if not os.path.isfile(path):
         raise CheckpointError(f'{path}: no such file')
     try:
-        kind = _sniff(path)
+        kind = checkpoint_kind(path)
     except OSError as e:
         raise CheckpointError(f'{path}: cannot read: {e.strerror or e}') from None
     readers = {'zip': _read_torch_zip, 'legacy': _read_torch_legacy, 'safetensors': _read_safetensors}
     if kind is None:
         raise CheckpointError(f'{path}: not a checkpoint (expected a torch.save .pth/.pt/.bin '
                               f'file or a .safetensors file)')
+    if kind == 'pickle':
+        raise CheckpointError(f'{path}: a pickle, but not one written by torch.save; a Paddle .pdparams (a '
+                              f'converted file or a training checkpoint) needs no conversion: use it as it is')
     try:
         return readers[kind](path)
     except CheckpointError as e:

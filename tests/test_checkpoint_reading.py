@@ -3,6 +3,7 @@ running code from the file."""
 import collections
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import ROOT
+from conftest import FIXTURES, ROOT
 from utils import CheckpointError, load_checkpoint
 
 
@@ -122,6 +123,18 @@ def test_files_that_are_no_checkpoint_are_named(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match=str(path)):
         load_checkpoint(str(path))
+
+
+@pytest.mark.parametrize('name, kind', [
+    ('xcit_golden/mini_p16_cls_norm.pth', 'a PyTorch checkpoint'),
+    ('torch_checkpoints/storage_kinds_legacy.pth', 'a PyTorch checkpoint (legacy format)'),
+    ('xcit_golden/mini_p8_tokens_norm.timm.safetensors', 'a safetensors file'),
+])
+def test_an_unconverted_checkpoint_is_named_with_the_conversion_to_run(name, kind):
+    path = os.path.join(FIXTURES, name)
+    with pytest.raises(CheckpointError, match=re.escape(f'{path} is {kind}, not a Paddle .pdparams: convert it '
+                                                        f'first, e.g. python port_weights/convert.py --src {path}')):
+        load_checkpoint(path)
 
 
 def test_numpy_1_and_2_files_read_under_either(tmp_path):

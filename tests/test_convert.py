@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import re
 import struct
 import zipfile
@@ -152,6 +153,19 @@ def test_cli_float16_output_into_a_folder(tmp_path):
     assert all(v.dtype == np.float16 for v in written.values())
 
 
+def test_a_dst_ending_in_a_slash_is_a_folder_made_for_it(tmp_path):
+    assert main(['--src', STORAGE_KINDS[0], '--dst', str(tmp_path / 'new') + '/']) == 0
+    assert sorted(os.listdir(tmp_path / 'new')) == ['storage_kinds.pdparams']
+
+
+def test_dst_that_is_src_is_refused(tmp_path, capsys):
+    src = tmp_path / 'model.pth'
+    shutil.copy(STORAGE_KINDS[0], src)
+    assert main(['--src', str(src), '--dst', str(src)]) == 1
+    assert f'error: --dst {src} is --src: the conversion would replace the checkpoint it reads' in capsys.readouterr().err
+    assert src.read_bytes() == open(STORAGE_KINDS[0], 'rb').read()
+
+
 def test_float16_weights_load_into_a_float32_model(tmp_path):
     """What ``--dtype float16`` writes is taken by every loader of the project (set_state_dict alone
     refuses another dtype), as the float32 values of its float16 numbers."""
@@ -197,7 +211,7 @@ def hostile_payloads(marker):
     }
 
 
-@pytest.mark.parametrize('container', ['zip', 'bare pickle'])
+@pytest.mark.parametrize('container', ['zip', 'legacy'])
 @pytest.mark.parametrize('kind', ['os.system', 'subprocess.call', 'builtins.exec'])
 def test_hostile_pickle_is_refused_and_never_runs(tmp_path, capsys, kind, container):
     marker = tmp_path / 'pwned'
@@ -206,12 +220,20 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path, capsys, kind, contai
     if container == 'zip':  # protocol 2, as torch.save writes: GLOBAL opcodes
         write_torch_zip(src, pickle.dumps({'model': {'head.weight': payload}}, protocol=2))
     else:  # protocol 4: STACK_GLOBAL opcodes
-        src.write_bytes(pickle.dumps(payload, protocol=4))
+        src.write_bytes(pickle.dumps(safe_load.LEGACY_MAGIC, protocol=4) + pickle.dumps(payload, protocol=4))
     assert main(['--src', str(src), '--dst', str(dst)]) == 1
     err = capsys.readouterr().err
     assert re.search(rf"refused global '[\w.]+\.{payload.func.__name__}'", err)
     assert str(src) in err and len(err.strip().splitlines()) == 1
     assert not marker.exists() and not dst.exists()
+
+
+def test_a_paddle_file_is_not_converted_again(tmp_path, capsys):
+    src = tmp_path / 'converted.pdparams'
+    paddle.save({'w': paddle.ones([2])}, str(src))
+    assert main(['--src', str(src), '--dst', str(tmp_path / 'again.pdparams')]) == 1
+    assert (f'{src}: a pickle, but not one written by torch.save; a Paddle .pdparams (a converted file or a '
+            f'training checkpoint) needs no conversion: use it as it is') in capsys.readouterr().err
 
 
 def test_view_past_the_end_of_its_storage_is_refused(tmp_path):
@@ -246,7 +268,7 @@ def test_truncated_file_is_a_clear_error(tmp_path, capsys, name):
 
 @pytest.mark.parametrize('content,message', [
     (b'model weights, honestly\n', 'not a checkpoint'),
-    (pickle.dumps([1, 2, 3], protocol=2), 'not a checkpoint'),
+    (pickle.dumps([1, 2, 3], protocol=2), 'a pickle, but not one written by torch.save'),
     (None, 'zip archive without data.pkl'),
 ])
 def test_files_that_are_not_checkpoints(tmp_path, capsys, content, message):
