@@ -22,7 +22,6 @@ epochs, ``run.lock`` (locked by a training run's first process while it runs), a
 """
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
@@ -44,8 +43,8 @@ from port_weights.convert import check_fits, find_mismatches, format_mismatches,
 from teacher import build_teacher
 from utils import (AverageMeter, CheckpointError, MetricsLog, all_reduce_sum, average_batchnorm_statistics,
                    format_seconds, get_rank, get_world_size, in_model_dtypes, load_checkpoint, load_every_weight,
-                   lock_folder, remove_partial_checkpoints, save_checkpoint, setup_logger, visible_gpus, weights_of,
-                   write_config, write_json)
+                   lock_folder, remove_partial_checkpoints, save_checkpoint, setup_logger, to_json, visible_gpus,
+                   weights_of, write_config, write_json)
 from xcit import build_xcit
 
 # AMP (float16, level O1) op lists for xcit.py's layers, by the names autocast knows the ops by
@@ -491,7 +490,7 @@ def run_evaluation(config, device, use_amp, logger):
         logger.info(f'Acc@1 {summary["acc1"]:.2f}%  Acc@5 {summary["acc5"]:.2f}%  loss {summary["loss"]:.4f}  '
                     f'on {summary["images"]} images, {summary["images_per_sec"]} images/s '
                     f'({stats["path"]} on {device}, {world_size} process{"es" if world_size > 1 else ""})')
-        print(json.dumps(summary), flush=True)
+        print(to_json(summary), flush=True)
     return summary
 
 

@@ -4,6 +4,7 @@ import codecs
 import collections
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -165,7 +166,7 @@ class MetricsLog:
             return
         record = {'kind': kind, **fields, 'time': round(time.time(), 3)}
         with open(self.path, 'a', encoding='utf-8') as f:
-            f.write(json.dumps(record) + '\n')
+            f.write(to_json(record) + '\n')
 
     def keep_epochs_up_to(self, epoch, validated=True):
         """Drops the records of epochs after ``epoch`` (1-based), those of its validation unless
@@ -209,11 +210,25 @@ def format_seconds(seconds):
     return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
+def to_json(data, **options):
+    """``json.dumps(data, **options)`` in standard JSON, which has no NaN or infinity: such a
+    number (e.g. the loss of diverged weights) is written as null."""
+    def finite(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {key: finite(value) for key, value in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(value) for value in x]
+        return x
+    return json.dumps(finite(data), allow_nan=False, **options)
+
+
 def write_json(path, data):
-    """Writes ``data`` as indented JSON, atomically."""
+    """Writes ``data`` as indented JSON (``to_json``), atomically."""
     tmp = f'{path}.tmp{os.getpid()}'
     with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(data, f, indent=1)
+        f.write(to_json(data, indent=1))
     os.replace(tmp, path)
 
 

@@ -146,6 +146,24 @@ def test_training_checkpoint_as_pretrained_and_its_ema(golden, tmp_path):
     assert model['acc1'] <= 25.0  # negated logits: only labels ranked last before can be top-1 now
 
 
+def test_the_summary_of_diverged_weights_is_standard_json(golden, tmp_path, capsys):
+    """NaN logits: the loss is NaN, which JSON cannot hold; the summary writes it as null."""
+    state = dict(paddle.load(golden['weights']))
+    state['head.bias'] = np.full(np.asarray(state['head.bias']).shape, np.nan, dtype=np.float32)
+    weights = tmp_path / 'nan.pdparams'
+    paddle.save(state, str(weights))
+    args = eval_args(golden, tmp_path)
+    args[args.index('-pretrained') + 1] = str(weights)
+    summary = main_single_gpu.main(args)
+    assert np.isnan(summary['loss']) and summary['acc1'] == 0.0
+
+    def refuse(constant):
+        raise ValueError(f'{constant} is not JSON')
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1], parse_constant=refuse)
+    written = json.loads((tmp_path / 'eval_summary.json').read_text(), parse_constant=refuse)
+    assert printed['loss'] is None and written == printed
+
+
 def test_repeated_opts_all_apply():
     cfg = os.path.join(ROOT, 'configs', 'xcit_nano_12_p16_224.yaml')
     config = engine.parse_config(['-cfg', cfg, '-opts', 'TRAIN.NUM_EPOCHS', '1', '-opts', 'DATA.BATCH_SIZE', '8'])
