@@ -422,11 +422,13 @@ class EvalForward:
         return self.compiled(images) if self.path == 'inference' else self.model(images)
 
 
-def log_progress(logger, what, batches_done, num_batches, images_done, start):
-    """Logs '<what>: batch i/n, images/s, ETA' of a pass over a loader begun at time ``start``."""
+def log_progress(logger, what, batches_done, num_batches, images_done, start, batches_timed=None):
+    """Logs '<what>: batch i/n, images/s, ETA' of a pass over a loader: ``images_done`` in the
+    ``batches_timed`` batches (default ``batches_done``) since time ``start``."""
     elapsed = time.time() - start
+    per_batch = elapsed / (batches_timed or batches_done)
     logger.info(f'{what}: batch {batches_done}/{num_batches}, {images_done / elapsed:.1f} images/s, '
-                f'ETA {format_seconds(elapsed / batches_done * (num_batches - batches_done))}')
+                f'ETA {format_seconds(per_batch * (num_batches - batches_done))}')
 
 
 @paddle.no_grad()
@@ -456,8 +458,11 @@ def evaluate(forward, loader, logger, use_amp=False, report_freq=50, name='model
             steady_start = time.time()
         else:
             steady_images += labels.shape[0]
-        if (i + 1) % report_freq == 0 or i + 1 == num_batches:
-            log_progress(logger, f'eval {name}', i + 1, num_batches, sums[3] * world_size, start)
+        if (i + 1) % report_freq == 0 or i + 1 == num_batches:  # timed as the summary's images/s
+            if i == 0:
+                log_progress(logger, f'eval {name}', 1, num_batches, sums[3] * world_size, start)
+            else:
+                log_progress(logger, f'eval {name}', i + 1, num_batches, steady_images * world_size, steady_start, i)
     steady_seconds = time.time() - steady_start
     sums, (steady_images,) = all_reduce_sum(sums), all_reduce_sum([steady_images])
     seconds = time.time() - start

@@ -328,10 +328,11 @@ def main(argv=None):
             check_export(model, staging, config, args.image_size, args.onnx, args.output)
             write_config(config, os.path.join(staging, EXPORT_CONFIG))
             path = publish(staging, args.output)
+        size = f'{args.image_size}, {args.image_size}' if args.image_size else 'H, W'
         dynamic = 'batch' if args.image_size else 'batch, height and width'
         print(f'exported {config.MODEL.NAME} to {path} and model.pdiparams'
               + (f', model.onnx (ONNX opset {ONNX_OPSET})' if args.onnx else '')
-              + f' (input [N, 3, H, W] float32; dynamic {dynamic})')
+              + f' (input [N, 3, {size}] float32; dynamic {dynamic})')
         print(f'OK: the exported model matches the dygraph model within {TOLERANCE:.0e}; its config (the '
               f'transform and classes predict.py uses) is {os.path.join(args.output, EXPORT_CONFIG)}')
     except (ConfigError, CheckpointError, ExportError) as e:

@@ -62,7 +62,7 @@ def test_dynamic_export_runs_any_batch_and_size(tiny, tmp_path, capsys):
 def test_fixed_size_export(tiny, tmp_path, capsys):
     cfg, weights, model = tiny
     main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path), '-image_size', '64'])
-    assert 'dynamic batch)' in capsys.readouterr().out
+    assert '(input [N, 3, 64, 64] float32; dynamic batch)' in capsys.readouterr().out
     x = np.random.default_rng(1).standard_normal((4, 3, 64, 64)).astype('float32')
     np.testing.assert_allclose(InferenceModel(str(tmp_path), mkldnn=False)(x), logits(model, x), atol=1e-4, rtol=0)
 
