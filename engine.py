@@ -863,15 +863,23 @@ OPTIMIZER_STATE_KEYS = ('TRAIN.OPTIMIZER.NAME', 'TRAIN.FREEZE_BACKBONE')  # whic
 RUN_ONLY_KEYS = {'MODEL.PRETRAINED': '', 'MODEL.RESUME': '', 'EVAL': False, 'EMA_EVAL': False, 'NGPUS': -1}
 
 
+PATH_KEYS = ('DATA.DATA_PATH', 'TRAIN.TEACHER_MODEL', 'TRAIN.TEACHER_PRETRAINED')  # files and folders a run reads
+
+
 def reusable_config(config):
     """``config`` without what only its own run does (the weights it started from or continued,
-    evaluation switches, its number of processes), as ``-cfg`` for evaluating, exporting or
-    fine-tuning what it trained; the checkpoints keep the config whole."""
+    evaluation switches, its number of processes) and with the paths it reads made absolute, as
+    ``-cfg`` for evaluating, exporting or fine-tuning what it trained from any folder; the
+    checkpoints keep the config whole."""
     config = config.clone()
     config.defrost()
     for key, value in RUN_ONLY_KEYS.items():
         node, _, name = key.rpartition('.')
         setattr(config.get(node) if node else config, name, value)
+    for key in PATH_KEYS:
+        node, _, name = key.rpartition('.')
+        if config[node][name] and config[node][name] != 'regnety_160':  # the one teacher named, not a file
+            config[node][name] = os.path.abspath(config[node][name])
     config.freeze()
     return config
 

@@ -317,6 +317,19 @@ def test_run_continued_from_elsewhere_does_not_overwrite_another_runs_checkpoint
     engine.check_inputs(engine.parse_config(same_folder))  # no error
 
 
+def test_the_runs_config_yaml_reads_the_same_files_from_any_folder(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    config = get_config()
+    config.defrost()
+    config.DATA.DATA_PATH, config.TRAIN.TEACHER_PRETRAINED = 'data/imagenet', '../teacher.pdparams'
+    written = engine.reusable_config(config)
+    assert written.DATA.DATA_PATH == str(tmp_path / 'data' / 'imagenet')
+    assert written.TRAIN.TEACHER_PRETRAINED == str(tmp_path.parent / 'teacher.pdparams')
+    assert written.TRAIN.TEACHER_MODEL == 'regnety_160'
+    config.TRAIN.TEACHER_MODEL = 'configs/xcit_nano_12_p16_224.yaml'
+    assert engine.reusable_config(config).TRAIN.TEACHER_MODEL == str(tmp_path / 'configs' / 'xcit_nano_12_p16_224.yaml')
+
+
 def test_an_earlier_checkpoint_is_not_continued_over_the_later_ones(full_run):
     """Continuing from epoch_1.pdparams in its own folder would overwrite last.pdparams,
     best.pdparams and metrics.jsonl of the later epochs: refused before anything is written."""
