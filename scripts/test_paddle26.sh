@@ -17,4 +17,4 @@ if [ ! -f "$STAMP" ] || [ "${BASH_SOURCE[0]}" -nt "$STAMP" ]; then
 fi
 cd "$ROOT"
 "$VENV/bin/python" -c 'import numpy, paddle; print("[paddle 2.6]", paddle.__version__, numpy.__version__)'
-"$VENV/bin/python" -m pytest -q tests "$@"
+"$VENV/bin/python" -m pytest -q "$@"  # pytest.ini: tests/ unless paths are given
