@@ -30,6 +30,7 @@ import pickle
 import re
 import tarfile
 import warnings
+import zlib
 
 import numpy as np
 import paddle
@@ -328,17 +329,21 @@ def _cifar_files(root, archive, folder, names):
     archive = os.path.join(root, archive)
     if not os.path.isfile(archive):
         raise DataError(f'{root}: neither {folder}/ nor {os.path.basename(archive)} found')
-    with tarfile.open(archive) as tar:
-        files = []
-        for name in names:
-            try:
-                member = tar.extractfile(f'{folder}/{name}')
-            except KeyError:
-                member = None
-            if member is None:
-                raise DataError(f'{archive}: no {folder}/{name} in the archive')
-            files.append((member.read(), f'{archive}:{folder}/{name}'))
-        return files
+    try:
+        with tarfile.open(archive) as tar:
+            files = []
+            for name in names:
+                try:
+                    member = tar.extractfile(f'{folder}/{name}')
+                except KeyError:
+                    member = None
+                if member is None:
+                    raise DataError(f'{archive}: no {folder}/{name} in the archive')
+                files.append((member.read(), f'{archive}:{folder}/{name}'))
+            return files
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # truncated or corrupt download
+        raise DataError(f'{archive}: corrupt or truncated archive ({type(e).__name__}: {e}); download it again, '
+                        f'or extract it in {root}') from e
 
 
 def _cifar(config, mode, transform):

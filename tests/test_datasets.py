@@ -120,6 +120,22 @@ def test_cifar100_from_the_archive_and_its_fine_labels(tmp_path):
         build_dataset(make_config(**{'DATA.DATASET': 'cifar100', 'DATA.DATA_PATH': str(tmp_path)}), 'val')
 
 
+@pytest.mark.parametrize('kept', [0.0, 0.1, 0.5])
+def test_a_corrupt_or_truncated_cifar_archive_is_named(tmp_path, kept):
+    archive = tmp_path / 'cifar-10-python.tar.gz'
+    with tarfile.open(archive, 'w:gz') as tar:
+        for i, name in enumerate([f'data_batch_{i}' for i in range(1, 6)]):
+            raw = cifar_batch(i, 4, b'labels', 10)
+            info = tarfile.TarInfo(f'cifar-10-batches-py/{name}')
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    raw = archive.read_bytes()
+    archive.write_bytes(raw[:int(len(raw) * kept)] if kept else b'not a tar archive')
+    config = make_config(**{'DATA.DATASET': 'cifar10', 'DATA.DATA_PATH': str(tmp_path)})
+    with pytest.raises(DataError, match=re.escape(f'{archive}: corrupt or truncated archive (')):
+        build_dataset(config, 'train')
+
+
 class RunsACommand:
     def __reduce__(self):
         return os.system, ('touch pwned',)
