@@ -134,7 +134,8 @@ def exit_on_user_error(fn, *args):
         return fn(*args)
     except USER_ERRORS as e:
         where = f'[rank {get_rank()}] ' if get_world_size() > 1 else ''
-        print(f'{where}error: {e}', file=sys.stderr, flush=True)
+        sys.stderr.write(f'{where}error: {e}\n')  # one write: the lines of several processes stay whole
+        sys.stderr.flush()
         sys.exit(1)
 
 

@@ -3,12 +3,14 @@ training agree with a single process, and bad input ends the program with one cl
 import json
 import os
 import signal
+import re
 import subprocess
 import sys
 
 import numpy as np
 import paddle
 import pytest
+from PIL import Image
 
 from conftest import ROOT, random_model_files, running, wait_for
 import launch
@@ -167,6 +169,26 @@ def test_bad_command_line_is_one_error_line(tiny, tmp_path, args, message):
     assert done.stderr.strip().splitlines()[-1].startswith(message)
     assert 'Traceback' not in done.stderr
     assert 'starting 2 processes' not in done.stdout  # found out before any process starts
+
+
+def test_an_error_in_one_process_is_its_error_line_and_one_summary(tiny, tmp_path):
+    """An unreadable image in one process's share: its message is one whole line, then the summary."""
+    cfg, weights = tiny
+    data = tmp_path / 'data'
+    (data / 'val').mkdir(parents=True)
+    for i in range(8):
+        Image.fromarray(np.full((32, 32, 3), 20 * i, dtype=np.uint8)).save(data / 'val' / f'{i}.png')
+    (data / 'val' / '5.png').write_bytes(b'not an image')
+    (data / 'val_list.txt').write_text(''.join(f'val/{i}.png {i}\n' for i in range(8)))
+    done = subprocess.run([sys.executable, os.path.join(ROOT, 'main_multi_gpu.py'), '-cfg', cfg, '-ngpus', '2',
+                           '-output', str(tmp_path / 'out'), '-eval', '-pretrained', weights, '-dataset',
+                           'imagenet2012', '-data_path', str(data), '-batch_size_eval', '1'],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    reports = [line for line in done.stderr.splitlines() if 'error:' in line]
+    assert re.fullmatch(r'\[rank [01]\] error: cannot read image .*5\.png.*', reports[0])
+    assert reports[-1].startswith('error: a worker process failed: Process ') and len(reports) == 2
+    assert 'Traceback' not in done.stderr
 
 
 def test_a_single_process_started_by_paddle_launch_runs_in_place(tiny, tmp_path, monkeypatch):
