@@ -17,7 +17,7 @@ Exactness guarantees:
 
 Outputs in ``config.SAVE``: ``log.txt``, ``metrics.jsonl`` (one JSON record per report/eval),
 ``config.yaml``, ``last.pdparams``, ``best.pdparams``, ``epoch_N.pdparams`` every SAVE_FREQ
-epochs, ``run.lock`` (locked by a training run's first process while it runs), and
+epochs, ``run.lock`` (locked by a run's first process, training or evaluating, while it runs), and
 ``eval_summary.json`` for ``-eval``.
 """
 import argparse
