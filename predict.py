@@ -41,10 +41,11 @@ IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'dat
 
 
 def read_class_names(path, num_classes):
-    """Class names from ``path``: a text file (one per line), or an image folder dataset (see
+    """Class names from ``path``: a UTF-8 text file (one per line), or an image folder dataset (see
     ``folder_class_names``); when ``path`` is None, the bundled ImageNet-1k names for a 1000-class
     model, else the class indices as text. None for a model without head (``num_classes`` 0),
-    which then must not be given names."""
+    which then must not be given names. Raises ``ConfigError`` naming ``path`` when it is a file that
+    is not UTF-8 text."""
     if num_classes == 0:
         if path is not None:
             raise ConfigError(f'-class_names {path}: a model without classifier head has no classes to name')
@@ -56,8 +57,12 @@ def read_class_names(path, num_classes):
     if os.path.isdir(path):
         names = folder_class_names(path)
     else:
-        with open(path, encoding='utf-8') as f:
-            names = [line.strip() for line in f if line.strip()]
+        try:
+            with open(path, encoding='utf-8') as f:
+                names = [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ConfigError(f'-class_names {path}: not UTF-8 text ({e.reason} at byte {e.start}); give a text '
+                              f'file of class names, one per line') from e
     if len(names) != num_classes:
         raise ConfigError(f'{path}: {len(names)} class names, but the model has {num_classes} classes')
     return names

@@ -366,6 +366,20 @@ def test_wrong_number_of_class_names_is_an_error(setup, tmp_path, capsys):
     assert f'error: {names}: 3 class names, but the model has 5 classes' in capsys.readouterr().err
 
 
+def test_class_names_that_are_not_utf8_text_are_named(setup, tmp_path, capsys):
+    """A UTF-16 list or a weights file given as -class_names: one error naming the file (it was a
+    UnicodeDecodeError traceback without it)."""
+    utf16 = tmp_path / 'names16.txt'
+    utf16.write_text('\n'.join(NAMES) + '\n', encoding='utf-16')
+    for path in (str(utf16), setup['weights']):
+        with pytest.raises(SystemExit) as exit_info:
+            main(['-cfg', setup['cfg'], '-pretrained', setup['weights'], '-class_names', path,
+                  str(setup['images'] / 'a.jpg')])
+        assert exit_info.value.code == 1
+        assert capsys.readouterr().err == (f'error: -class_names {path}: not UTF-8 text (invalid start byte at '
+                                           f'byte 0); give a text file of class names, one per line\n')
+
+
 @pytest.fixture
 def two_gpus(monkeypatch):
     """Paddle appears to see two GPUs (only the device check is fooled; nothing runs on them)."""

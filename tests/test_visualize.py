@@ -131,3 +131,16 @@ def test_a_model_without_class_attention_is_one_error_line(tmp_path, capsys):
     assert capsys.readouterr().err == (f'error: {cfg}: MODEL.CLS_ATTN_LAYERS is 0: the model has no class '
                                        f'attention to draw\n')
     assert not (tmp_path / 'out').exists()
+
+
+def test_class_names_that_are_not_utf8_text_are_named(tiny, tmp_path, capsys):
+    """A UTF-16 list of names: one error naming the file (it was a UnicodeDecodeError traceback)."""
+    cfg, weights = tiny
+    names = tmp_path / 'names16.txt'
+    names.write_text(''.join(f'digit {i}\n' for i in range(10)), encoding='utf-16')
+    with pytest.raises(SystemExit) as exit_info:
+        visualize_attention.main(['-cfg', cfg, '-pretrained', weights, '-class_names', str(names), '-output',
+                                  str(tmp_path / 'out'), str(tmp_path)])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == (f'error: -class_names {names}: not UTF-8 text (invalid start byte at byte 0); '
+                                       f'give a text file of class names, one per line\n')
