@@ -24,6 +24,7 @@ import argparse
 import csv
 import os
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -77,6 +78,22 @@ def folder_class_names(root):
         return find_classes(split if os.path.isdir(split) else root)
     except DataError as e:
         raise ConfigError(f'-class_names {root}: {e}') from e
+
+
+def check_output_file(path, flag):
+    """Raises ``ConfigError`` naming ``flag`` and ``path`` when the output file ``path`` is a folder
+    or its folder cannot be created or written to (a file on its path, permissions, a read-only or
+    full file system); creates that folder. Made before the work whose result ``path`` receives,
+    which would be lost if writing it failed."""
+    if os.path.isdir(path):
+        raise ConfigError(f'{flag} {path} is a folder, not a file')
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(f'{flag} {path}: cannot create or write to its folder {folder} ({e.strerror or e})') from e
 
 
 def image_paths(inputs):
@@ -259,6 +276,8 @@ def write_features(predict, batches, width, args):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.output:  # before the model is built and the images are read, not after
+            check_output_file(args.output, '-output')
         config, predict = build_predictor(args)
         features_only = config.MODEL.NUM_CLASSES == 0
         if features_only and not (args.output or '').endswith('.npz'):
@@ -266,8 +285,6 @@ def main(argv=None):
                               f'not classes: write them with -output FILE.npz')
         names = read_class_names(args.class_names, config.MODEL.NUM_CLASSES)
         paths = image_paths(args.inputs)
-        if args.output:  # before the model runs, not after
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     except (ConfigError, CheckpointError, ExportError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)

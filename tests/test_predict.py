@@ -380,6 +380,22 @@ def test_class_names_that_are_not_utf8_text_are_named(setup, tmp_path, capsys):
                                            f'byte 0); give a text file of class names, one per line\n')
 
 
+def test_output_that_is_a_folder_is_refused_before_the_model_is_built(setup, tmp_path, monkeypatch, capsys):
+    """-output naming a folder (it was an IsADirectoryError traceback once the model was built), or a
+    path below a file, is one error line; nothing is built or read."""
+    monkeypatch.setattr(predict, 'build_predictor', lambda args: pytest.fail('the model was built'))
+    (tmp_path / 'file').write_text('')
+    for output, message in (
+            (str(tmp_path), f'-output {tmp_path} is a folder, not a file'),
+            (str(tmp_path / 'file' / 'top5.csv'),
+             f'-output {tmp_path / "file" / "top5.csv"}: cannot create or write to its folder {tmp_path / "file"} '
+             f'(File exists)')):
+        with pytest.raises(SystemExit) as exit_info:
+            main(['-cfg', setup['cfg'], '-pretrained', setup['weights'], '-output', output, str(setup['images'])])
+        assert exit_info.value.code == 1
+        assert capsys.readouterr().err == f'error: {message}\n'
+
+
 @pytest.fixture
 def two_gpus(monkeypatch):
     """Paddle appears to see two GPUs (only the device check is fooled; nothing runs on them)."""
