@@ -22,6 +22,7 @@ import paddle
 from PIL import Image, ImageDraw
 
 from config import ConfigError
+from engine import check_output_folder
 from export_model import load_model
 from predict import image_paths, load_image, read_class_names
 from transforms import build_eval_transform
@@ -124,11 +125,11 @@ def main(argv=None):
             raise ConfigError(f'{args.cfg}: MODEL.CLS_ATTN_LAYERS is 0: the model has no class attention to draw')
         names = read_class_names(args.class_names, config.MODEL.NUM_CLASSES)
         paths = [path for path, _ in image_paths(args.inputs)]
+        check_output_folder(args.output)  # created after the checks above, before any image is drawn
     except (ConfigError, CheckpointError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)
     transform = build_eval_transform(config)
-    os.makedirs(args.output, exist_ok=True)
     written = set()
     failed = 0
     for path in paths:

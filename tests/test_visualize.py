@@ -144,3 +144,16 @@ def test_class_names_that_are_not_utf8_text_are_named(tiny, tmp_path, capsys):
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == (f'error: -class_names {names}: not UTF-8 text (invalid start byte at byte 0); '
                                        f'give a text file of class names, one per line\n')
+
+
+def test_output_that_is_a_file_is_one_error_line_before_any_image(tiny, tmp_path, capsys):
+    """It was a FileExistsError traceback."""
+    cfg, weights = tiny
+    Image.new('RGB', (64, 64), (20, 160, 40)).save(tmp_path / 'leaf.jpg')
+    (tmp_path / 'out').write_text('')
+    with pytest.raises(SystemExit) as exit_info:
+        visualize_attention.main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path / 'out'),
+                                  str(tmp_path / 'leaf.jpg')])
+    assert exit_info.value.code == 1
+    out, err = capsys.readouterr()
+    assert (out, err) == ('', f'error: -output {tmp_path / "out"} is a file, not a folder\n')
