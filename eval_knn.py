@@ -32,7 +32,7 @@ import paddle.distributed as dist
 import launch
 from config import ConfigError, get_config, update_config
 from datasets import build_dataloader, build_dataset, check_data_path
-from engine import EvalForward, exit_on_user_error, log_progress, setup_device
+from engine import EvalForward, check_output_folder, exit_on_user_error, log_progress, setup_device
 from utils import (CheckpointError, gather_rows, get_rank, get_world_size, load_every_weight, resolve_device,
                    setup_logger, visible_gpus, write_json)
 from xcit import build_xcit
@@ -186,6 +186,8 @@ def set_process_device(args):
 def run(args):
     """Extracts the features and votes for every k; returns the summary dict (with several
     processes in the first one, None in the others)."""
+    if args.output and get_rank() == 0:  # the first process writes there, once every feature is computed
+        check_output_folder(args.output)
     config = read_config(args)
     data = data_config(config, args.num_classes)
     sets = {split: build_dataset(data, split, augment=False) for split in ('train', 'val')}
@@ -221,7 +223,6 @@ def run(args):
         logger.info(f'{k}-NN (T={args.temperature}): Acc@1 {acc1:.2f}% Acc@5 {acc5:.2f}% '
                     f'({len(val_labels)} images against {len(train_labels)}, {path})')
     if args.output:
-        os.makedirs(args.output, exist_ok=True)
         write_json(os.path.join(args.output, 'knn_summary.json'), summary)
         if args.save_features:
             np.savez(os.path.join(args.output, 'features.npz'), train_features=train_features,
@@ -231,11 +232,13 @@ def run(args):
 
 
 def check_inputs(args):
-    """The errors every process would meet, raised before any starts: a bad config, data folder
-    or weights path."""
+    """The errors the processes would meet, raised before any starts: a bad config, data folder,
+    weights path or output folder (which is created)."""
     check_data_path(read_config(args))
     if not os.path.isfile(args.pretrained):
         raise CheckpointError(f'checkpoint not found: {args.pretrained}')
+    if args.output:
+        check_output_folder(args.output)
 
 
 def worker(args):

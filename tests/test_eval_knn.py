@@ -309,6 +309,20 @@ def test_bad_input_stops_before_any_process_starts(backbone, capsys, args, messa
     assert 'starting' not in captured.out
 
 
+@pytest.mark.parametrize('processes', [[], ['-ngpus', '2']])
+def test_output_that_is_a_file_stops_before_any_feature(backbone, tmp_path, capsys, processes):
+    """It was a FileExistsError traceback once every feature had been computed."""
+    cfg, weights = backbone
+    (tmp_path / 'out').write_text('')
+    with pytest.raises(SystemExit) as exit_info:
+        eval_knn.main(['-cfg', cfg, '-pretrained', weights, '-device', 'cpu', '-output', str(tmp_path / 'out'),
+                       *processes])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 1
+    assert captured.err == f'error: -output {tmp_path / "out"} is a file, not a folder\n'
+    assert 'features' not in captured.out and 'starting' not in captured.out
+
+
 def test_a_process_without_images_does_not_stall_the_others(backbone, tmp_path):
     """One training and one validation image on 2 processes: the second process has no batch at all;
     the first computes both features alone and both processes finish."""
