@@ -130,6 +130,8 @@ def parse_args(argv=None):
                         help='config overrides (may be repeated)')
     args = parser.parse_args(argv)
     args.k = args.k or list(DEFAULT_K)
+    if args.num_classes is not None and args.num_classes < 1:
+        parser.error(f'-num_classes must be > 0, got {args.num_classes}')
     if not 0 < args.temperature < math.inf:  # also refuses nan, whose votes would all be nan
         parser.error(f'-temperature must be a number > 0, got {args.temperature}')
     if args.save_features and not args.output:
@@ -146,13 +148,13 @@ def parse_args(argv=None):
 
 def data_config(config, num_classes):
     """``config`` whose MODEL.NUM_CLASSES, which the datasets check labels against, is ``num_classes``.
-    By default, for list files (whose lines alone give the labels) the model's, or 1000 for a model
+    By default (None), for list files (whose lines alone give the labels) the model's, or 1000 for a model
     without head; the other datasets define their classes (an image folder's class folders, digits,
     CIFAR), which the votes take as they are, whatever the size of the model's head."""
     config = config.clone()
     config.defrost()
     default = (config.MODEL.NUM_CLASSES or 1000) if config.DATA.DATASET == 'imagenet2012' else ANY_NUMBER_OF_CLASSES
-    config.MODEL.NUM_CLASSES = num_classes or default
+    config.MODEL.NUM_CLASSES = default if num_classes is None else num_classes
     config.freeze()
     return config
 

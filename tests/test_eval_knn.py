@@ -212,6 +212,16 @@ def test_temperature_must_be_positive(backbone, capsys, value):
     assert f'-temperature must be a number > 0, got {float(value)}' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('value', ['0', '-5'])
+def test_num_classes_must_be_positive(backbone, capsys, value):
+    """0 was taken for the default; -5 was blamed on the first label of the list file."""
+    cfg, weights = backbone
+    with pytest.raises(SystemExit) as exit_info:
+        eval_knn.main(['-cfg', cfg, '-pretrained', weights, '-num_classes', value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f': error: -num_classes must be > 0, got {value}')
+
+
 TWO_PROCESS_GATHER = '''\
 """2 gloo processes gather rows of different counts, a few rows per all_gather call; each
 writes what it got to gathered_<rank>.npz."""
