@@ -53,7 +53,9 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k, te
     Features are (N, D) and (M, D) unit rows, labels int (N,) and (M,). A test image's score for
     class c is the sum of exp(similarity / ``temperature``) over those of its ``k`` nearest
     training images (largest dot product) labelled c; classes are ranked by score, ties by
-    index. With k < 5, top-5 counts the first k classes (the others have no votes).
+    index. With k < 5, top-5 counts the first k classes (the others have no votes). A test image's
+    weights are computed as exp((similarity - its largest similarity) / ``temperature``), the same
+    votes scaled by one factor, which cannot overflow however small the temperature.
     """
     num_train = len(train_labels)
     if not 0 < k <= num_train:
@@ -64,7 +66,8 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k, te
         similarity = test_features[start:start + chunk] @ train_features.T  # (b, N)
         rows = np.arange(len(similarity))[:, None]
         nearest = np.argpartition(similarity, num_train - k, axis=1)[:, num_train - k:]  # the k largest
-        weights = np.exp(similarity[rows, nearest].astype(np.float64) / temperature)
+        scaled = similarity[rows, nearest].astype(np.float64) / temperature
+        weights = np.exp(scaled - scaled.max(axis=1, keepdims=True))  # the largest is 1
         scores = np.zeros((len(similarity), num_classes))
         np.add.at(scores, (np.broadcast_to(rows, nearest.shape), train_labels[nearest]), weights)
         ranked = np.argsort(-scores, axis=1, kind='stable')[:, :min(5, k)]

@@ -70,6 +70,28 @@ def test_matches_the_voting_written_out(k, monkeypatch):
     assert eval_knn.knn_accuracy(train, train_labels, test, test_labels, k, 0.07, 7) == pytest.approx(expected)
 
 
+def test_tiny_temperatures_do_not_overflow_the_votes():
+    """exp(similarity / T) overflowed float64 above a similarity of 709 T (every such vote inf, the
+    classes then ranked by index). At T = 1e-3 the votes agree with those added up as logarithms
+    (which cannot overflow); at T = 1e-6 the nearest neighbour alone decides, as k = 1 does."""
+    rng = np.random.default_rng(0)
+    train, test = (eval_knn.normalise(rng.standard_normal((n, 8)).astype(np.float32)) for n in (300, 70))
+    train_labels, test_labels = rng.integers(0, 7, 300), rng.integers(0, 7, 70)
+    top1 = top5 = 0
+    for feature, label in zip(test, test_labels):
+        similarity = train @ feature
+        log_scores = np.full(7, -np.inf)
+        for j in np.argsort(-similarity, kind='stable')[:20]:
+            log_scores[train_labels[j]] = np.logaddexp(log_scores[train_labels[j]], similarity[j] / 1e-3)
+        ranked = np.argsort(-log_scores, kind='stable')[:5]
+        top1 += ranked[0] == label
+        top5 += label in ranked
+    assert eval_knn.knn_accuracy(train, train_labels, test, test_labels, 20, 1e-3, 7) == pytest.approx(
+        (100.0 * top1 / 70, 100.0 * top5 / 70))
+    nearest_alone = eval_knn.knn_accuracy(train, train_labels, test, test_labels, 1, 0.07, 7)[0]
+    assert eval_knn.knn_accuracy(train, train_labels, test, test_labels, 20, 1e-6, 7)[0] == nearest_alone
+
+
 @pytest.fixture(scope='module')
 def backbone(tmp_path_factory):
     """A tiny digits model without head, random weights."""
