@@ -40,6 +40,7 @@ import time
 
 from config import ConfigError, get_config
 from export_model import ExportError, check_onnx_packages
+from predict import check_output_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PATHS = ('dygraph', 'static', 'infer', 'onnx', 'train', 'train_gc')
@@ -325,6 +326,12 @@ def parse_args(argv=None):
                          f'(patch {patch}), got --sizes {" ".join(map(str, args.sizes))}')
     else:
         args.batch, args.paths = args.batch or [1, 16], args.paths or list(DEFAULT_PATHS)
+    try:  # written after every measurement: a folder or an unwritable place is found now
+        for flag, path in (('--json', args.json), ('--plot', args.plot)):
+            if path:
+                check_output_file(path, flag)
+    except ConfigError as e:
+        parser.error(str(e))
     return args
 
 

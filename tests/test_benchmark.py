@@ -213,3 +213,14 @@ def test_least_squares_and_summary():
     assert summary['memory_fit'] == pytest.approx((20, 0.01))
     assert summary['token_ratio'] == 16
     assert summary['time_ratio'] == pytest.approx((10 + 0.5 * 3136) / (10 + 0.5 * 196))
+
+
+@pytest.mark.parametrize('flags', [['--json'], ['--scaling', '--paths', 'dygraph', '--plot']])
+def test_an_output_that_is_a_folder_is_refused_before_any_measurement(cfg, tmp_path, flags, capsys):
+    """--json or --plot naming a folder: a usage error before anything is measured (it was an
+    IsADirectoryError traceback once every measurement had run)."""
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(['-cfg', cfg, '--reps', '1', *flags, str(tmp_path)])
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == '' and err.splitlines()[-1].endswith(f': error: {flags[-1]} {tmp_path} is a folder, not a file')
