@@ -1,6 +1,7 @@
 """Plots a training run's ``metrics.jsonl`` as a PNG: loss, top-1 accuracy and learning rate.
 
     python plot_metrics.py OUTPUT_DIR/metrics.jsonl [-o curves.png]
+    python plot_metrics.py OUTPUT_DIR [-o curves.png]     # the same: a run's output folder
 
 Each line of the file is one JSON object with at least ``kind`` ('train' or 'val'), ``epoch``,
 ``step``, ``lr``, ``loss``, ``acc1``, ``acc5``, ``images_per_sec`` and ``time``; metrics may be
@@ -19,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 __all__ = ['MetricsError', 'read_metrics', 'plot_metrics', 'main']
 
+METRICS_FILE = 'metrics.jsonl'  # the name training gives the file in its output folder
 KINDS = ('train', 'val')
 # curve colours in legend order: train, val, then e.g. 'val ema'
 COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189))
@@ -33,6 +35,16 @@ GRID = (225, 225, 225)
 
 class MetricsError(ValueError):
     """A metrics file that cannot be plotted; the message names the file and line."""
+
+
+def metrics_path(path):
+    """``path``, or for a folder (a training run's output) its ``METRICS_FILE``, which must exist."""
+    if not os.path.isdir(path):
+        return path
+    metrics = os.path.join(path, METRICS_FILE)
+    if not os.path.isfile(metrics):
+        raise MetricsError(f'{path}: the folder has no {METRICS_FILE}')
+    return metrics
 
 
 def read_metrics(path):
@@ -207,11 +219,12 @@ def plot_metrics(records, out_path):
 def main(argv=None):
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('metrics', help='metrics.jsonl written by training')
+    parser.add_argument('metrics', help='metrics.jsonl written by training, or the output folder that holds it')
     parser.add_argument('-o', '--output', help='PNG to write (default: curves.png beside the metrics file)')
     args = parser.parse_args(argv)
-    out_path = args.output or os.path.join(os.path.dirname(os.path.abspath(args.metrics)), 'curves.png')
     try:
+        args.metrics = metrics_path(args.metrics)
+        out_path = args.output or os.path.join(os.path.dirname(os.path.abspath(args.metrics)), 'curves.png')
         records = read_metrics(args.metrics)
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         plot_metrics(records, out_path)

@@ -66,6 +66,17 @@ def test_default_output_beside_metrics(tmp_path):
     assert Image.open(tmp_path / 'curves.png').size == (3 * PANEL_SIZE[0], PANEL_SIZE[1])
 
 
+def test_a_runs_output_folder_gives_its_metrics(tmp_path, capsys):
+    """The folder training wrote (it said 'no such file'); a folder without metrics.jsonl is named."""
+    write_run(tmp_path / 'metrics.jsonl', epochs=1, steps_per_epoch=1)
+    assert main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f'{tmp_path / "metrics.jsonl"}: 3 records -> {tmp_path / "curves.png"}\n'
+    assert Image.open(tmp_path / 'curves.png').size == (3 * PANEL_SIZE[0], PANEL_SIZE[1])
+    (tmp_path / 'empty').mkdir()
+    assert main([str(tmp_path / 'empty')]) == 1
+    assert capsys.readouterr().err == f'error: {tmp_path / "empty"}: the folder has no metrics.jsonl\n'
+
+
 @pytest.mark.parametrize('bad, message', [
     ('{"kind": "train", "epoch": 0, "step": 1, "loss": 1.0', r'metrics.jsonl:3: not valid JSON'),
     ('[1, 2]', r'metrics.jsonl:3: expected a JSON object'),
