@@ -40,7 +40,7 @@ import time
 
 from config import ConfigError, get_config
 from export_model import ExportError, check_onnx_packages
-from predict import check_output_file
+from utils import check_output_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PATHS = ('dygraph', 'static', 'infer', 'onnx', 'train', 'train_gc')

@@ -25,7 +25,6 @@ import contextlib
 import math
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -42,9 +41,9 @@ from optim import build_lr_scheduler, build_optimizer
 from port_weights.convert import check_fits, find_mismatches, format_mismatches, state_shapes
 from teacher import build_teacher
 from utils import (AverageMeter, CheckpointError, MetricsLog, all_reduce_sum, average_batchnorm_statistics,
-                   format_seconds, get_rank, get_world_size, in_model_dtypes, load_checkpoint, load_every_weight,
-                   lock_folder, remove_partial_checkpoints, save_checkpoint, setup_logger, to_json, visible_gpus,
-                   weights_of, write_config, write_json)
+                   check_output_folder, format_seconds, get_rank, get_world_size, in_model_dtypes, load_checkpoint,
+                   load_every_weight, lock_folder, remove_partial_checkpoints, save_checkpoint, setup_logger, to_json,
+                   visible_gpus, weights_of, write_config, write_json)
 from xcit import build_xcit
 
 # AMP (float16, level O1) op lists for xcit.py's layers, by the names autocast knows the ops by
@@ -174,20 +173,6 @@ def check_inputs(config):
         if path and not os.path.isfile(path):
             raise CheckpointError(f'checkpoint not found: {path}')
     check_output_folder(config.SAVE)
-
-
-def check_output_folder(folder):
-    """Creates the output folder ``folder`` if need be; raises ``ConfigError`` naming it when it is
-    a file or cannot be created or written to (a file on its path, permissions, a read-only or
-    full file system)."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ConfigError(f'-output {folder} is a file, not a folder')
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise ConfigError(f'-output {folder}: cannot create or write to the folder ({e.strerror or e})') from e
 
 
 def check_output_is_free(folder):

@@ -32,9 +32,9 @@ import paddle.distributed as dist
 import launch
 from config import ConfigError, get_config, update_config
 from datasets import build_dataloader, build_dataset, check_data_path
-from engine import EvalForward, check_output_folder, exit_on_user_error, log_progress, setup_device
-from utils import (CheckpointError, gather_rows, get_rank, get_world_size, load_every_weight, resolve_device,
-                   setup_logger, visible_gpus, write_json)
+from engine import EvalForward, exit_on_user_error, log_progress, setup_device
+from utils import (CheckpointError, check_output_folder, gather_rows, get_rank, get_world_size, load_every_weight,
+                   resolve_device, setup_logger, visible_gpus, write_json)
 from xcit import build_xcit
 
 DEFAULT_K = (10, 20, 100, 200)

@@ -24,7 +24,6 @@ import argparse
 import csv
 import os
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -34,7 +33,7 @@ from config import ConfigError
 from datasets import IMAGE_READ_ERRORS, IMG_EXTENSIONS, DataError, find_classes, read_image
 from export_model import EXPORT_CONFIG, ExportError, InferenceModel, config_at_size, load_model
 from transforms import build_eval_transform
-from utils import CheckpointError, resolve_device
+from utils import CheckpointError, check_output_file, resolve_device
 
 TOP_K = 5
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -78,22 +77,6 @@ def folder_class_names(root):
         return find_classes(split if os.path.isdir(split) else root)
     except DataError as e:
         raise ConfigError(f'-class_names {root}: {e}') from e
-
-
-def check_output_file(path, flag):
-    """Raises ``ConfigError`` naming ``flag`` and ``path`` when the output file ``path`` is a folder
-    or its folder cannot be created or written to (a file on its path, permissions, a read-only or
-    full file system); creates that folder. Made before the work whose result ``path`` receives,
-    which would be lost if writing it failed."""
-    if os.path.isdir(path):
-        raise ConfigError(f'{flag} {path} is a folder, not a file')
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise ConfigError(f'{flag} {path}: cannot create or write to its folder {folder} ({e.strerror or e})') from e
 
 
 def image_paths(inputs):

@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import sys
+import tempfile
 import time
 
 try:
@@ -19,6 +20,7 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
+from config import ConfigError
 from port_weights.convert import check_fits, state_shapes
 # CheckpointError: the project's one error type for bad checkpoints
 from port_weights.safe_load import CheckpointError, checkpoint_kind, map_nested
@@ -245,6 +247,29 @@ def lock_folder(folder, name='run.lock'):
             lock.close()
             return None
     return lock
+
+
+def check_output_folder(folder, flag='-output'):
+    """Creates the output folder ``folder`` if need be; raises ``ConfigError`` naming ``flag`` and
+    ``folder`` when it is a file or cannot be created or written to (a file on its path,
+    permissions, a read-only or full file system)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f'{flag} {folder} is a file, not a folder')
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(f'{flag} {folder}: cannot create or write to the folder ({e.strerror or e})') from e
+
+
+def check_output_file(path, flag):
+    """Raises ``ConfigError`` naming ``flag`` and ``path`` when the output file ``path`` is a folder
+    or its folder cannot be created or written to (``check_output_folder``, which creates it). Made
+    before the work whose result ``path`` receives, which would be lost if writing it failed."""
+    if os.path.isdir(path):
+        raise ConfigError(f'{flag} {path} is a folder, not a file')
+    check_output_folder(os.path.dirname(os.path.abspath(path)), f'{flag} {path}: its folder')
 
 
 def write_config(config, path):

@@ -22,11 +22,10 @@ import paddle
 from PIL import Image, ImageDraw
 
 from config import ConfigError
-from engine import check_output_folder
 from export_model import load_model
 from predict import image_paths, load_image, read_class_names
 from transforms import build_eval_transform
-from utils import CheckpointError
+from utils import CheckpointError, check_output_folder
 
 COLUMNS = 6  # tiles per row of the PNG
 TITLE_HEIGHT = 16  # pixels

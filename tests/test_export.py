@@ -119,7 +119,7 @@ def test_mismatch_between_exported_and_dygraph_fails(tiny, tmp_path, monkeypatch
     assert exit_info.value.code == 1
     captured = capsys.readouterr()
     assert 'max |logits - dygraph logits| = 1.00e-03' in captured.out
-    assert f'does not reproduce the dygraph model (tolerance 1e-04)' in captured.err
+    assert 'does not reproduce the dygraph model (tolerance 1e-04)' in captured.err
     assert f'Nothing was written to {tmp_path}.' in captured.err
     assert os.listdir(tmp_path) == []
 
@@ -141,7 +141,7 @@ def test_onnx_export_runs_any_batch_and_size(tiny, tmp_path, capsys):
     cfg, weights, model = tiny
     main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path), '-onnx'])
     out = capsys.readouterr().out
-    assert f'and model.pdiparams, model.onnx (ONNX opset 17)' in out and (tmp_path / 'model.onnx').is_file()
+    assert 'and model.pdiparams, model.onnx (ONNX opset 17)' in out and (tmp_path / 'model.onnx').is_file()
     assert 'onnxruntime: max |logits - dygraph logits|' in out and 'OK: the exported model matches' in out
     exported = export_model.OnnxModel(str(tmp_path / 'model.onnx'))
     for shape in [(3, 3, 48, 48), (1, 3, 70, 37), (2, 3, 33, 90)]:
