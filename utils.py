@@ -389,7 +389,8 @@ def weights_of(checkpoint, path, use_ema=False):
     if use_ema:
         if not isinstance(checkpoint.get('model_ema'), dict):
             kind = 'training checkpoint' if is_training_checkpoint else 'plain state dict'
-            raise CheckpointError(f"{path}: -ema needs EMA weights ('model_ema'), but this {kind} has none")
+            raise CheckpointError(f"{path}: its EMA weights ('model_ema') were asked for (-ema; use_ema in "
+                                  f"Python), but this {kind} has none")
         state = checkpoint['model_ema']
     else:
         state = checkpoint['model'] if is_training_checkpoint else checkpoint

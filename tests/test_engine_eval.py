@@ -184,7 +184,8 @@ def test_batch_size_sets_the_evaluation_batch_however_eval_is_asked_for(capsys):
 
 
 def test_ema_of_a_plain_state_dict_is_an_error(golden, tmp_path):
-    with pytest.raises(CheckpointError, match=r"-ema needs EMA weights \('model_ema'\).*plain state dict"):
+    with pytest.raises(CheckpointError, match=r"its EMA weights \('model_ema'\) were asked for \(-ema; use_ema in "
+                                              r"Python\), but this plain state dict"):
         main_single_gpu.main(eval_args(golden, tmp_path, '-ema'))
 
 

@@ -206,7 +206,8 @@ def test_datasets_that_define_their_classes_are_not_bounded_by_the_head(tmp_path
 
 def test_repeated_multi_value_flags_all_apply():
     required = ['-cfg', 'c.yaml', '-pretrained', 'w.pdparams']
-    args = eval_knn.parse_args(required + ['-k', '5', '-k', '10', '20', '-opts', 'SEED', '1', '-opts', 'DATA.BATCH_SIZE', '8'])
+    args = eval_knn.parse_args(required + ['-k', '5', '-k', '10', '20',
+                                           '-opts', 'SEED', '1', '-opts', 'DATA.BATCH_SIZE', '8'])
     assert args.k == [5, 10, 20] and args.opts == ['SEED', '1', 'DATA.BATCH_SIZE', '8']
     assert eval_knn.parse_args(required).k == [10, 20, 100, 200]
 
@@ -214,7 +215,8 @@ def test_repeated_multi_value_flags_all_apply():
 @pytest.mark.parametrize('args, message', [
     (['-k', '2000'], 'error: -k 2000: must be between 1 and the number of training images (1438)'),
     (['-dataset', 'imagefolder', '-data_path', 'no/such/folder'], 'error: DATA.DATA_PATH not found: no/such/folder'),
-    (['-ema'], "error: {weights}: -ema needs EMA weights ('model_ema'), but this plain state dict has none"),
+    (['-ema'], "error: {weights}: its EMA weights ('model_ema') were asked for (-ema; use_ema in Python), but this "
+               "plain state dict has none"),
 ])
 def test_bad_arguments_are_one_error_line(backbone, capsys, args, message):
     cfg, weights = backbone

@@ -247,7 +247,8 @@ def test_ema_weights_of_a_training_checkpoint(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(['-cfg', setup['cfg'], '-pretrained', setup['weights'], '-ema', a])
     assert exit_info.value.code == 1
-    assert "-ema needs EMA weights ('model_ema'), but this plain state dict has none" in capsys.readouterr().err
+    assert ("its EMA weights ('model_ema') were asked for (-ema; use_ema in Python), but this "
+            "plain state dict has none") in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(['-cfg', setup['cfg'], '-model_dir', str(tmp_path), '-ema', a])
     assert exit_info.value.code == 2 and 'an exported model has its own' in capsys.readouterr().err

@@ -116,7 +116,8 @@ def test_ema_asks_for_the_checkpoints_ema_weights(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         visualize_attention.main(['-cfg', cfg, '-pretrained', weights, '-ema', str(tmp_path)])
     assert exit_info.value.code == 1
-    assert "-ema needs EMA weights ('model_ema'), but this plain state dict has none" in capsys.readouterr().err
+    assert ("its EMA weights ('model_ema') were asked for (-ema; use_ema in Python), but this "
+            "plain state dict has none") in capsys.readouterr().err
 
 
 def test_a_model_without_class_attention_is_one_error_line(tmp_path, capsys):
