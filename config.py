@@ -28,6 +28,10 @@ _C.DATA.IMAGE_SIZE = 224  # input side in pixels, training and evaluation
 _C.DATA.CROP_PCT = 1.0  # eval: resize the shorter side to IMAGE_SIZE / CROP_PCT, then centre-crop
 _C.DATA.INTERPOLATION = 'bicubic'
 _C.DATA.NUM_WORKERS = 2
+# the classes' names in label order, for predict.py and visualize_attention.py; empty: ImageNet's
+# for 1000 classes, else the indices. A training run on an image folder writes its class folders'
+# names here in its config.yaml, which export_model.py passes on with the exported model.
+_C.DATA.CLASS_NAMES = []
 _C.DATA.IMAGENET_MEAN = [0.485, 0.456, 0.406]
 _C.DATA.IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -349,6 +353,8 @@ _VALUE_RULES = {
     'DATA.NUM_WORKERS': (_non_negative, '>= 0'),
     'DATA.CROP_PCT': (_positive, '> 0'),
     'DATA.INTERPOLATION': _one_of(INTERPOLATIONS),
+    'DATA.CLASS_NAMES': (lambda v: all(isinstance(name, str) and name.strip() for name in v),
+                         'a list of class names (text, quoted if YAML would read it as a number)'),
     'DATA.IMAGENET_MEAN': (lambda v: _numbers(v, 3, lambda x: True), '3 numbers (R, G, B)'),
     'DATA.IMAGENET_STD': (lambda v: _numbers(v, 3, _positive), '3 numbers > 0 (R, G, B)'),
     'MODEL.NUM_CLASSES': (_non_negative, '>= 0'),

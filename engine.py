@@ -852,13 +852,16 @@ RUN_ONLY_KEYS = {'MODEL.PRETRAINED': '', 'MODEL.RESUME': '', 'EVAL': False, 'EMA
 PATH_KEYS = ('DATA.DATA_PATH', 'TRAIN.TEACHER_MODEL', 'TRAIN.TEACHER_PRETRAINED')  # files and folders a run reads
 
 
-def reusable_config(config):
+def reusable_config(config, class_names=None):
     """``config`` without what only its own run does (the weights it started from or continued,
-    evaluation switches, its number of processes) and with the paths it reads made absolute, as
+    evaluation switches, its number of processes), with the paths it reads made absolute and
+    DATA.CLASS_NAMES set to ``class_names`` when given (those of the classes it learned), as
     ``-cfg`` for evaluating, exporting or fine-tuning what it trained from any folder; the
     checkpoints keep the config whole."""
     config = config.clone()
     config.defrost()
+    if class_names:
+        config.DATA.CLASS_NAMES = list(class_names)
     for key, value in RUN_ONLY_KEYS.items():
         node, _, name = key.rpartition('.')
         setattr(config.get(node) if node else config, name, value)
@@ -889,7 +892,9 @@ def run_training(config, device, use_amp, logger):
             logger.info(f'removed what a stopped run left of checkpoints it was writing: {", ".join(removed)}')
     trainer = Trainer(config, device, use_amp, logger)
     if get_rank() == 0:
-        write_config(reusable_config(config), os.path.join(config.SAVE, 'config.yaml'))
+        classes = getattr(trainer.train_set, 'classes', None)  # an image folder's class folders
+        learned = classes if classes and len(classes) == config.MODEL.NUM_CLASSES else None
+        write_config(reusable_config(config, learned), os.path.join(config.SAVE, 'config.yaml'))
     return trainer.fit()
 
 

@@ -14,8 +14,9 @@ the top-5 class indices (all classes for a model with fewer), their names and th
 probabilities, to ``-output`` (its folder is created) or stdout. Class names come from
 ``-class_names``: a text file (one per line, in class-index order), or the image folder dataset
 a model was trained on (``-dataset imagefolder -data_path DIR``: the class folders of
-``DIR/train``, in the order training labels them), by default the bundled ImageNet-1k list for
-1000-class models. A model without classifier head (``MODEL.NUM_CLASSES: 0``, e.g. a DINO
+``DIR/train``, in the order training labels them), by default the config's ``DATA.CLASS_NAMES``
+(which a training run on an image folder writes in its ``config.yaml``, and ``export_model.py``
+keeps with the exported model), else the bundled ImageNet-1k list for 1000-class models. A model without classifier head (``MODEL.NUM_CLASSES: 0``, e.g. a DINO
 backbone) gives its features instead: ``-output FILE.npz`` receives ``paths`` and ``features``
 (N, EMBED_DIM), the final-norm class tokens. A file that cannot be read as an image is
 reported on stderr and skipped; the exit status is then 1.
@@ -40,32 +41,41 @@ DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'imagenet_classes.txt')
 
 
-def read_class_names(path, num_classes):
-    """Class names from ``path``: a UTF-8 text file (one per line), or an image folder dataset (see
-    ``folder_class_names``); when ``path`` is None, the bundled ImageNet-1k names for a 1000-class
-    model, else the class indices as text. None for a model without head (``num_classes`` 0),
-    which then must not be given names. Raises ``ConfigError`` naming ``path`` when it is a file that
-    is not UTF-8 text."""
+def read_class_names(path, num_classes, configured=()):
+    """Class names from ``path`` (``class_names_in``); when ``path`` is None, ``configured`` (the
+    config's DATA.CLASS_NAMES) if any, else the bundled ImageNet-1k names for a 1000-class model,
+    else the class indices as text. None for a model without head (``num_classes`` 0), which then
+    must not be given names. Raises ``ConfigError`` naming where the names come from when they
+    are not one per class."""
     if num_classes == 0:
         if path is not None:
             raise ConfigError(f'-class_names {path}: a model without classifier head has no classes to name')
         return None
-    if path is None and num_classes == 1000:
-        path = IMAGENET_CLASSES
-    if path is None:
-        return [str(i) for i in range(num_classes)]
-    if os.path.isdir(path):
-        names = folder_class_names(path)
+    if path is not None:
+        source, names = path, class_names_in(path)
+    elif configured:
+        source, names = 'DATA.CLASS_NAMES of the config', list(configured)
+    elif num_classes == 1000:
+        source, names = IMAGENET_CLASSES, class_names_in(IMAGENET_CLASSES)
     else:
-        try:
-            with open(path, encoding='utf-8') as f:
-                names = [line.strip() for line in f if line.strip()]
-        except UnicodeDecodeError as e:
-            raise ConfigError(f'-class_names {path}: not UTF-8 text ({e.reason} at byte {e.start}); give a text '
-                              f'file of class names, one per line') from e
+        return [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
-        raise ConfigError(f'{path}: {len(names)} class names, but the model has {num_classes} classes')
+        raise ConfigError(f'{source}: {len(names)} class names, but the model has {num_classes} classes')
     return names
+
+
+def class_names_in(path):
+    """The names in ``path``: a UTF-8 text file (one per line), or an image folder dataset (see
+    ``folder_class_names``). Raises ``ConfigError`` naming ``path`` when it is a file that is not
+    UTF-8 text."""
+    if os.path.isdir(path):
+        return folder_class_names(path)
+    try:
+        with open(path, encoding='utf-8') as f:
+            return [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ConfigError(f'-class_names {path}: not UTF-8 text ({e.reason} at byte {e.start}); give a text '
+                          f'file of class names, one per line') from e
 
 
 def folder_class_names(root):
@@ -151,8 +161,9 @@ def parse_args(argv=None):
                              'of the features (required)')
     parser.add_argument('-class_names', default=None,
                         help='class names, one per line, or the image folder dataset the model was trained on '
-                             '(its train/ class folders, in label order) (default: ImageNet-1k names for 1000 '
-                             'classes)')
+                             '(its train/ class folders, in label order) (default: the config\'s DATA.CLASS_NAMES, '
+                             'which a run on an image folder writes in its config.yaml, else ImageNet-1k names '
+                             'for 1000 classes)')
     parser.add_argument('-batch_size', type=int, default=16, help='images per forward pass (default 16)')
     parser.add_argument('-workers', type=int, default=DEFAULT_WORKERS,
                         help='threads that read and transform the next batch of images while the model '
@@ -266,7 +277,7 @@ def main(argv=None):
         if features_only and not (args.output or '').endswith('.npz'):
             raise ConfigError(f'{args.cfg}: a model without classifier head (MODEL.NUM_CLASSES 0) gives features, '
                               f'not classes: write them with -output FILE.npz')
-        names = read_class_names(args.class_names, config.MODEL.NUM_CLASSES)
+        names = read_class_names(args.class_names, config.MODEL.NUM_CLASSES, config.DATA.CLASS_NAMES)
         paths = image_paths(args.inputs)
     except (ConfigError, CheckpointError, ExportError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)

@@ -110,8 +110,9 @@ def parse_args(argv=None):
     parser.add_argument('-output', default='attention', help='folder for the PNGs (default: ./attention)')
     parser.add_argument('-class_names', default=None,
                         help='class names, one per line, or the image folder dataset the model was trained on '
-                             '(its train/ class folders, in label order) (default: ImageNet-1k names for 1000 '
-                             'classes)')
+                             '(its train/ class folders, in label order) (default: the config\'s DATA.CLASS_NAMES, '
+                             'which a run on an image folder writes in its config.yaml, else ImageNet-1k names '
+                             'for 1000 classes)')
     return parser.parse_args(argv)
 
 
@@ -122,7 +123,7 @@ def main(argv=None):
         config, model = load_model(args.cfg, args.pretrained, args.image_size, args.ema)
         if config.MODEL.CLS_ATTN_LAYERS == 0:
             raise ConfigError(f'{args.cfg}: MODEL.CLS_ATTN_LAYERS is 0: the model has no class attention to draw')
-        names = read_class_names(args.class_names, config.MODEL.NUM_CLASSES)
+        names = read_class_names(args.class_names, config.MODEL.NUM_CLASSES, config.DATA.CLASS_NAMES)
         paths = [path for path, _ in image_paths(args.inputs)]
         check_output_folder(args.output)  # created after the checks above, before any image is drawn
     except (ConfigError, CheckpointError, OSError) as e:

@@ -392,6 +392,31 @@ def test_corrupt_image_is_named(tmp_path):
         main_single_gpu.main(args)
 
 
+def test_a_run_on_an_image_folder_names_its_classes_for_predict(tmp_path, capsys):
+    """config.yaml of a run on an image folder holds its class folders' names (label order), which
+    predict.py shows for the model without -class_names."""
+    import predict
+    names = ['Zebra', 'ant', 'cat']  # code-point order, as the labels
+    for split in ('train', 'val'):
+        for i, name in enumerate(names):
+            folder = tmp_path / 'data' / split / name
+            folder.mkdir(parents=True)
+            for j in range(2):
+                Image.new('RGB', (32, 32), (80 * i, 40 * j, 30)).save(folder / f'{j}.png')
+    output = tmp_path / 'out'
+    main_single_gpu.main(['-dataset', 'imagefolder', '-data_path', str(tmp_path / 'data'), '-batch_size', '6',
+                          '-output', str(output), '-opts', *TINY, *PLAIN_RECIPE, 'TRAIN.NUM_EPOCHS', '1',
+                          'MODEL.NUM_CLASSES', '3'])
+    written = get_config(str(output / 'config.yaml'))
+    assert written.DATA.CLASS_NAMES == names
+    capsys.readouterr()
+    predict.main(['-cfg', str(output / 'config.yaml'), '-pretrained', str(output / 'last.pdparams'),
+                  str(tmp_path / 'data' / 'val' / 'ant' / '0.png')])
+    ranked = capsys.readouterr().out.splitlines()[1:4]
+    assert sorted(line.split()[1] for line in ranked) == sorted(names)
+    assert all(line.split()[2] == f'({names.index(line.split()[1])}):' for line in ranked)
+
+
 def test_unknown_opts_key_is_rejected_by_name(tmp_path):
     with pytest.raises(ConfigError, match='unknown config key TRAIN.NO_SUCH_KEY'):
         main_single_gpu.main(train_args(tmp_path, 'TRAIN.NO_SUCH_KEY', '1'))

@@ -3,6 +3,7 @@ models, the device choice."""
 import csv
 import io
 import os
+import re
 import shutil
 
 import numpy as np
@@ -13,7 +14,7 @@ from paddle import inference
 from PIL import Image
 
 import utils
-from config import get_config
+from config import ConfigError, get_config
 from datasets import build_dataset
 from export_model import GPU_MEMORY_POOL_MB, export
 from export_model import main as export_main
@@ -259,6 +260,16 @@ def test_default_class_names():
     names = read_class_names(None, 1000)
     assert len(names) == 1000 and names[0] == 'tench' and names[999] == 'toilet_tissue'
     assert read_class_names(None, 3) == ['0', '1', '2']
+
+
+def test_class_names_of_the_config_are_the_default(tmp_path):
+    assert read_class_names(None, 2, ['cat', 'dog']) == ['cat', 'dog']
+    names = tmp_path / 'names.txt'
+    names.write_text('a\nb\n')
+    assert read_class_names(str(names), 2, ['cat', 'dog']) == ['a', 'b']  # -class_names wins
+    with pytest.raises(ConfigError, match=re.escape('DATA.CLASS_NAMES of the config: 2 class names, but the model '
+                                                    'has 3 classes')):
+        read_class_names(None, 3, ['cat', 'dog'])
 
 
 def test_a_backbone_without_head_writes_its_features(setup, tmp_path, capsys):
