@@ -29,6 +29,7 @@ import os
 import pickle
 import re
 import tarfile
+import threading
 import warnings
 import zlib
 
@@ -399,6 +400,7 @@ class DataLoader(paddle.io.DataLoader):
                 batch = self.collate_fn([self.dataset[index] for index in indices])
                 yield [paddle.to_tensor(array) for array in batch]
             return
+        threading.excepthook = _leave_data_errors_to_the_consumer
         batches = super().__iter__()
         delivered = 0
         try:
@@ -417,6 +419,15 @@ class DataLoader(paddle.io.DataLoader):
                 yield batch
         finally:
             _stop_workers(batches)  # also when the loop over this loader ends early
+
+
+def _leave_data_errors_to_the_consumer(args, report=threading.excepthook):
+    """``threading.excepthook`` while a ``DataLoader`` with workers runs: a ``DataError`` that
+    Paddle's reader thread re-raises from a worker is not printed there (a traceback of the
+    worker's traceback), as ``DataLoader.__iter__`` raises it again where the batches are used,
+    naming the file; any other exception is reported by ``report``, Python's hook."""
+    if args.exc_type is None or not issubclass(args.exc_type, DataError):
+        report(args)
 
 
 def _stop_workers(batches):

@@ -8,12 +8,15 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import paddle
 import pytest
 from PIL import Image
 
+from conftest import ROOT
 import engine
 import main_single_gpu
 import utils
@@ -390,6 +393,11 @@ def test_corrupt_image_is_named(tmp_path):
             'DATA.NUM_WORKERS', '1']  # the failure surfaces from a worker process
     with pytest.raises(DataError, match=f'cannot read image {bad}'):
         main_single_gpu.main(args)
+    # as a command: one error line, and no traceback from Paddle's loader thread, which gets it first
+    done = subprocess.run([sys.executable, os.path.join(ROOT, 'main_single_gpu.py'), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and 'Traceback' not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f'error: cannot read image {bad}')
 
 
 def test_a_run_on_an_image_folder_names_its_classes_for_predict(tmp_path, capsys):
