@@ -215,15 +215,8 @@ def format_seconds(seconds):
 def to_json(data, **options):
     """``json.dumps(data, **options)`` in standard JSON, which has no NaN or infinity: such a
     number (e.g. the loss of diverged weights) is written as null."""
-    def finite(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {key: finite(value) for key, value in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [finite(value) for value in x]
-        return x
-    return json.dumps(finite(data), allow_nan=False, **options)
+    finite = map_nested(data, lambda x, where: None if isinstance(x, float) and not math.isfinite(x) else x)
+    return json.dumps(finite, allow_nan=False, **options)
 
 
 def write_json(path, data):
