@@ -67,7 +67,9 @@ _C.TRAIN.LINEAR_SCALED_LR = 512  # lr = BASE_LR * global batch / this; 0 disable
 _C.TRAIN.GRAD_CLIP = 0.0  # max global gradient norm; 0 disables clipping
 _C.TRAIN.ACCUM_ITER = 1
 _C.TRAIN.GRAD_CHECKPOINTING = False  # recompute each XCA block in the backward pass: less memory, more time
-_C.TRAIN.SYNC_BN = False  # BatchNorm statistics over all processes' batches (GPUs); default: each its own
+# BatchNorm statistics over all processes' batches, as the official training (nn.SyncBatchNorm), on
+# GPUs; on the CPU (no SyncBatchNorm kernel in Paddle) and when False, each process's own batch
+_C.TRAIN.SYNC_BN = True
 _C.TRAIN.FREEZE_BACKBONE = False  # train the classifier head alone on the frozen model's features (a linear probe)
 _C.TRAIN.OPTIMIZER = CN()
 _C.TRAIN.OPTIMIZER.NAME = 'AdamW'  # AdamW, or SGD (with momentum, as DINO's linear evaluation)

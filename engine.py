@@ -539,11 +539,13 @@ class Trainer:
                                'a randomly initialised model')
         for message in settings_without_effect(config):
             logger.warning(message)
-        if train.SYNC_BN:
-            if not device.startswith('gpu'):
-                raise ConfigError("TRAIN.SYNC_BN: Paddle's SyncBatchNorm runs on GPUs only; on the CPU each process "
-                                  "normalises by its own batch and the running statistics are averaged every epoch")
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if train.SYNC_BN and self.world_size > 1:  # one process: its batch is the whole batch
+            if device.startswith('gpu'):
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                logger.info("TRAIN.SYNC_BN has no effect on the CPU, where Paddle's SyncBatchNorm has no kernel: "
+                            "each process normalises by its own batch, and the running statistics are averaged "
+                            "over the processes after every epoch")
         paddle.seed(config.SEED + self.rank)
         np.random.seed(config.SEED + self.rank)
         self.model = model

@@ -499,9 +499,6 @@ def test_settings_without_effect_are_reported(tmp_path):
     assert f'-data_path {tmp_path / "images"} has no effect: the digits dataset is bundled' in out.getvalue()
 
 
-def test_sync_bn_on_the_cpu_is_an_error_not_ignored(tmp_path):
-    with pytest.raises(ConfigError, match="TRAIN.SYNC_BN: Paddle's SyncBatchNorm runs on GPUs only"):
-        main_single_gpu.main(train_args(tmp_path, 'TRAIN.SYNC_BN', 'True'))
 
 
 def test_distillation_from_a_frozen_xcit_teacher(plain_run, tmp_path):

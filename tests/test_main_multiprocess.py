@@ -121,6 +121,10 @@ def test_train_script_with_two_cpu_processes_matches_one_process(tiny, two_proce
     assert relative[worst] < 0.4 and np.median(list(relative.values())) < 0.15
     val = [json.loads(line) for line in (two_processes / 'metrics.jsonl').read_text().splitlines()][-1]
     assert val['kind'] == 'val' and abs(val['acc1'] - one['last_acc1']) < 5.0
+    # TRAIN.SYNC_BN (the default, as the official training) cannot sync on the CPU, and says so
+    assert "TRAIN.SYNC_BN has no effect on the CPU, where Paddle's SyncBatchNorm has no kernel" in \
+        (two_processes / 'log.txt').read_text()
+    assert 'TRAIN.SYNC_BN' not in (tmp_path / 'one' / 'log.txt').read_text()  # one process: nothing to sync
 
 
 def test_grad_checkpointing_with_two_cpu_processes_trains_the_same_weights(tiny, two_processes, tmp_path):
