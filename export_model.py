@@ -263,20 +263,16 @@ def max_difference(model, runners, inputs):
             for run in runners]
 
 
-def check_export(model, model_dir, config, image_size, onnx, output):
+def check_export(model, model_dir, config, image_size, onnx):
     """Runs the export in ``model_dir`` (with ``paddle.inference``, plain and oneDNN kernels, and
     converted to ONNX for ``onnx``) and ``model`` on the same random images, printing each
-    largest logit difference; raises ``ExportError`` when one exceeds ``TOLERANCE``, saying that
-    ``output`` was left as it was."""
+    largest logit difference; raises ``ExportError`` when one exceeds ``TOLERANCE``."""
     inputs = check_inputs(config.DATA.IMAGE_SIZE, not image_size, config.MODEL.PATCH_SIZE)
     runners = [InferenceModel(model_dir, mkldnn=False)]
     if HAS_ONEDNN:
         runners.append(InferenceModel(model_dir, mkldnn=True))
     if onnx:
-        try:
-            runners.append(OnnxModel(export_onnx(model_dir)))
-        except ExportError as e:
-            raise ExportError(f'{e}. Nothing was written to {output}.') from e
+        runners.append(OnnxModel(export_onnx(model_dir)))
     shapes = ', '.join(str(list(x.shape)) for x in inputs)
     failed = []
     for name, diff in max_difference(model, runners, inputs):
@@ -285,7 +281,7 @@ def check_export(model, model_dir, config, image_size, onnx, output):
             failed.append(f'{name} {diff:.2e}')
     if failed:
         raise ExportError(f'the exported model does not reproduce the dygraph model (tolerance {TOLERANCE:.0e}): '
-                          f'{"; ".join(failed)}. Nothing was written to {output}.')
+                          f'{"; ".join(failed)}')
 
 
 def parse_args(argv=None):
@@ -324,8 +320,11 @@ def main(argv=None):
             check_onnx_packages()
         config, model = load_model(args.cfg, args.pretrained, args.image_size, args.ema)
         with staging_folder(args.output) as staging:
-            export(model, staging, args.image_size)
-            check_export(model, staging, config, args.image_size, args.onnx, args.output)
+            try:
+                export(model, staging, args.image_size)
+                check_export(model, staging, config, args.image_size, args.onnx)
+            except ExportError as e:
+                raise ExportError(f'{e}. Nothing was written to {args.output}.') from e
             write_config(config, os.path.join(staging, EXPORT_CONFIG))
             path = publish(staging, args.output)
         size = f'{args.image_size}, {args.image_size}' if args.image_size else 'H, W'

@@ -16,8 +16,9 @@ probabilities, to ``-output`` (its folder is created) or stdout. Class names com
 a model was trained on (``-dataset imagefolder -data_path DIR``: the class folders of
 ``DIR/train``, in the order training labels them), by default the config's ``DATA.CLASS_NAMES``
 (which a training run on an image folder writes in its ``config.yaml``, and ``export_model.py``
-keeps with the exported model), else the bundled ImageNet-1k list for 1000-class models. A model without classifier head (``MODEL.NUM_CLASSES: 0``, e.g. a DINO
-backbone) gives its features instead: ``-output FILE.npz`` receives ``paths`` and ``features``
+keeps with the exported model), else the bundled ImageNet-1k list for 1000-class models. A
+model without classifier head (``MODEL.NUM_CLASSES: 0``, e.g. a DINO backbone) gives its
+features instead: ``-output FILE.npz`` receives ``paths`` and ``features``
 (N, EMBED_DIM), the final-norm class tokens. A file that cannot be read as an image is
 reported on stderr and skipped; the exit status is then 1.
 """
