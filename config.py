@@ -435,6 +435,10 @@ def check_values(config, source):
     if m.EMBED_DIM % m.NUM_HEADS:
         raise ConfigError(f'{source}: MODEL.EMBED_DIM ({m.EMBED_DIM}) must be a multiple of '
                           f'MODEL.NUM_HEADS ({m.NUM_HEADS})')
+    names = config.DATA.CLASS_NAMES
+    if names and len(names) != m.NUM_CLASSES:
+        raise ConfigError(f'{source}: DATA.CLASS_NAMES has {len(names)} names but MODEL.NUM_CLASSES is '
+                          f'{m.NUM_CLASSES}: give one per class, or none (-opts DATA.CLASS_NAMES "[]")')
     stem_divisor = 8 if m.PATCH_SIZE == 16 else 4  # the first stem convolution has EMBED_DIM / this channels
     if m.EMBED_DIM % stem_divisor:
         raise ConfigError(f'{source}: MODEL.EMBED_DIM ({m.EMBED_DIM}) must be a multiple of {stem_divisor} '

@@ -325,6 +325,8 @@ def test_wrong_type_in_opts_is_named():
      "inc each followed by a number, e.g. 'rand-m9-mstd0.5-inc1', got 'rand-m9-tweights'"),
     ('TRAIN:\n  MIXUP_PROB: 0.0\n  RANDOM_ERASE_MODE: noise\n',
      "TRAIN.RANDOM_ERASE_MODE must be 'pixel' or 'rand' or 'const', got 'noise'"),
+    ('DATA:\n  CLASS_NAMES: [cat, dog]\nMODEL:\n  NUM_CLASSES: 3\n',
+     'DATA.CLASS_NAMES has 2 names but MODEL.NUM_CLASSES is 3: give one per class, or none'),
     ('DATA:\n  CLASS_NAMES: [cat, 3]\n', "DATA.CLASS_NAMES must be a list of class names (text, quoted if YAML"),
     ('DATA:\n  DATASET: imagenet\n',
      "DATA.DATASET must be 'imagenet2012' or 'imagefolder' or 'digits' or 'cifar10' or 'cifar100', got 'imagenet'"),
