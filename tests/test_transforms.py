@@ -4,11 +4,12 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 
 from config import ConfigError, get_config, merge_from_list
-from transforms import (INTERPOLATIONS, RAND_INCREASING_TRANSFORMS, RAND_TRANSFORMS, RandomErasing,
-                        augment_op, build_eval_transform, build_train_transform, parse_rand_augment, to_rgb)
+from transforms import (INTERPOLATIONS, RAND_INCREASING_TRANSFORMS, RAND_TRANSFORMS, RandAugment, RandomErasing,
+                        augment_op, build_eval_transform, build_train_transform, color_jitter, parse_rand_augment,
+                        random_resized_crop_box, to_rgb)
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
@@ -219,3 +220,107 @@ def test_color_jitter_only_changes_colours():
     jittered = build_train_transform(plain_train_config(**{'TRAIN.COLOR_JITTER': 0.4}))(img, np.random.default_rng(1))
     assert not np.array_equal(plain, jittered)
     assert abs(np.corrcoef(plain.ravel(), jittered.ravel())[0, 1]) > 0.8  # same geometry
+
+
+def test_rand_augment_geometric_and_enhance_ops_use_timm_level_arguments():
+    """Level 9 of 10: shear +-0.27, translate +-0.405 of the side, Color 0.9 * 1.8 + 0.1 = 1.72,
+    ContrastIncreasing 1 +- 0.81, each with the bicubic filter and the fill colour."""
+    img = low_contrast_image()
+    bicubic = Image.Resampling.BICUBIC
+    cases = {
+        'ShearX': [img.transform(img.size, Image.Transform.AFFINE, (1, s, 0, 0, 1, 0), resample=bicubic,
+                                 fillcolor=FILL) for s in (0.27, -0.27)],
+        'ShearY': [img.transform(img.size, Image.Transform.AFFINE, (1, 0, 0, s, 1, 0), resample=bicubic,
+                                 fillcolor=FILL) for s in (0.27, -0.27)],
+        'TranslateXRel': [img.transform(img.size, Image.Transform.AFFINE, (1, 0, t * 40, 0, 1, 0), resample=bicubic,
+                                        fillcolor=FILL) for t in (0.405, -0.405)],
+        'TranslateYRel': [img.transform(img.size, Image.Transform.AFFINE, (1, 0, 0, 0, 1, t * 30), resample=bicubic,
+                                        fillcolor=FILL) for t in (0.405, -0.405)],
+        'Color': [ImageEnhance.Color(img).enhance(1.72)],
+        'ContrastIncreasing': [ImageEnhance.Contrast(img).enhance(f) for f in (1.81, 1 - 0.81)],
+        'BrightnessIncreasing': [ImageEnhance.Brightness(img).enhance(f) for f in (1.81, 1 - 0.81)],
+    }
+    for name, candidates in cases.items():
+        for seed in range(4):  # both signs are drawn
+            out = np.asarray(augment_op(img, name, 9, np.random.default_rng(seed), FILL))
+            assert any(np.array_equal(out, np.asarray(c)) for c in candidates), name
+
+
+def test_rand_augment_applies_each_op_with_its_probability_at_a_sampled_magnitude():
+    """timm's RandAugment: an op runs when a uniform draw is <= prob; its magnitude is
+    N(magnitude, magnitude_std) clipped to [0, 10], drawn for every op."""
+    img = low_contrast_image()
+    ra = RandAugment(['Invert'], num_layers=1, magnitude=9, prob=0.3)
+    inverted = [not np.array_equal(np.asarray(ra(img, np.random.default_rng(s))), np.asarray(img))
+                for s in range(600)]
+    assert abs(np.mean(inverted) - 0.3) < 0.05
+    ra = RandAugment(['Invert'], magnitude=9, magnitude_std=0.5)
+    magnitudes = np.array([ra._sample_magnitude(np.random.default_rng(s)) for s in range(2000)])
+    assert abs(magnitudes.mean() - 9) < 0.05 and abs(magnitudes.std() - 0.5) < 0.05
+    assert magnitudes.max() == 10 and abs((magnitudes == 10).mean() - 0.023) < 0.01  # P(N(9, 0.5) > 10)
+
+
+def test_train_transform_uses_the_official_augmentation_parameters():
+    """The default recipe: crop scale (0.08, 1), aspect (3/4, 4/3), bicubic; RandAugment fills with
+    the dataset mean colour round(255 * mean) and resamples bicubic."""
+    transform = build_train_transform(make_config())
+    assert transform.scale == (0.08, 1.0) and transform.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert transform.resample == Image.Resampling.BICUBIC
+    assert transform.rand_augment.fill == FILL == (124, 116, 104)
+    assert transform.rand_augment.resample == Image.Resampling.BICUBIC
+    other = build_train_transform(make_config(**{'DATA.IMAGENET_MEAN': [0.5, 0.0, 1.0]}))
+    assert other.rand_augment.fill == (128, 0, 255)
+
+
+def test_random_resized_crop_box_stays_in_scale_and_ratio():
+    """Area fraction ~ U(scale) and aspect in the ratio range; when no draw fits, the centred
+    largest crop with the aspect clamped to the range."""
+    fractions, aspects = [], []
+    for seed in range(400):
+        left, top, w, h = random_resized_crop_box(400, 300, (0.2, 0.5), (3 / 4, 4 / 3), np.random.default_rng(seed))
+        assert 0 <= left and left + w <= 400 and 0 <= top and top + h <= 300
+        fractions.append(w * h / (400 * 300))
+        aspects.append(w / h)
+    assert 0.19 < min(fractions) < 0.21 and 0.48 < max(fractions) < 0.51
+    assert abs(np.mean(fractions) - 0.35) < 0.02
+    assert 0.74 < min(aspects) < 0.78 and 1.29 < max(aspects) < 1.34
+    # 100 x 40 cannot hold its whole area at an aspect <= 4/3: centred 53 x 40
+    assert random_resized_crop_box(100, 40, (1.0, 1.0), (3 / 4, 4 / 3), np.random.default_rng(0)) == (23, 0, 53, 40)
+    assert random_resized_crop_box(40, 100, (1.0, 1.0), (3 / 4, 4 / 3), np.random.default_rng(0)) == (0, 23, 40, 53)
+
+
+def test_color_jitter_draws_brightness_contrast_saturation_factors_in_random_order():
+    """torchvision's ColorJitter(0.4, 0.4, 0.4): factors ~ U(0.6, 1.4) for brightness, contrast and
+    saturation (PIL's Color), applied in a random permutation."""
+    img = photo(24, 20, jpeg=False)
+    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    factors = []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        expected = img
+        for i in rng.permutation(3):
+            factor = rng.uniform(0.6, 1.4)
+            factors.append(factor)
+            expected = enhancers[i](expected).enhance(factor)
+        np.testing.assert_array_equal(np.asarray(color_jitter(img, 0.4, np.random.default_rng(seed))),
+                                      np.asarray(expected))
+    assert min(factors) < 0.8 or max(factors) > 1.2  # the range is exercised, not only near 1
+
+
+def test_random_erasing_box_aspect_fill_modes_and_split_area():
+    """Boxes have log aspect ~ U(log 0.3, log 1/0.3); 'rand' fills one N(0, 1) value per channel;
+    with several boxes their areas share the [0.02, 1/3] fraction, so all together stay within it."""
+    erase = RandomErasing(prob=1.0, mode='const')
+    aspects = []
+    for seed in range(300):
+        x = erase(np.ones((1, 200, 200), np.float32), np.random.default_rng(seed))
+        rows, cols = np.flatnonzero((x[0] == 0).any(1)), np.flatnonzero((x[0] == 0).any(0))
+        aspects.append(len(rows) / len(cols))
+    assert min(aspects) < 0.4 and max(aspects) > 2.5 and 0.28 < min(aspects) and max(aspects) < 3.6
+    x = RandomErasing(prob=1.0, mode='rand')(np.full((3, 40, 40), 7.0, np.float32), np.random.default_rng(1))
+    box = x[:, (x[0] != 7).any(1)][:, :, (x[0] != 7).any(0)]
+    assert box.size > 0 and all(len(np.unique(channel)) == 1 for channel in box)
+    assert len(np.unique(box[:, 0, 0])) == 3
+    erase = RandomErasing(prob=1.0, mode='const', max_count=3)
+    erased = [(erase(np.ones((1, 64, 64), np.float32), np.random.default_rng(s)) == 0).mean() for s in range(300)]
+    assert max(erased) < 0.34
