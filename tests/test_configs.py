@@ -398,3 +398,22 @@ def test_mixup_settings_that_nothing_reads_are_named(opts, named):
     config.defrost()
     merge_from_list(config, opts)
     assert settings_without_effect(config) == named
+
+
+def test_command_line_flags_apply_after_the_file_and_opts_after_the_flags(tmp_path):
+    """-batch_size etc. override the -cfg file, -opts override both; a flag left out (None, or
+    False for -eval / -amp / -ema) keeps the file's value."""
+    cfg = write(tmp_path / 'run.yaml', 'DATA:\n  BATCH_SIZE: 8\n  IMAGE_SIZE: 64\nEVAL: true\nAMP: true\n')
+    args = argparse.Namespace(cfg=cfg, batch_size=16, image_size=None, eval=False, amp=False, ema=False,
+                              opts=['DATA.BATCH_SIZE', '32'])
+    config = update_config(get_config(), args)
+    assert (config.DATA.BATCH_SIZE, config.DATA.IMAGE_SIZE, config.EVAL, config.AMP) == (32, 64, True, True)
+    args = argparse.Namespace(cfg=cfg, batch_size=16, image_size=96, opts=[])
+    config = update_config(get_config(), args)
+    assert (config.DATA.BATCH_SIZE, config.DATA.IMAGE_SIZE) == (16, 96)
+
+
+@pytest.mark.parametrize('text, value', [('true', True), ('false', False), ('True', True), ('FALSE', False)])
+def test_opts_booleans_in_any_case(text, value):
+    config = update_config(get_config(), argparse.Namespace(cfg=None, opts=['TRAIN.RAND_AUGMENT', text]))
+    assert config.TRAIN.RAND_AUGMENT is value
