@@ -511,3 +511,17 @@ def test_loader_workers_end_when_the_loading_process_is_killed(tmp_path):
         if loading.poll() is None:
             loading.kill()
         loading.stdout.close()
+
+
+@pytest.mark.parametrize('label', [-1, 10])
+def test_cifar_labels_outside_the_classes_name_the_batch(tmp_path, label):
+    """A CIFAR-10 label outside 0..9 (e.g. a CIFAR-100 batch under the CIFAR-10 name) is refused
+    when the dataset is built, naming the first batch file."""
+    batches = write_cifar10(tmp_path)
+    test = pickle.loads(batches['test_batch'], encoding='bytes')
+    test[b'labels'][1] = label
+    path = tmp_path / 'cifar-10-batches-py' / 'test_batch'
+    path.write_bytes(pickle.dumps(test, protocol=2))
+    config = make_config(**{'DATA.DATASET': 'cifar10', 'DATA.DATA_PATH': str(tmp_path)})
+    with pytest.raises(DataError, match=re.escape(f'{path}: labels outside [0, 10)')):
+        build_dataset(config, 'val')
