@@ -603,3 +603,41 @@ def test_two_names_for_one_paddle_name_are_refused(tmp_path, capsys, names, mess
         float_storages(**{str(i): [1, 2] for i in range(len(names))}))
     assert main(['--src', src, '--dst', str(tmp_path / 'out.pdparams')]) == 1
     assert capsys.readouterr().err.strip() == f'error: {src}: {message}'
+
+
+def test_files_of_one_stem_in_a_folder_keep_their_suffix_apart(tmp_path, capsys):
+    """a.pth and a.safetensors convert to a_pth.pdparams and a_safetensors.pdparams, neither
+    replacing the other; a stem of its own keeps the plain name."""
+    src, out = tmp_path / 'in', tmp_path / 'out'
+    src.mkdir()
+    small_checkpoint(src / 'a.pth')
+    shutil.copy(os.path.join(GOLDEN, 'mini_p8_tokens_norm.timm.safetensors'), src / 'a.safetensors')
+    shutil.copy(STORAGE_KINDS[0], src / 'b.pth')
+    assert main(['--src', str(src), '--dst', str(out)]) == 0
+    assert sorted(os.listdir(out)) == ['a_pth.pdparams', 'a_safetensors.pdparams', 'b.pdparams']
+    assert list(paddle.load(str(out / 'a_pth.pdparams'), return_numpy=True)) == ['head.bias']
+    assert sorted(paddle.load(str(out / 'a_safetensors.pdparams'), return_numpy=True)) == sorted(
+        convert_state_dict(load_checkpoint_arrays(str(src / 'a.safetensors'))))
+
+
+def test_big_endian_zip_checkpoints_are_read_in_their_byte_order(tmp_path):
+    """torch.save on a big-endian machine records 'big' and stores the elements big-endian."""
+    path = tmp_path / 'big.pth'
+    with zipfile.ZipFile(path, 'w') as archive:
+        archive.writestr('archive/data.pkl', record_pickle({'model': {'head.bias': Tensor(Storage('0', 3), 0, (3,), (1,))}}))
+        archive.writestr('archive/byteorder', 'big')
+        archive.writestr('archive/data/0', np.array([1.5, -2, 3e5], '>f4').tobytes())
+    bias = load_checkpoint_arrays(str(path))['head.bias']
+    np.testing.assert_array_equal(bias, np.array([1.5, -2, 3e5], np.float32))
+    assert bias.dtype == np.float32 and bias.dtype.isnative
+
+
+def test_a_view_one_element_past_its_storage_is_refused(tmp_path):
+    """Offset 1 and 2 elements of a 2-element storage end one element past it."""
+    path = tmp_path / 'past.pth'
+    with zipfile.ZipFile(path, 'w') as archive:
+        archive.writestr('archive/data.pkl', record_pickle({'model': {'head.bias': Tensor(Storage('0', 2), 1, (2,), (1,))}}))
+        archive.writestr('archive/data/0', np.array([1, 2], '<f4').tobytes())
+    with pytest.raises(CheckpointError, match=r'head\.bias: tensor of size \[2\] reads past the end of its storage '
+                                              r'\(2 elements\)'):
+        load_checkpoint_arrays(str(path))
