@@ -459,3 +459,17 @@ def test_exported_model_on_a_gpu_asks_paddle_inference_for_that_gpu(setup, two_g
     assert calls == [(GPU_MEMORY_POOL_MB, 1)]
     indices, _ = setup['expected'][a]
     assert capsys.readouterr().out.splitlines()[1].startswith(f'  1. {NAMES[indices[0][0]]} ')
+
+
+def test_top_k_gives_softmax_probabilities_of_the_best_classes_in_order():
+    """Probabilities are the softmax over all classes (not over the k kept), ranked best first,
+    ties by class index; logits in the thousands (a float16 model's) stay finite."""
+    logits = np.array([[0.0, 3.0, 1.0, 3.0, -2.0, 2.0, 0.5]], np.float32)
+    expected = np.exp(logits[0].astype(np.float64)) / np.exp(logits[0].astype(np.float64)).sum()
+    indices, probs = top_k(logits)
+    assert indices.tolist() == [[1, 3, 5, 2, 6]]
+    np.testing.assert_allclose(probs[0], expected[[1, 3, 5, 2, 6]], rtol=1e-6)
+    indices, probs = top_k(np.array([[1000.0, 1002.0, 990.0]], np.float32), k=2)
+    assert indices.tolist() == [[1, 0]]
+    np.testing.assert_allclose(probs[0], [1 / (1 + np.exp(-2) + np.exp(-12)), np.exp(-2) / (1 + np.exp(-2) + np.exp(-12))],
+                               rtol=1e-6)
