@@ -3,6 +3,7 @@
 A tiny XCiT (2 blocks, 32 channels, 5 classes) keeps each export to a few seconds.
 """
 import os
+import re
 
 import numpy as np
 import paddle
@@ -273,3 +274,28 @@ def test_missing_folder_and_foreign_program_format_are_named(exported, monkeypat
     monkeypatch.setattr(export_model, 'PROGRAM_SUFFIXES', ('.pdmodel',))  # as under Paddle 2.6
     with pytest.raises(export_model.ExportError, match='model.json is a Paddle 3 export'):
         export_model.program_path(str(exported))
+
+
+def test_check_images_cover_the_exported_sizes():
+    """A fixed-size export is checked on a batch of 2 at that size; a dynamic one also on a
+    non-square image whose sides are not multiples of the patch (56 x 29 for 48 and patch 16)."""
+    fixed = export_model.check_inputs(48, False, 16)
+    assert [x.shape for x in fixed] == [(2, 3, 48, 48)] and fixed[0].dtype == np.float32
+    dynamic = export_model.check_inputs(64, True, 8)
+    assert [x.shape for x in dynamic] == [(2, 3, 64, 64), (1, 3, 68, 53)]
+    assert [x.shape for x in export_model.check_inputs(48, True, 16)][1] == (1, 3, 56, 29)
+
+
+@pytest.mark.parametrize('diff, fails', [(float('nan'), True), (1.01e-4, True), (1e-4, False)])
+def test_check_fails_on_a_difference_above_the_tolerance_or_not_a_number(monkeypatch, capsys, diff, fails):
+    """The largest logit difference must be at most 1e-4; NaN logits (no comparison holds) fail."""
+    monkeypatch.setattr(export_model, 'InferenceModel', lambda *args, **kwargs: None)
+    monkeypatch.setattr(export_model, 'HAS_ONEDNN', False)
+    monkeypatch.setattr(export_model, 'max_difference', lambda model, runners, inputs: [('paddle.inference', diff)])
+    config = get_config()
+    if fails:
+        with pytest.raises(export_model.ExportError, match=re.escape('tolerance 1e-04): paddle.inference')):
+            export_model.check_export(None, 'unused', config, 224, onnx=False)
+    else:
+        export_model.check_export(None, 'unused', config, 224, onnx=False)
+    assert f'paddle.inference: max |logits - dygraph logits| = {diff:.2e} on [2, 3, 224, 224]\n' in capsys.readouterr().out
