@@ -213,6 +213,9 @@ def test_least_squares_and_summary():
     assert summary['memory_fit'] == pytest.approx((20, 0.01))
     assert summary['token_ratio'] == 16
     assert summary['time_ratio'] == pytest.approx((10 + 0.5 * 3136) / (10 + 0.5 * 196))
+    assert summary['memory_ratio'] == pytest.approx((20 + 0.01 * 3136) / (20 + 0.01 * 196))
+    assert summary['ms_per_image'][0] == pytest.approx(10 + 0.5 * 196)
+    assert summary['mb_per_image'][2] == pytest.approx(20 + 0.01 * 3136)
 
 
 @pytest.mark.parametrize('flags', [['--json'], ['--scaling', '--paths', 'dygraph', '--plot']])
@@ -224,3 +227,20 @@ def test_an_output_that_is_a_folder_is_refused_before_any_measurement(cfg, tmp_p
     assert exit_info.value.code == 2
     out, err = capsys.readouterr()
     assert out == '' and err.splitlines()[-1].endswith(f': error: {flags[-1]} {tmp_path} is a folder, not a file')
+
+
+def test_a_measurement_is_the_median_of_its_timed_runs(monkeypatch):
+    """After one untimed warm-up run, ``reps`` timed runs; the row gives their median in ms per
+    batch, batch / median images per second, and the peak above the resident size at the start."""
+    runs = []
+    monkeypatch.setattr(benchmark, 'build_runner', lambda *args: lambda: runs.append(1))
+    clock = iter([0.0, 0.3, 1.0, 1.1, 2.0, 2.2])  # runs of 0.3, 0.1 and 0.2 s
+    monkeypatch.setattr(benchmark.time, 'perf_counter', lambda: next(clock))
+    monkeypatch.setattr(benchmark, 'restart_peak', lambda: True)
+    monkeypatch.setattr(benchmark, 'memory_kb', lambda field: 2048)
+    monkeypatch.setattr(benchmark, 'peak_kb', lambda: 2048 + 5120)
+    row = benchmark.measure('configs/tiny.yaml', 'dygraph', 4, 32, 1, reps=3)
+    assert len(runs) == 4
+    assert row['ms_per_batch'] == pytest.approx(200) and row['images_per_s'] == pytest.approx(20)
+    assert (row['cfg'], row['batch'], row['size']) == ('tiny.yaml', 4, 32)
+    assert row['peak_mb'] == pytest.approx(5) and row['total_peak_mb'] == pytest.approx(7)
