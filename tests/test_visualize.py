@@ -158,3 +158,19 @@ def test_output_that_is_a_file_is_one_error_line_before_any_image(tiny, tmp_path
     assert exit_info.value.code == 1
     out, err = capsys.readouterr()
     assert (out, err) == ('', f'error: -output {tmp_path / "out"} is a file, not a folder\n')
+
+
+def test_tiles_undo_the_normalisation_and_blend_the_map_scaled_to_its_maximum():
+    """to_rgb inverts the evaluation normalisation to the original pixels; overlay enlarges each
+    token to a block, scales the map so that its maximum is 1 (the colour map's yellow end) and
+    blends it in with weight 0.6."""
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 12, 3)).astype(np.uint8)
+    normalised = (pixels.transpose(2, 0, 1) / np.float32(255) - np.reshape(mean, (3, 1, 1))) / np.reshape(std, (3, 1, 1))
+    np.testing.assert_array_equal(visualize_attention.to_rgb(normalised.astype(np.float32), mean, std), pixels)
+    heat = np.array([[0.0, 0.1, 0.2], [0.0, 0.0, 0.0]])  # 2 x 3 tokens of 4 x 4 pixels
+    tile = visualize_attention.overlay(pixels, heat).astype(np.float64)
+    yellow, blue = visualize_attention.COLOURS[-1], visualize_attention.COLOURS[0]
+    np.testing.assert_array_equal(tile[:4, 8:], np.clip(np.rint(0.4 * pixels[:4, 8:] + 0.6 * yellow), 0, 255))
+    np.testing.assert_array_equal(tile[4:], np.clip(np.rint(0.4 * pixels[4:] + 0.6 * blue), 0, 255))
+    assert visualize_attention.colourise(np.array([0.5]))[0].tolist() == visualize_attention.COLOURS[2].tolist()
