@@ -81,3 +81,13 @@ def test_num_classes_loads_a_fine_tuned_checkpoint_and_its_ema(tmp_path):
         paddle.hub.load(ROOT, 'xcit_nano_12_p16_224', source='local', pretrained=checkpoint)
     with pytest.raises(ConfigError, match='num_classes: MODEL.NUM_CLASSES must be >= 0, got -1'):
         paddle.hub.load(ROOT, 'xcit_nano_12_p16_224', source='local', num_classes=-1)
+
+
+def test_num_classes_0_gives_the_backbone_without_head():
+    """num_classes=0 (e.g. to load a DINO backbone into a supervised entry): no head, the model's
+    outputs are the EMBED_DIM final-norm class-token features."""
+    model = paddle.hub.load(ROOT, 'xcit_nano_12_p16_224', source='local', num_classes=0)
+    assert model.num_classes == 0 and not any(name.startswith('head.') for name in model.state_dict())
+    model.eval()
+    with paddle.no_grad():
+        assert model(paddle.zeros([1, 3, 32, 32])).shape == [1, 128]
