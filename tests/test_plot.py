@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from plot_metrics import (BACKGROUND, PANEL_SIZE, MetricsError, main, nice_ticks, read_metrics, tick_labels,
-                          x_axis)
+from plot_metrics import (BACKGROUND, PANEL_SIZE, MetricsError, curves, main, nice_ticks, read_metrics,
+                          tick_labels, x_axis)
 
 
 def record(kind, epoch, step, **metrics):
@@ -135,3 +135,18 @@ def test_tick_labels():
     assert tick_labels(nice_ticks(1e-6, 5e-4)) == ['0', '1e-4', '2e-4', '3e-4', '4e-4', '5e-4']
     assert tick_labels(nice_ticks(9.5e-5, 1.05e-4)) == ['9.4e-5', '9.6e-5', '9.8e-5', '1e-4', '1.02e-4',
                                                         '1.04e-4', '1.06e-4']
+
+
+def test_non_finite_values_are_left_out_of_the_curves(tmp_path):
+    """A diverged step's NaN or infinite loss (valid in metrics.jsonl, as JSON NaN / Infinity) is
+    skipped, so the axes still span the finite values; val records of another model are their own curve."""
+    run = [record('train', 0, 1, loss=2.0), record('train', 0, 2, loss=float('nan')),
+           record('train', 0, 3, loss=float('inf')), record('train', 0, 4, loss=1.5),
+           record('val', 0, 4, model='model', loss=1.8), record('val', 0, 4, model='ema', loss=1.7)]
+    assert curves(run, 'loss', ('train', 'val'), 'step') == {
+        'train': [(1, 2.0), (4, 1.5)], 'val': [(4, 1.8)], 'val ema': [(4, 1.7)]}
+    path = tmp_path / 'metrics.jsonl'
+    path.write_text('\n'.join(json.dumps(line) for line in run) + '\n')
+    out = tmp_path / 'out.png'
+    main([str(path), '-o', str(out)])
+    assert Image.open(out).size[0] == 3 * PANEL_SIZE[0]
