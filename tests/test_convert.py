@@ -641,3 +641,19 @@ def test_a_view_one_element_past_its_storage_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r'head\.bias: tensor of size \[2\] reads past the end of its storage '
                                               r'\(2 elements\)'):
         load_checkpoint_arrays(str(path))
+
+
+def test_regnet_teacher_of_another_class_count_converts_with_its_head(tmp_path, monkeypatch):
+    """A regnety_160 fine-tuned on 10 classes converts: the model it is checked against takes its
+    class count from head.fc.weight; its parameters are counted with that head."""
+    from port_weights import convert_regnet
+    with open(os.path.join(FIXTURES, 'regnety_160_timm_state_dict.json'), encoding='utf-8') as f:
+        shapes = json.load(f)['state_dict']
+    shapes.update({'head.fc.weight': [10, 3024], 'head.fc.bias': [10]})
+    arrays = {name: np.broadcast_to(np.float32(0), shape) for name, shape in shapes.items()}  # shapes only
+    written = {}
+    monkeypatch.setattr(convert_regnet, 'load_checkpoint_arrays', lambda path: arrays)
+    monkeypatch.setattr(convert_regnet, 'write_pdparams', lambda state, dst: written.update(state))
+    parameters = convert_regnet.convert_regnet_file('regnety_160_10.pth', str(tmp_path / 'out.pdparams'))
+    assert parameters == 83_590_140 - 1000 * 3025 + 10 * 3025
+    assert written['head.fc.weight'].shape == (3024, 10) and written['head.fc.bias'].shape == (10,)
