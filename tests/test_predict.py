@@ -473,3 +473,13 @@ def test_top_k_gives_softmax_probabilities_of_the_best_classes_in_order():
     assert indices.tolist() == [[1, 0]]
     np.testing.assert_allclose(probs[0], [1 / (1 + np.exp(-2) + np.exp(-12)), np.exp(-2) / (1 + np.exp(-2) + np.exp(-12))],
                                rtol=1e-6)
+
+
+def test_class_names_file_lines_are_stripped_and_blank_lines_skipped(tmp_path):
+    """A names file written on Windows, with padding and blank lines (e.g. a trailing one), gives
+    one name per non-blank line; a file with a name too many or too few is named."""
+    names = tmp_path / 'names.txt'
+    names.write_bytes(b'great white shark\r\n\r\n  tiger cat \r\nzebra\r\n\r\n')
+    assert read_class_names(str(names), 3) == ['great white shark', 'tiger cat', 'zebra']
+    with pytest.raises(ConfigError, match=re.escape(f'{names}: 3 class names, but the model has 4 classes')):
+        read_class_names(str(names), 4)
