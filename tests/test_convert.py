@@ -657,3 +657,36 @@ def test_regnet_teacher_of_another_class_count_converts_with_its_head(tmp_path, 
     parameters = convert_regnet.convert_regnet_file('regnety_160_10.pth', str(tmp_path / 'out.pdparams'))
     assert parameters == 83_590_140 - 1000 * 3025 + 10 * 3025
     assert written['head.fc.weight'].shape == (3024, 10) and written['head.fc.bias'].shape == (10,)
+
+
+def safetensors_file(path, tensors, metadata=None):
+    """A .safetensors file of ``tensors`` (name -> (safetensors dtype, little-endian bytes, shape)),
+    laid out in order after the JSON header; returns the path."""
+    header, body = {'__metadata__': metadata or {'format': 'pt'}}, b''
+    for name, (dtype, raw, shape) in tensors.items():
+        header[name] = {'dtype': dtype, 'shape': list(shape), 'data_offsets': [len(body), len(body) + len(raw)]}
+        body += raw
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack('<Q', len(text)) + text + body)
+    return str(path)
+
+
+def test_safetensors_entries_are_read_from_their_offsets_in_their_dtypes(tmp_path):
+    """Each entry is its own bytes of the body (data_offsets), in its dtype and shape; bfloat16
+    is widened to float32 exactly; an entry whose byte count does not fit its shape is refused."""
+    weight = np.arange(6, dtype='<f4').reshape(2, 3) - 2.5
+    bf16 = (np.array([1.5, -3.0, 0.15625], '<f4').view('<u4') >> 16).astype('<u2')
+    path = safetensors_file(tmp_path / 'w.safetensors', {
+        'head.weight': ('F32', weight.tobytes(), (2, 3)),
+        'head.bias': ('F16', np.array([0.5, 1, 2], '<f2').tobytes(), (3,)),
+        'blocks.0.gamma1': ('BF16', bf16.tobytes(), (3,)),
+        'step': ('I64', np.array([7], '<i8').tobytes(), ()),
+    })
+    arrays = load_checkpoint_arrays(path)
+    np.testing.assert_array_equal(arrays['head.weight'], weight)
+    assert arrays['head.bias'].dtype == np.float16 and arrays['head.bias'].tolist() == [0.5, 1, 2]
+    assert arrays['blocks.0.gamma1'].dtype == np.float32 and arrays['blocks.0.gamma1'].tolist() == [1.5, -3.0, 0.15625]
+    assert arrays['step'].shape == () and arrays['step'] == 7
+    bad = safetensors_file(tmp_path / 'bad.safetensors', {'head.bias': ('F32', np.zeros(4, '<f4').tobytes(), (3,))})
+    with pytest.raises(CheckpointError, match=re.escape('head.bias: data offsets [0, 16] do not fit shape [3]')):
+        load_checkpoint_arrays(bad)
