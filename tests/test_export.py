@@ -299,3 +299,26 @@ def test_check_fails_on_a_difference_above_the_tolerance_or_not_a_number(monkeyp
     else:
         export_model.check_export(None, 'unused', config, 224, onnx=False)
     assert f'paddle.inference: max |logits - dygraph logits| = {diff:.2e} on [2, 3, 224, 224]\n' in capsys.readouterr().out
+
+
+def test_publish_removes_the_old_config_first_and_moves_the_new_one_last(tmp_path, monkeypatch):
+    """config.yaml marks a usable export (predict.py reads it): while the files are swapped, an
+    interrupted publish must never leave a config.yaml beside files of another export."""
+    staging, output = tmp_path / 'staging', tmp_path / 'out'
+    staging.mkdir()
+    output.mkdir()
+    for name in ('config.yaml', 'model.json', 'model.pdiparams'):
+        (staging / name).write_text(f'new {name}')
+        (output / name).write_text(f'old {name}')
+    (output / 'notes.txt').write_text('kept')
+    events = []
+    remove, replace = os.remove, os.replace
+    monkeypatch.setattr(os, 'remove', lambda path: events.append(('remove', os.path.basename(path))) or remove(path))
+    monkeypatch.setattr(os, 'replace', lambda a, b: events.append(('move', os.path.basename(b))) or replace(a, b))
+    assert export_model.publish(str(staging), str(output)) == str(output / 'model.json')
+    assert events[0] == ('remove', 'config.yaml') and events[-1] == ('move', 'config.yaml')
+    assert sorted(e for e in events if e[0] == 'move') == [('move', 'config.yaml'), ('move', 'model.json'),
+                                                          ('move', 'model.pdiparams')]
+    assert {p.name: p.read_text() for p in output.iterdir()} == {
+        'config.yaml': 'new config.yaml', 'model.json': 'new model.json', 'model.pdiparams': 'new model.pdiparams',
+        'notes.txt': 'kept'}
