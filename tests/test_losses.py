@@ -167,3 +167,21 @@ def test_build_criterion_distillation():
     assert float(criterion(t(INPUTS), t(STUDENT), t(LABELS))) == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match='TRAIN.DISTILLATION_TYPE'):
         build_criterion(config_with('TRAIN.DISTILLATION_TYPE', 'soft-ish'), FixedTeacher())
+
+
+def test_build_criterion_takes_smoothing_and_tau_from_the_config():
+    """TRAIN.SMOOTHING sets the label smoothing of the base loss, TRAIN.DISTILLATION_TAU the
+    temperature of soft distillation (values other than the defaults 0.1 and 1.0)."""
+    smoothing = build_criterion(config_with('TRAIN.MIXUP_ALPHA', 0.0, 'TRAIN.CUTMIX_ALPHA', 0.0,
+                                            'TRAIN.SMOOTHING', 0.3))
+    logp = log_softmax(STUDENT)
+    expected = (0.7 * -logp[np.arange(4), LABELS] + 0.3 * -logp.mean(axis=1)).mean()
+    assert float(smoothing(t(INPUTS), t(STUDENT), t(LABELS))) == pytest.approx(expected, rel=1e-5)
+
+    tau = 3.0
+    soft = build_criterion(config_with('TRAIN.MIXUP_ALPHA', 0.0, 'TRAIN.CUTMIX_ALPHA', 0.0, 'TRAIN.SMOOTHING', 0.0,
+                                       'TRAIN.DISTILLATION_TYPE', 'soft', 'TRAIN.DISTILLATION_ALPHA', 1.0,
+                                       'TRAIN.DISTILLATION_TAU', tau), FixedTeacher())
+    ls, lt = log_softmax(STUDENT / tau), log_softmax(TEACHER / tau)
+    kl = (np.exp(lt) * (lt - ls)).sum() * tau * tau / STUDENT.size
+    assert float(soft(t(INPUTS), t(STUDENT), t(LABELS))) == pytest.approx(kl, rel=1e-5)
