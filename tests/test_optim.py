@@ -296,3 +296,30 @@ def test_sgd_momentum_survives_a_resume():
     np.testing.assert_array_equal(run(1, start=saved)[0], weight)
     schedule_only = {'LR_Scheduler': saved[1]['LR_Scheduler']}
     assert not np.allclose(run(1, start=(saved[0], schedule_only))[0], weight)  # without the velocity
+
+
+def test_bias_names_are_not_decayed_whatever_their_shape():
+    """A parameter named '.bias' goes to the no-decay group even when it has two dimensions."""
+    class TwoDimBias(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.proj = paddle.nn.Linear(3, 4)
+            self.proj.bias = self.proj.create_parameter([2, 4], is_bias=True)
+
+    model = TwoDimBias()
+    no_decay, decay = group_names(model, param_groups_weight_decay(model, 0.05))
+    assert (no_decay, decay) == ({'proj.bias'}, {'proj.weight'})
+
+
+def test_sgd_decays_with_the_configured_weight_decay_over_a_parameters_own_regularizer():
+    """A decayed weight whose ParamAttr carries its own L2 regularizer (0.9) decays with
+    TRAIN.WEIGHT_DECAY (0.1): one step with a zero gradient multiplies it by 1 - lr * 0.1."""
+    layer = paddle.nn.Linear(2, 1, weight_attr=paddle.ParamAttr(regularizer=paddle.regularizer.L2Decay(0.9)))
+    config = make_config('TRAIN.OPTIMIZER.NAME', 'SGD', 'TRAIN.OPTIMIZER.MOMENTUM', 0.0, 'TRAIN.WEIGHT_DECAY', 0.1,
+                         'TRAIN.WARMUP_EPOCHS', 0)
+    optimizer = build_optimizer(config, layer, build_lr_scheduler(config, 10, 1))
+    w, b = layer.weight.numpy().copy(), layer.bias.numpy().copy()
+    layer(paddle.to_tensor([[1.0, -2.0]])).sum().scale(0.0).backward()
+    optimizer.step()
+    np.testing.assert_allclose(layer.weight.numpy(), w * (1 - PEAK * 0.1), rtol=1e-6)
+    np.testing.assert_array_equal(layer.bias.numpy(), b)
