@@ -187,3 +187,35 @@ def test_build_mixup_off_and_errors():
         build_mixup(make_config(**{'DATA.BATCH_SIZE': 7}))
     with pytest.raises(ValueError, match='even batch size'):
         build_mixup(make_config())(paddle.zeros([3, 3, 4, 4]), paddle.to_tensor([0, 1, 2]), np.random.default_rng(0))
+
+
+def test_mixup_prob_leaves_batches_or_images_unmixed():
+    """TRAIN.MIXUP_PROB is the chance that a batch ('batch' mode) or an image ('elem') is mixed:
+    an unmixed one keeps its pixels and its smoothed one-hot target."""
+    x_np, x, y = batch()
+    one_hot = smooth_one_hot(y, C, 0.1).numpy()
+    never = build_mixup(make_config(**{'TRAIN.MIXUP_PROB': 1e-9}))
+    for seed in range(5):
+        mixed, soft = never(x, y, np.random.default_rng(seed))
+        np.testing.assert_array_equal(mixed.numpy(), x_np)
+        np.testing.assert_array_equal(soft.numpy(), one_hot)
+    half = build_mixup(make_config(**{'TRAIN.MIXUP_PROB': 0.5, 'TRAIN.MIXUP_MODE': 'elem', 'TRAIN.CUTMIX_ALPHA': 0.0}))
+    unmixed = []
+    for seed in range(10):
+        mixed, soft = half(x, y, np.random.default_rng(seed))
+        kept = (mixed.numpy() == x_np).all((1, 2, 3))
+        np.testing.assert_array_equal(soft.numpy()[kept], one_hot[kept])
+        assert np.all(lam_from_targets(soft.numpy())[~kept] < 1 - 1e-6)
+        unmixed.append(kept.mean())
+    assert 0.3 < np.mean(unmixed) < 0.7
+
+
+def test_build_mixup_smooths_the_targets_by_train_smoothing():
+    """TRAIN.SMOOTHING 0.2 with 10 classes: 0.02 off the labels of the image and its partner."""
+    mixup = build_mixup(make_config(**{'TRAIN.SMOOTHING': 0.2, 'TRAIN.CUTMIX_ALPHA': 0.0}))
+    _, x, y = batch()
+    soft = mixup(x, y, np.random.default_rng(1))[1].numpy()
+    off = np.ones_like(soft, bool)
+    off[np.arange(8), LABELS] = off[np.arange(8), LABELS[::-1]] = False
+    assert np.all(soft[off] == np.float32(0.2 / C))
+    np.testing.assert_allclose(soft.sum(1), 1, rtol=1e-6)
