@@ -3,7 +3,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ema import ModelEma
+from ema import ModelEma, fixed_entries
 from xcit import XCiT
 
 
@@ -125,3 +125,20 @@ def test_state_dict_round_trip():
 def test_bad_decay():
     with pytest.raises(ValueError, match='decay'):
         ModelEma(small_xcit(), 1.5)
+
+
+def test_fixed_entries_are_the_statistics_of_batchnorm_in_eval_mode_and_frozen_weights():
+    """In training mode every entry moves; in eval mode the BatchNorm statistics do not; with a
+    frozen backbone (training mode) everything but the head stays, BatchNorm weights included."""
+    model = small_xcit()
+    model.train()
+    assert fixed_entries(model) == set()
+    model.eval()
+    statistics = {n for n in model.state_dict() if n.endswith(('._mean', '._variance'))}
+    assert len(statistics) == 12 and fixed_entries(model) == statistics
+    model.freeze_backbone()
+    model.train()
+    fixed = fixed_entries(model)
+    assert fixed == {n for n in model.state_dict() if not n.startswith('head.')}
+    assert {'blocks.0.local_mp.bn.weight', 'blocks.0.local_mp.bn._mean', 'patch_embed.proj.0.1.bias'} <= fixed
+
