@@ -437,6 +437,25 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     assert result['steps'] == 1438 // 32 // 2
 
 
+
+def test_gradient_accumulation_takes_the_steps_of_the_larger_batch(tmp_path):
+    """Batches of 16 accumulated 4 times train as batches of 64: the same 22 steps an epoch on
+    the same images (the 89th batch of 16, less than a step, is skipped), each averaging the
+    gradient over 64 images, with the EMA updated once a step. With a frozen backbone BatchNorm
+    does not depend on the batch, so the heads agree up to rounding after two epochs of SGD."""
+    opts = (*PLAIN_RECIPE, 'TRAIN.FREEZE_BACKBONE', 'True', 'TRAIN.OPTIMIZER.NAME', 'SGD', 'TRAIN.BASE_LR', '0.05',
+            'TRAIN.MODEL_EMA', 'True', 'TRAIN.MODEL_EMA_DECAY', '0.5', 'VALIDATE_FREQ', '0')
+    main_single_gpu.main(train_args(tmp_path / 'large', *opts, batch=64))
+    main_single_gpu.main(train_args(tmp_path / 'accumulated', *opts, 'TRAIN.ACCUM_ITER', '4', batch=16))
+    large, accumulated = (paddle.load(str(tmp_path / run / 'last.pdparams')) for run in ('large', 'accumulated'))
+    assert large['step'] == accumulated['step'] == 2 * 22
+    assert np.abs(large['model']['head.weight'].numpy() - large['model_ema']['head.weight'].numpy()).max() > 1e-4
+    for part in ('model', 'model_ema'):
+        for name in ('head.weight', 'head.bias'):
+            np.testing.assert_allclose(accumulated[part][name].numpy(), large[part][name].numpy(), rtol=1e-5,
+                                       atol=1e-6, err_msg=f'{part} {name}')
+
+
 def test_grad_checkpointing_trains_the_same_weights(tmp_path):
     """TRAIN.GRAD_CHECKPOINTING recomputes the blocks in the backward pass: same checkpoint."""
     plain_opts = (*PLAIN_RECIPE, 'MODEL.DROPPATH', '0.1', 'VALIDATE_FREQ', '0')
