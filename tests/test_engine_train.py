@@ -21,7 +21,8 @@ import engine
 import main_single_gpu
 import utils
 from config import ConfigError, get_config
-from datasets import DataError
+from datasets import DataError, build_dataloader, build_dataset
+from mixup import build_mixup
 from utils import CheckpointError
 from xcit import XCiT
 
@@ -454,6 +455,39 @@ def test_gradient_accumulation_takes_the_steps_of_the_larger_batch(tmp_path):
         for name in ('head.weight', 'head.bias'):
             np.testing.assert_allclose(accumulated[part][name].numpy(), large[part][name].numpy(), rtol=1e-5,
                                        atol=1e-6, err_msg=f'{part} {name}')
+
+
+
+def test_each_epoch_trains_on_its_own_shuffle_augmentation_and_mixup(tmp_path, monkeypatch):
+    """What the loss sees at the first and last step of each epoch is the loader's batch of the
+    epoch (its shuffle from SEED and the epoch, its augmentation draws) mixed with the draws of
+    default_rng([SEED, rank, epoch, step]): the two epochs see other images, mixed otherwise."""
+    seen = []
+    build_criterion = engine.build_criterion
+
+    def recording_criterion(config, teacher):
+        criterion = build_criterion(config, teacher)
+
+        def loss(images, outputs, targets):
+            seen.append((images.numpy(), targets.numpy()))
+            return criterion(images, outputs, targets)
+        return loss
+    monkeypatch.setattr(engine, 'build_criterion', recording_criterion)
+    args = train_args(tmp_path, *PLAIN_RECIPE, 'TRAIN.MIXUP_PROB', '1.0', 'VALIDATE_FREQ', '0')
+    main_single_gpu.main(args)
+    steps = 1438 // 64
+    assert len(seen) == 2 * steps
+    config = engine.parse_config(args)
+    loader, mixup = build_dataloader(config, build_dataset(config, 'train'), 'train'), build_mixup(config)
+    for epoch in (0, 1):
+        loader.dataset.set_epoch(epoch)
+        loader.batch_sampler.set_epoch(epoch)
+        batches = list(loader)
+        for step in (0, steps - 1):
+            images, targets = mixup(*batches[step], np.random.default_rng([config.SEED, 0, epoch, step]))
+            np.testing.assert_array_equal(seen[epoch * steps + step][0], images.numpy())
+            np.testing.assert_array_equal(seen[epoch * steps + step][1], targets.numpy())
+    assert not np.array_equal(seen[0][1], seen[steps][1])
 
 
 def test_grad_checkpointing_trains_the_same_weights(tmp_path):
