@@ -197,6 +197,20 @@ def test_resume_with_other_steps_per_epoch_continues_the_schedule_where_the_epoc
     assert first['lr'] < half_way
 
 
+
+def test_a_resumed_run_keeps_the_best_accuracy_of_the_epochs_before(full_run, tmp_path):
+    """Epoch 1's checkpoint records a best Acc@1 of 99% at epoch 1: epoch 2, resumed, is worse,
+    so the run's best stays epoch 1's and no best.pdparams is written over it."""
+    output, _ = full_run
+    checkpoint = paddle.load(str(output / 'epoch_1.pdparams'))
+    checkpoint['best_acc'], checkpoint['best_epoch'] = 99.0, 1
+    paddle.save(checkpoint, str(tmp_path / 'last.pdparams'))
+    result = main_single_gpu.main(train_args(tmp_path, *FULL_RECIPE, extra=['-resume', 'auto']))
+    assert (result['best_acc1'], result['best_epoch']) == (99.0, 1) and result['last_acc1'] < 99.0
+    last = paddle.load(str(tmp_path / 'last.pdparams'))
+    assert (last['epoch'], last['best_acc'], last['best_epoch']) == (2, 99.0, 1)
+    assert not (tmp_path / 'best.pdparams').exists()
+
 @pytest.mark.parametrize('change, before, now', [
     (['TRAIN.OPTIMIZER.NAME', 'SGD'], "'AdamW'", "'SGD'"),
     (['TRAIN.FREEZE_BACKBONE', 'True'], 'False', 'True'),
