@@ -682,3 +682,25 @@ def test_amp_training_skips_steps_with_an_infinite_gradient_and_lowers_the_loss_
     main_single_gpu.main(train_args(tmp_path, *PLAIN_RECIPE, epochs=1, extra=['-amp']))
     state = utils.load_checkpoint(str(tmp_path / 'last.pdparams'))['scaler']
     assert float(np.asarray(state['scale'])[0]) == 2.0 ** 14 and state['decr_count'] == 0
+
+
+def test_amp_resume_continues_the_loss_scale(gpu_amp, tmp_path, monkeypatch):
+    """Epoch 1 lowers the loss scale to 2 ** 14 (two overflowing steps); epoch 2, resumed,
+    starts from that scale, which 22 finite steps leave as it is, rather than from 2 ** 16."""
+    build_criterion = engine.build_criterion
+    calls = []
+
+    def overflowing_criterion(config, teacher):
+        criterion = build_criterion(config, teacher)
+
+        def loss(images, outputs, targets):
+            calls.append(1)
+            return criterion(images, outputs, targets) * (2.0 ** 120 if len(calls) <= 2 else 1.0)
+        return loss
+    monkeypatch.setattr(engine, 'build_criterion', overflowing_criterion)
+    main_single_gpu.main(train_args(tmp_path, *PLAIN_RECIPE, 'VALIDATE_FREQ', '0', epochs=1, extra=['-amp']))
+    assert float(np.asarray(utils.load_checkpoint(str(tmp_path / 'last.pdparams'))['scaler']['scale'])[0]) == 2.0 ** 14
+    main_single_gpu.main(train_args(tmp_path, *PLAIN_RECIPE, 'VALIDATE_FREQ', '0', epochs=2,
+                                    extra=['-amp', '-resume', 'auto']))
+    state = utils.load_checkpoint(str(tmp_path / 'last.pdparams'))
+    assert state['epoch'] == 2 and float(np.asarray(state['scaler']['scale'])[0]) == 2.0 ** 14
