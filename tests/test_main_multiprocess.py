@@ -136,15 +136,24 @@ def test_grad_checkpointing_with_two_cpu_processes_trains_the_same_weights(tiny,
         np.testing.assert_array_equal(np.asarray(runs[1]['model'][name]), np.asarray(value), err_msg=name)
 
 
-def test_frozen_backbone_with_two_cpu_processes_matches_one_process(tiny, tmp_path):
+@pytest.fixture(scope='module')
+def probes(tiny, tmp_path_factory):
+    """Linear probes of the tiny model's weights (TRAIN.FREEZE_BACKBONE): the output folders of
+    1 process x 64 images and 2 processes x 32 images."""
+    cfg, weights = tiny
+    root = tmp_path_factory.mktemp('probes')
+    probe = ['-pretrained', weights, '-opts', 'TRAIN.FREEZE_BACKBONE', 'True']
+    two = train_two_processes(cfg, root / 'two', args=probe)
+    main_single_gpu.main(['-cfg', cfg, '-batch_size', '64', '-output', str(root / 'one'), *probe])
+    return root / 'one', two
+
+
+def test_frozen_backbone_with_two_cpu_processes_matches_one_process(tiny, probes):
     """A linear probe: the backbone, in eval mode, keeps its weights and statistics in every
     process, and with no BatchNorm in training mode 2 x 32 images train the head as 1 x 64 do
     (up to the order of the gradient sums)."""
-    cfg, weights = tiny
-    probe = ['-pretrained', weights, '-opts', 'TRAIN.FREEZE_BACKBONE', 'True']
-    two = train_two_processes(cfg, tmp_path / 'two', args=probe)
-    main_single_gpu.main(['-cfg', cfg, '-batch_size', '64', '-output', str(tmp_path / 'one'), *probe])
-    runs = [paddle.load(str(folder / 'last.pdparams'))['model'] for folder in (tmp_path / 'one', two)]
+    _, weights = tiny
+    runs = [paddle.load(str(folder / 'last.pdparams'))['model'] for folder in probes]
     start = paddle.load(weights)
     for name, value in start.items():
         if name.startswith('head.'):
@@ -154,6 +163,19 @@ def test_frozen_backbone_with_two_cpu_processes_matches_one_process(tiny, tmp_pa
             for run in runs:
                 np.testing.assert_array_equal(np.asarray(run[name]), value.numpy(), err_msg=name)
 
+
+
+def test_two_processes_log_the_training_loss_and_accuracy_of_the_global_batch(probes):
+    """The training records of 2 processes x 32 images give the loss and accuracy over both
+    processes' images: those of 1 process x 64 images (the linear probes train alike)."""
+    one, two = ([json.loads(line) for line in (folder / 'metrics.jsonl').read_text().splitlines()]
+                for folder in probes)
+    one, two = ([r for r in records if r['kind'] == 'train'] for records in (one, two))
+    assert [r['step'] for r in one] == [r['step'] for r in two] == [10, 20, 22]
+    for a, b in zip(one, two):
+        assert b['loss'] == pytest.approx(a['loss'], rel=1e-5)
+        assert (b['acc1'], b['acc5']) == pytest.approx((a['acc1'], a['acc5']), abs=1e-9)
+    assert len({r['acc1'] for r in one}) > 1
 
 @pytest.mark.parametrize('args,message', [
     (['-opts', 'TRAIN.NO_SUCH_KEY', '1'], 'error: -opts: unknown config key TRAIN.NO_SUCH_KEY'),
