@@ -271,6 +271,16 @@ def test_short_training_learns(plain_run):
     assert 'epoch 3/3 step 40/44 lr' in out and 'images/s ETA' in out
 
 
+
+def test_validation_every_validate_freq_epochs_and_after_the_last(tmp_path):
+    """VALIDATE_FREQ 2 over 3 epochs validates epochs 2 and 3 (the last, whatever the frequency);
+    the result reports the last epoch's accuracy and the best of the two."""
+    result = main_single_gpu.main(train_args(tmp_path, *PLAIN_RECIPE, 'VALIDATE_FREQ', '2', epochs=3))
+    val = [r for r in read_metrics(tmp_path) if r['kind'] == 'val']
+    assert [(r['epoch'], r['model']) for r in val] == [(2, 'model'), (3, 'model')]
+    assert result['last_acc1'] == val[-1]['acc1'] and result['best_acc1'] == max(r['acc1'] for r in val)
+    assert paddle.load(str(tmp_path / 'best.pdparams'))['epoch'] == result['best_epoch']
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(full_run, tmp_path):
     output, _ = full_run
     last = tmp_path / 'last.pdparams'
@@ -281,6 +291,23 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(full_run, tmp_path):
     assert digest(last) == before
     assert not (tmp_path / 'best.pdparams').exists()
 
+
+
+def test_weights_that_became_nan_at_the_end_of_an_epoch_stop_the_run_unsaved(tmp_path, monkeypatch):
+    """A weight NaN after the epoch's last step (whose loss was finite) stops the run before the
+    epoch is validated or saved, naming the weight."""
+    train_one_epoch = engine.Trainer.train_one_epoch
+
+    def poisoned(self, epoch):
+        stats = train_one_epoch(self, epoch)
+        with paddle.no_grad():
+            self.model.head.bias.set_value(np.full(self.model.head.bias.shape, np.nan, np.float32))
+        return stats
+    monkeypatch.setattr(engine.Trainer, 'train_one_epoch', poisoned)
+    with pytest.raises(engine.TrainingDiverged, match='weight head.bias became NaN or infinite during epoch 1'):
+        main_single_gpu.main(train_args(tmp_path, *PLAIN_RECIPE, epochs=1))
+    assert not list(tmp_path.glob('*.pdparams'))
+    assert not any(r['kind'] == 'val' for r in read_metrics(tmp_path))
 
 def test_resume_of_another_architecture_lists_the_differences(full_run, tmp_path):
     output, _ = full_run
