@@ -226,6 +226,15 @@ def test_resume_with_another_optimizer_state_is_refused(full_run, tmp_path, chan
         main_single_gpu.main(train_args(tmp_path, *FULL_RECIPE, *change, epochs=3, extra=['-resume', 'auto']))
 
 
+
+def test_optimizer_state_names_take_the_longest_parameter_name_they_start_with():
+    """Optimizer state keys are a parameter's name, '_' and the state's: a key is renamed by the
+    longest parameter name it starts with (one name can begin another), other keys are kept."""
+    names = {'param_1': 'head.weight', 'param_1_2': 'blocks.0.gamma1'}
+    state = {'param_1_moment1_0': 1, 'param_1_2_moment1_0': 2, 'LR_Scheduler': 3}
+    assert engine.rename_prefixes(state, names) == {'head.weight_moment1_0': 1, 'blocks.0.gamma1_moment1_0': 2,
+                                                     'LR_Scheduler': 3}
+
 def test_checkpoint_and_metrics_contents(full_run):
     output, result = full_run
     last = paddle.load(str(output / 'last.pdparams'))
