@@ -16,7 +16,7 @@ from conftest import ROOT, random_model_files, running, wait_for
 import launch
 import main_multi_gpu
 import main_single_gpu
-from config import get_config
+from config import ConfigError, get_config
 from xcit import build_xcit
 
 TINY_YAML = """\
@@ -227,6 +227,19 @@ def test_a_single_process_started_by_paddle_launch_runs_in_place(tiny, tmp_path,
     result = main_multi_gpu.main(['-cfg', cfg, '-eval', '-pretrained', weights, '-output', str(tmp_path)])
     assert result['processes'] == 1 and result['images'] == 359
 
+
+
+def test_process_count_of_ngpus():
+    """-ngpus -1 starts one process per visible GPU, or 2 CPU processes without one; a positive
+    count is taken as given unless it exceeds the visible GPUs; 0 and below -1 are errors."""
+    assert launch.num_processes(-1, 4, 'NGPUS') == 4
+    assert launch.num_processes(-1, 0, 'NGPUS') == launch.CPU_PROCESSES == 2
+    assert launch.num_processes(3, 0, 'NGPUS') == 3 and launch.num_processes(2, 4, 'NGPUS') == 2
+    with pytest.raises(ConfigError, match='NGPUS asks for 5 processes but only 4 GPUs are visible'):
+        launch.num_processes(5, 4, 'NGPUS')
+    for bad in (0, -2):
+        with pytest.raises(ConfigError, match=f'NGPUS must be -1 or positive, got {bad}'):
+            launch.num_processes(bad, 4, 'NGPUS')
 
 def test_the_runs_config_serves_a_single_process_evaluation(two_processes, tmp_path):
     """config.yaml of a 2-process run leaves out its process count (and its weights): it is the
