@@ -241,6 +241,15 @@ def test_process_count_of_ngpus():
         with pytest.raises(ConfigError, match=f'NGPUS must be -1 or positive, got {bad}'):
             launch.num_processes(bad, 4, 'NGPUS')
 
+
+def test_one_process_asked_for_runs_in_place(tiny, tmp_path, monkeypatch):
+    """-ngpus 1 starts no process: the run is this one, and main returns its summary."""
+    cfg, weights = tiny
+    monkeypatch.setattr(launch, 'spawn', lambda *args, **kwargs: pytest.fail('started processes'))
+    result = main_multi_gpu.main(['-ngpus', '1', '-cfg', cfg, '-eval', '-pretrained', weights, '-output',
+                                  str(tmp_path)])
+    assert result['processes'] == 1 and result['images'] == 359
+
 def test_the_runs_config_serves_a_single_process_evaluation(two_processes, tmp_path):
     """config.yaml of a 2-process run leaves out its process count (and its weights): it is the
     -cfg of a one-process evaluation of what it trained."""
