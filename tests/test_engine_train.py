@@ -5,6 +5,8 @@ import errno
 import hashlib
 import io
 import json
+import logging
+import math
 import os
 import re
 import shutil
@@ -210,6 +212,18 @@ def test_a_resumed_run_keeps_the_best_accuracy_of_the_epochs_before(full_run, tm
     last = paddle.load(str(tmp_path / 'last.pdparams'))
     assert (last['epoch'], last['best_acc'], last['best_epoch']) == (2, 99.0, 1)
     assert not (tmp_path / 'best.pdparams').exists()
+
+
+def test_resume_with_more_epochs_steps_at_the_learning_rate_of_the_longer_schedule(full_run, tmp_path):
+    """Epoch 1 of 2 (22 steps) continued in a run of 4 epochs: its first step runs at step 22 of
+    the 88-step cosine, not at the learning rate the checkpoint was saved with (step 22 of 44)."""
+    output, _ = full_run
+    shutil.copy(output / 'epoch_1.pdparams', tmp_path / 'last.pdparams')
+    config = engine.parse_config(train_args(tmp_path, *FULL_RECIPE, epochs=4, extra=['-resume', 'auto']))
+    trainer = engine.Trainer(config, 'cpu', False, logging.getLogger('test_engine_train'))
+    peak, end = 1e-3, config.TRAIN.END_LR
+    assert trainer.step == 22 and trainer.lr_scheduler.last_epoch == 22
+    assert trainer.optimizer.get_lr() == pytest.approx(end + (peak - end) * (1 + math.cos(math.pi * 22 / 88)) / 2)
 
 @pytest.mark.parametrize('change, before, now', [
     (['TRAIN.OPTIMIZER.NAME', 'SGD'], "'AdamW'", "'SGD'"),
