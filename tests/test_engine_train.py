@@ -554,6 +554,17 @@ def test_each_epoch_trains_on_its_own_shuffle_augmentation_and_mixup(tmp_path, m
     assert not np.array_equal(seen[0][1], seen[steps][1])
 
 
+
+def test_ema_follows_train_model_ema_decay(tmp_path):
+    """TRAIN.MODEL_EMA_DECAY 0 makes the EMA a copy of the model after every step: at the end of
+    the run it holds the model's weights and BatchNorm statistics exactly."""
+    main_single_gpu.main(train_args(tmp_path, *PLAIN_RECIPE, 'TRAIN.MODEL_EMA', 'True', 'TRAIN.MODEL_EMA_DECAY', '0.0',
+                                    'VALIDATE_FREQ', '0', epochs=1))
+    last = paddle.load(str(tmp_path / 'last.pdparams'))
+    assert last['model'].keys() == last['model_ema'].keys()
+    for name, value in last['model'].items():
+        np.testing.assert_array_equal(last['model_ema'][name].numpy(), value.numpy(), err_msg=name)
+
 def test_grad_checkpointing_trains_the_same_weights(tmp_path):
     """TRAIN.GRAD_CHECKPOINTING recomputes the blocks in the backward pass: same checkpoint."""
     plain_opts = (*PLAIN_RECIPE, 'MODEL.DROPPATH', '0.1', 'VALIDATE_FREQ', '0')
