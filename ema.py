@@ -27,10 +27,11 @@ class ModelEma:
 
     Every floating-point state-dict entry, parameters and buffers alike (BatchNorm running mean
     and variance included), follows ``ema = decay * ema + (1 - decay) * value`` at each
-    ``update(model)``, as timm's ``ModelEma`` / ``ModelEmaV2`` do; other entries are copied.
-    Entries that training cannot change are left as they are (averaging equal values would still
-    move them by rounding): the weights of a frozen backbone (``XCiT.freeze_backbone``) and the
-    statistics of BatchNorm layers in eval mode (see ``fixed_entries``).
+    ``update(model)``, as timm's ``ModelEma`` / ``ModelEmaV2`` do. Entries that training cannot
+    change are left as they are (averaging equal values would still move them by rounding): the
+    weights of a frozen backbone (``XCiT.freeze_backbone``), the statistics of BatchNorm layers in
+    eval mode and every other buffer (see ``fixed_entries``). A non-floating-point entry that
+    training changes (the model has none) would be copied.
     Create it from the bare model, before any ``paddle.DataParallel`` wrapping; ``update`` accepts
     either, since both have the same state-dict names.
     """
