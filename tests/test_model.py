@@ -89,6 +89,43 @@ def test_batchnorm_running_variance_takes_the_unbiased_batch_variance_as_torchs(
     np.testing.assert_array_equal(bn._variance.numpy(), before)
 
 
+def test_drop_path_keeps_or_drops_whole_samples_and_rescales_the_kept():
+    """Stochastic depth as the official drop_path: in training each sample's branch is, as a whole,
+    either zero or divided by the keep probability 1 - rate, kept with that probability, drawn per
+    sample; in eval mode, and with rate 0, the branch passes unchanged."""
+    paddle.seed(0)
+    layer = xcit.DropPath(0.25)
+    layer.train()
+    x = np.random.default_rng(0).uniform(1, 2, (4000, 3, 2)).astype('float32')
+    factors = layer(paddle.to_tensor(x)).numpy() / x
+    kept = factors[:, 0, 0] != 0
+    np.testing.assert_allclose(factors, np.broadcast_to(np.where(kept, 1 / 0.75, 0.0)[:, None, None], x.shape),
+                               rtol=1e-6)
+    assert abs(kept.mean() - 0.75) < 0.03
+    layer.eval()
+    np.testing.assert_array_equal(layer(paddle.to_tensor(x)).numpy(), x)
+    off = xcit.DropPath(0.0)
+    off.train()
+    np.testing.assert_array_equal(off(paddle.to_tensor(x)).numpy(), x)
+
+
+class Zero(paddle.nn.Layer):
+    def forward(self, x):
+        return x * 0
+
+
+def test_xca_block_drops_each_of_its_three_branches_by_drop_path():
+    """The XCA, LPI and MLP branches of an XCA block all go through drop path: with each dropped,
+    the block returns its input; the layers themselves still change it."""
+    model = tiny(drop_path_rate=0.5)
+    model.train()
+    block = model.blocks[0]
+    x = paddle.randn([2, 6, 32])
+    assert not np.allclose(block(x, 2, 3).numpy(), x.numpy())
+    block.drop_path = Zero()
+    np.testing.assert_array_equal(block(x, 2, 3).numpy(), x.numpy())
+
+
 def test_build_xcit_reads_every_architecture_key():
     config = get_config()
     config.defrost()
@@ -101,7 +138,8 @@ def test_build_xcit_reads_every_architecture_key():
     assert model.blocks[0].mlp.fc1.weight.shape == [48, 96]
     assert model.blocks[0].attn.qkv.bias is None
     assert model.cls_attn_blocks[0].tokens_norm and not model.use_pos
-    assert model.blocks[2].drop_path.drop_prob == 0.1
+    assert [blk.drop_path.drop_prob for blk in model.blocks] == [0.1] * 3  # one rate for all, as officially
+    assert not any(isinstance(layer, xcit.DropPath) for layer in model.cls_attn_blocks.sublayers())
     assert float(model.blocks[0].gamma2.numpy()[0]) == 0.5
     assert model.head.weight.shape == [48, 5]
 
