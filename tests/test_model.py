@@ -1,6 +1,7 @@
 """Model behaviour that needs no checkpoint: output types, shapes, initialisation."""
 import numpy as np
 import paddle
+import paddle.nn.functional as F
 import pytest
 
 from config import get_config
@@ -126,12 +127,48 @@ def test_xca_block_drops_each_of_its_three_branches_by_drop_path():
     np.testing.assert_array_equal(block(x, 2, 3).numpy(), x.numpy())
 
 
+def test_training_applies_every_dropout_of_the_model_at_its_rate():
+    """As in the official code, drop_rate applies after the positional encoding, after each
+    attention projection and twice in each MLP, attn_drop_rate to the attention weights; in a
+    training forward pass every one of them runs (the MLP's twice), in XCA and class-attention
+    blocks alike."""
+    model = tiny(drop_rate=0.1, attn_drop_rate=0.2)
+    calls = {}
+    for name, layer in model.named_sublayers():
+        if isinstance(layer, paddle.nn.Dropout):
+            layer.register_forward_post_hook(
+                lambda layer, inputs, output, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    model.train()
+    model(paddle.randn([2, 3, 32, 32]))
+    expected = {'pos_drop': 1}
+    for block in ('blocks.0', 'blocks.1', 'cls_attn_blocks.0', 'cls_attn_blocks.1'):
+        expected.update({f'{block}.attn.attn_drop': 1, f'{block}.attn.proj_drop': 1, f'{block}.mlp.drop': 2})
+    assert calls == expected
+    rates = {name: layer.p for name, layer in model.named_sublayers() if isinstance(layer, paddle.nn.Dropout)}
+    assert rates == {name: 0.2 if name.endswith('attn_drop') else 0.1 for name in expected}
+
+
+def test_mlp_drops_after_the_activation_and_after_fc2():
+    """Mlp in training: dropout(fc2(dropout(gelu(fc1(x))))) with the same draws, the output scaled."""
+    paddle.seed(1)
+    mlp = xcit.Mlp(8, 16, drop=0.5)
+    mlp.train()
+    x, scale = paddle.randn([2, 5, 8]), paddle.linspace(0.5, 1.5, 8)
+    paddle.seed(4)
+    out = mlp(x, scale=scale).numpy()
+    paddle.seed(4)
+    hidden = F.dropout(F.gelu(paddle.matmul(x, mlp.fc1.weight) + mlp.fc1.bias), 0.5)
+    expected = F.dropout((paddle.matmul(hidden, mlp.fc2.weight) + mlp.fc2.bias) * scale, 0.5).numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    assert np.count_nonzero(out == 0) > out.size // 4
+
+
 def test_build_xcit_reads_every_architecture_key():
     config = get_config()
     config.defrost()
     config.MODEL.update(dict(PATCH_SIZE=8, EMBED_DIM=48, DEPTH=3, NUM_HEADS=3, MLP_RATIO=2.0,
                              QKV_BIAS=False, ETA=0.5, TOKENS_NORM=True, CLS_ATTN_LAYERS=1,
-                             USE_POS=False, NUM_CLASSES=5, DROPPATH=0.1))
+                             USE_POS=False, NUM_CLASSES=5, DROPPATH=0.1, DROPOUT=0.2, ATTENTION_DROPOUT=0.3))
     model = build_xcit(config)
     assert len(model.patch_embed.proj) == 5  # 3 conv stages, 2 GELUs
     assert len(model.blocks) == 3 and len(model.cls_attn_blocks) == 1
@@ -140,6 +177,9 @@ def test_build_xcit_reads_every_architecture_key():
     assert model.cls_attn_blocks[0].tokens_norm and not model.use_pos
     assert [blk.drop_path.drop_prob for blk in model.blocks] == [0.1] * 3  # one rate for all, as officially
     assert not any(isinstance(layer, xcit.DropPath) for layer in model.cls_attn_blocks.sublayers())
+    assert [blk.attn.num_heads for blk in model.blocks] + [model.cls_attn_blocks[0].attn.num_heads] == [3] * 4
+    assert model.pos_drop.p == 0.2 and model.blocks[1].mlp.drop.p == 0.2 and model.blocks[1].attn.proj_drop.p == 0.2
+    assert model.blocks[1].attn.attn_drop.p == 0.3 and model.cls_attn_blocks[0].attn.attn_drop.p == 0.3
     assert float(model.blocks[0].gamma2.numpy()[0]) == 0.5
     assert model.head.weight.shape == [48, 5]
 
