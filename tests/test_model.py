@@ -43,9 +43,15 @@ def test_forward_features_is_final_norm_class_token():
 
 
 def test_initialisation_matches_official():
+    paddle.seed(0)
     model = tiny(eta=1e-5)
     params = dict(model.named_parameters())
-    assert np.all(params['blocks.0.gamma1'].numpy() == np.float32(1e-5))
+    gammas = [name for name in params if name.rsplit('.', 1)[-1] in ('gamma1', 'gamma2', 'gamma3')]
+    assert len(gammas) == 2 * 3 + 2 * 2  # XCA blocks: gamma1-3, class-attention blocks: gamma1-2
+    for name in gammas:
+        assert np.all(params[name].numpy() == np.float32(1e-5)), name
+    cls_token = params['cls_token'].numpy()  # trunc_normal(std=0.02), as the official code
+    assert 0.01 < cls_token.std() < 0.03 and abs(cls_token.mean()) < 0.01
     assert np.all(params['blocks.1.attn.temperature'].numpy() == 1.0)
     assert np.all(params['head.bias'].numpy() == 0)
     w = params['blocks.0.mlp.fc1.weight'].numpy()
