@@ -296,6 +296,8 @@ def test_forward_intermediates_are_block_outputs_as_maps():
         np.testing.assert_array_equal(got, outputs[block].transpose(0, 2, 1).reshape(2, 32, 3, 5))
     with pytest.raises(ValueError, match=r'block indices \[4\] do not select among the 4 XCA blocks'):
         model.forward_intermediates(images, [4])
+    with pytest.raises(ValueError, match=r'block indices \[1, -5\] do not select among the 4 XCA blocks'):
+        model.forward_intermediates(images, [1, -5])  # -5 is no block of 4, not block -1
     for count in (0, 5, 7):  # 5 and 7 would wrap around to blocks counted from the end
         with pytest.raises(ValueError, match=f'the last {count} blocks: there are 4 XCA blocks'):
             model.forward_intermediates(images, count)
