@@ -255,6 +255,56 @@ def test_layer_norm_forward_is_paddles_and_gradients_are_exact(frozen):
             np.testing.assert_allclose(t.grad.numpy(), expected[name], atol=2e-5, rtol=1e-5)
 
 
+class SavedContext:
+    """A PyLayer context as a forward pass leaves it: the saved tensors and its attributes."""
+
+    def __init__(self, saved, **attributes):
+        self.saved = saved
+        self.__dict__.update(attributes)
+
+    def saved_tensor(self):
+        return self.saved
+
+
+def test_backward_passes_compute_in_the_gradients_dtype_and_return_each_inputs_dtype():
+    """Under autocast the output gradient can come in another dtype than the tensors the forward
+    saved (float16 for float32 parameters on a GPU; here float64 for float32 ones, the CPU having
+    no float16 matmul). The linear and depthwise backward passes compute in the gradient's dtype,
+    the LayerNorm one in float32; every gradient comes back in its own input's dtype, with the
+    values of a float64 computation."""
+    rng = np.random.default_rng(10)
+    f32, f64 = paddle.float32, paddle.float64
+
+    def tensor(shape, dtype='float32'):
+        return paddle.to_tensor(rng.standard_normal(shape).astype(dtype))
+
+    x, weight, grad = tensor((B, N, C)), tensor((C, 2 * C)), tensor((B, N, 2 * C), 'float64')
+    got = xcit._AddmmFunction.backward(SavedContext([x, weight], inputs=[(f32, False)] * 3), grad)
+    g = grad.numpy().reshape(-1, 2 * C)
+    expected = [(g @ weight.numpy().T.astype('float64')).reshape(B, N, C),
+                x.numpy().reshape(-1, C).T.astype('float64') @ g, g.sum(0)]
+    for name, value, reference in zip(('x', 'weight', 'bias'), got, expected):
+        assert value.dtype == f32, name
+        np.testing.assert_allclose(value.numpy(), reference, rtol=1e-5, atol=1e-6, err_msg=name)
+
+    x, weight, grad = tensor((B, N, C), 'float64'), tensor((C,)), tensor((B, N, C), 'float64')
+    ctx = SavedContext([x, weight], epsilon=xcit.LN_EPS, inputs=[(f64, False), (f32, False), (f32, False)])
+    got = xcit._LayerNormFunction.backward(ctx, grad)
+    expected = layer_norm_gradients_float64(x.numpy(), weight.numpy(), grad.numpy(), xcit.LN_EPS)
+    for name, value, dtype in zip(('x', 'weight', 'bias'), got, (f64, f32, f32)):
+        assert value.dtype == dtype, name
+        np.testing.assert_allclose(value.numpy(), expected[name], atol=2e-5, rtol=1e-5, err_msg=name)
+
+    x, taps, grad = tensor((C, B, H, W)), xcit._row_taps(tensor((C, 1, 3, 3)), W), tensor((C, B, H, W), 'float64')
+    ctx = SavedContext([*xcit._row_windows(x), taps], height=H, inputs=[(f32, False)] * 3)
+    got = xcit._BandedDepthwiseFunction.backward(ctx, grad)
+    inputs = [paddle.to_tensor(t.numpy().astype('float64'), stop_gradient=False) for t in (x, taps, tensor((C,)))]
+    xcit._BandedDepthwiseFunction.apply(*inputs).backward(grad)
+    for name, value, reference in zip(('x', 'taps', 'bias'), got, inputs):
+        assert value.dtype == f32, name
+        np.testing.assert_allclose(value.numpy(), reference.grad.numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 @pytest.mark.parametrize('h,w', [(14, 14), (3, 11)])
 def test_positional_encoding_matches_official(h, w):
     m = randomize(xcit.PositionalEncodingFourier(dim=C), 5)
