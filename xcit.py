@@ -823,9 +823,10 @@ class XCiT(nn.Layer):
         drop path are off; the head learns on the features the model gives at inference.
         ``freeze_backbone(False)`` undoes both."""
         self.backbone_frozen = frozen
-        head = {id(p) for p in self.head.parameters()}
+        # the head trains; BatchNorm running statistics never take gradients
+        kept = {id(p) for p in self.head.parameters() + _running_statistics(self)}
         for p in self.parameters():
-            if id(p) not in head:
+            if id(p) not in kept:
                 p.stop_gradient = frozen
         if self.training:
             self.train()

@@ -226,6 +226,9 @@ def test_frozen_backbone_trains_the_head_alone_on_inference_features():
     model.freeze_backbone(False)
     assert all(layer.training for layer in model.sublayers())
     assert all(not p.stop_gradient for name, p in model.named_parameters() if not name.endswith(('_mean', '_variance')))
+    # the BatchNorm running statistics stay without gradient, out of the optimizer's parameters
+    statistics = [p for name, p in model.named_parameters() if name.endswith(('_mean', '_variance'))]
+    assert len(statistics) == 2 * (4 + 2) and all(p.stop_gradient for p in statistics)
 
 
 def training_step(model, images, state, checkpointing, frozen_embedding):
