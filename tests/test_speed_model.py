@@ -269,9 +269,9 @@ class SavedContext:
 def test_backward_passes_compute_in_the_gradients_dtype_and_return_each_inputs_dtype():
     """Under autocast the output gradient can come in another dtype than the tensors the forward
     saved (float16 for float32 parameters on a GPU; here float64 for float32 ones, the CPU having
-    no float16 matmul). The linear and depthwise backward passes compute in the gradient's dtype,
-    the LayerNorm one in float32; every gradient comes back in its own input's dtype, with the
-    values of a float64 computation."""
+    no float16 matmul): the linear and depthwise backward passes compute in the gradient's dtype.
+    The LayerNorm one computes in float32 whatever the dtype. Every gradient comes back in its
+    own input's dtype, with the values of a float64 computation."""
     rng = np.random.default_rng(10)
     f32, f64 = paddle.float32, paddle.float64
 
@@ -287,12 +287,13 @@ def test_backward_passes_compute_in_the_gradients_dtype_and_return_each_inputs_d
         assert value.dtype == f32, name
         np.testing.assert_allclose(value.numpy(), reference, rtol=1e-5, atol=1e-6, err_msg=name)
 
-    x, weight, grad = tensor((B, N, C), 'float64'), tensor((C,)), tensor((B, N, C), 'float64')
-    ctx = SavedContext([x, weight], epsilon=xcit.LN_EPS, inputs=[(f64, False), (f32, False), (f32, False)])
+    # LayerNorm: inputs and parameters all in one other dtype (a model cast to it)
+    x, weight, grad = tensor((B, N, C), 'float64'), tensor((C,), 'float64'), tensor((B, N, C), 'float64')
+    ctx = SavedContext([x, weight], epsilon=xcit.LN_EPS, inputs=[(f64, False)] * 3)
     got = xcit._LayerNormFunction.backward(ctx, grad)
     expected = layer_norm_gradients_float64(x.numpy(), weight.numpy(), grad.numpy(), xcit.LN_EPS)
-    for name, value, dtype in zip(('x', 'weight', 'bias'), got, (f64, f32, f32)):
-        assert value.dtype == dtype, name
+    for name, value in zip(('x', 'weight', 'bias'), got):
+        assert value.dtype == f64, name
         np.testing.assert_allclose(value.numpy(), expected[name], atol=2e-5, rtol=1e-5, err_msg=name)
 
     x, taps, grad = tensor((C, B, H, W)), xcit._row_taps(tensor((C, 1, 3, 3)), W), tensor((C, B, H, W), 'float64')
