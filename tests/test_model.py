@@ -281,6 +281,17 @@ def test_grad_checkpointing_changes_nothing_but_memory(monkeypatch, frozen_embed
     assert len(calls) == (2 if frozen_embedding else 3)  # evaluation never recomputes
 
 
+def test_class_attention_maps_need_a_class_attention_block():
+    """Without class-attention blocks there is no attention of the class token to map: a clear
+    error, while the model still classifies (its class token through the final norm)."""
+    model = tiny(cls_attn_layers=0)
+    model.eval()
+    images = paddle.randn([2, 3, 32, 32])
+    with pytest.raises(ValueError, match=r'this XCiT has no class-attention blocks \(cls_attn_layers=0\)'):
+        model.class_attention_maps(images)
+    assert model(images).shape == [2, 7]
+
+
 def test_forward_intermediates_are_block_outputs_as_maps():
     model = tiny(depth=4)
     model.eval()
