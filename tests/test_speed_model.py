@@ -35,12 +35,14 @@ def randomize(layer, seed):
 
 
 def ref_xca(m, x):
-    """Official XCA: q, k, v as (B, h, d, N), F.normalize along N, softmax over channels."""
+    """Official XCA: q, k, v as (B, h, d, N), F.normalize along N, softmax over channels, then
+    attention dropout."""
     b, n, c = x.shape
     qkv = F.linear(x, m.qkv.weight, m.qkv.bias).reshape([b, n, 3, m.num_heads, c // m.num_heads])
     q, k, v = qkv.transpose([2, 0, 3, 4, 1]).unbind(0)
     attn = paddle.matmul(F.normalize(q, axis=-1), F.normalize(k, axis=-1), transpose_y=True) * m.temperature
-    out = paddle.matmul(F.softmax(attn, axis=-1), v).transpose([0, 3, 1, 2]).reshape([b, n, c])
+    attn = F.dropout(F.softmax(attn, axis=-1), m.attn_drop.p, training=m.training)
+    out = paddle.matmul(attn, v).transpose([0, 3, 1, 2]).reshape([b, n, c])
     return F.linear(out, m.proj.weight, m.proj.bias)
 
 
@@ -53,11 +55,14 @@ def ref_lpi(m, x, h, w):
 
 
 def ref_class_attention(m, x):
-    """Official class attention: the class token's q against every token's k, per head."""
+    """Official class attention: the class token's q against every token's k, per head, then
+    attention dropout (its draws taken in the (B, N, h) layout of xcit.ClassAttention's weights)."""
     b, n, c = x.shape
     qkv = F.linear(x, m.qkv.weight, m.qkv.bias).reshape([b, n, 3, m.num_heads, c // m.num_heads])
     q, k, v = qkv.transpose([2, 0, 3, 1, 4]).unbind(0)
     attn = F.softmax((q[:, :, 0:1] * k).sum(axis=-1) * m.scale, axis=-1)
+    if m.training and m.attn_drop.p:
+        attn = attn * F.dropout(paddle.ones([b, n, m.num_heads]), m.attn_drop.p).transpose([0, 2, 1])
     cls = paddle.matmul(attn.unsqueeze(2), v).transpose([0, 2, 1, 3]).reshape([b, 1, c])
     return paddle.concat([F.linear(cls, m.proj.weight, m.proj.bias), x[:, 1:]], axis=1)
 
@@ -76,8 +81,10 @@ def ref_positional_encoding(m, h, w):
 
 
 def outputs_and_grads(fn, layer, x):
-    """fn(x)'s value, then the gradients of sum(fn(x) * fixed weights) w.r.t. x and every parameter."""
+    """fn(x)'s value, then the gradients of sum(fn(x) * fixed weights) w.r.t. x and every parameter;
+    dropout draws from a fixed generator seed."""
     x = paddle.to_tensor(x, stop_gradient=False)
+    paddle.seed(11)
     out = fn(x)
     probe = paddle.to_tensor(np.random.default_rng(9).standard_normal(out.shape).astype('float32'))
     (out * probe).sum().backward()
@@ -100,7 +107,8 @@ def tokens(seed=0, n=N):
 
 @pytest.mark.parametrize('training', [False, True])
 def test_xca_with_folded_scale_matches_official(training):
-    m = randomize(xcit.XCA(C, HEADS), 1)
+    """In training with attention dropout on the softmax weights, as the official code."""
+    m = randomize(xcit.XCA(C, HEADS, attn_drop=0.3), 1)
     m.train() if training else m.eval()
     scale = paddle.to_tensor(np.linspace(0.5, 1.5, C).astype('float32'))
     fast = outputs_and_grads(lambda x: m(x, scale=scale), m, tokens())
@@ -125,7 +133,8 @@ def test_lpi_on_stacked_planes_matches_official(training):
 
 @pytest.mark.parametrize('training', [False, True])
 def test_class_attention_matches_official(training):
-    m = randomize(xcit.ClassAttention(C, HEADS), 3)
+    """In training with attention dropout on the softmax weights, as the official code."""
+    m = randomize(xcit.ClassAttention(C, HEADS, attn_drop=0.3), 3)
     m.train() if training else m.eval()
     assert_same(outputs_and_grads(lambda x: m(x[:, :1], x[:, 1:]), m, tokens(n=N + 1)),
                 outputs_and_grads(lambda x: ref_class_attention(m, x)[:, :1], m, tokens(n=N + 1)))
