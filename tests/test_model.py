@@ -154,6 +154,21 @@ def test_training_applies_every_dropout_of_the_model_at_its_rate():
     assert rates == {name: 0.2 if name.endswith('attn_drop') else 0.1 for name in expected}
 
 
+def test_positional_dropout_takes_the_tokens_with_their_encoding():
+    """pos_drop comes after the positional encoding is added, as in the official code."""
+    model = tiny(drop_rate=0.1)
+    model.eval()
+    seen = []
+    model.pos_drop.register_forward_pre_hook(lambda layer, inputs: seen.append(inputs[0].numpy()))
+    images = paddle.randn([2, 3, 32, 48])
+    with paddle.no_grad():
+        model(images)
+        tokens, (Hp, Wp) = model.patch_embed(images)
+        expected = (tokens + model.pos_embeder(Hp, Wp)).numpy()
+    assert len(seen) == 1
+    np.testing.assert_allclose(seen[0], expected, rtol=1e-6, atol=1e-6)
+
+
 def test_mlp_drops_after_the_activation_and_after_fc2():
     """Mlp in training: dropout(fc2(dropout(gelu(fc1(x))))) with the same draws, the output scaled."""
     paddle.seed(1)
