@@ -304,10 +304,11 @@ def test_check_fails_on_a_difference_above_the_tolerance_or_not_a_number(monkeyp
 def test_publish_removes_the_old_config_first_and_moves_the_new_one_last(tmp_path, monkeypatch):
     """config.yaml marks a usable export (predict.py reads it): while the files are swapped, an
     interrupted publish must never leave a config.yaml beside files of another export."""
+    program = 'model' + export_model.PROGRAM_SUFFIXES[0]  # the format this Paddle writes
     staging, output = tmp_path / 'staging', tmp_path / 'out'
     staging.mkdir()
     output.mkdir()
-    for name in ('config.yaml', 'model.json', 'model.pdiparams'):
+    for name in ('config.yaml', program, 'model.pdiparams'):
         (staging / name).write_text(f'new {name}')
         (output / name).write_text(f'old {name}')
     (output / 'notes.txt').write_text('kept')
@@ -315,10 +316,10 @@ def test_publish_removes_the_old_config_first_and_moves_the_new_one_last(tmp_pat
     remove, replace = os.remove, os.replace
     monkeypatch.setattr(os, 'remove', lambda path: events.append(('remove', os.path.basename(path))) or remove(path))
     monkeypatch.setattr(os, 'replace', lambda a, b: events.append(('move', os.path.basename(b))) or replace(a, b))
-    assert export_model.publish(str(staging), str(output)) == str(output / 'model.json')
+    assert export_model.publish(str(staging), str(output)) == str(output / program)
     assert events[0] == ('remove', 'config.yaml') and events[-1] == ('move', 'config.yaml')
-    assert sorted(e for e in events if e[0] == 'move') == [('move', 'config.yaml'), ('move', 'model.json'),
-                                                          ('move', 'model.pdiparams')]
+    assert sorted(e for e in events if e[0] == 'move') == sorted([('move', 'config.yaml'), ('move', program),
+                                                                 ('move', 'model.pdiparams')])
     assert {p.name: p.read_text() for p in output.iterdir()} == {
-        'config.yaml': 'new config.yaml', 'model.json': 'new model.json', 'model.pdiparams': 'new model.pdiparams',
+        'config.yaml': 'new config.yaml', program: f'new {program}', 'model.pdiparams': 'new model.pdiparams',
         'notes.txt': 'kept'}
