@@ -146,6 +146,36 @@ def test_training_checkpoint_as_pretrained_and_its_ema(golden, tmp_path):
     assert model['acc1'] <= 25.0  # negated logits: only labels ranked last before can be top-1 now
 
 
+def test_eval_of_a_resume_checkpoint_summarises_what_was_evaluated(golden, tmp_path):
+    """-eval -resume CHECKPOINT -ema evaluates the checkpoint's EMA weights; the summary names that
+    checkpoint, the EMA, the dataset, the model, the device and the process count."""
+    plain = paddle.load(golden['weights'])
+    negated = {k: -np.asarray(v) if k.startswith('head.') else v for k, v in plain.items()}
+    checkpoint = tmp_path / 'last.pdparams'
+    paddle.save({'model': negated, 'model_ema': plain, 'optimizer': {}, 'epoch': 3}, str(checkpoint))
+    args = eval_args(golden, tmp_path / 'out', '-ema')
+    args[args.index('-pretrained')] = '-resume'
+    args[args.index('-resume') + 1] = str(checkpoint)
+    summary = main_single_gpu.main(args)
+    assert (summary['acc1'], summary['acc5'], summary['images']) == (golden['acc1'], golden['acc5'], NUM_IMAGES)
+    assert {k: summary[k] for k in ('weights', 'ema', 'dataset', 'model', 'device', 'processes')} == {
+        'weights': str(checkpoint), 'ema': True, 'dataset': 'imagefolder', 'model': 'golden_mini_p8',
+        'device': 'cpu', 'processes': 1}
+    assert json.loads((tmp_path / 'out' / 'eval_summary.json').read_text()) == summary
+
+
+def test_a_failed_summary_write_keeps_the_previous_summary(tmp_path):
+    """write_json writes to a temporary file and renames it: a write that fails part way leaves the
+    summary that was there intact, not truncated."""
+    from utils import write_json
+    path = tmp_path / 'eval_summary.json'
+    write_json(str(path), {'acc1': 71.5, 'loss': float('nan')})
+    before = path.read_text()
+    with pytest.raises(TypeError):
+        write_json(str(path), {'acc1': 72.0, 'weights': object()})
+    assert path.read_text() == before and json.loads(before) == {'acc1': 71.5, 'loss': None}
+
+
 def test_the_summary_of_diverged_weights_is_standard_json(golden, tmp_path, capsys):
     """NaN logits: the loss is NaN, which JSON cannot hold; the summary writes it as null."""
     state = dict(paddle.load(golden['weights']))
@@ -207,6 +237,22 @@ def test_fine_tuning_drops_a_head_of_another_class_count(golden, caplog):
     np.testing.assert_array_equal(model.head.weight.numpy(), before)
     golden_state = paddle.load(golden['full'])
     np.testing.assert_array_equal(model.blocks[1].attn.qkv.weight.numpy(), golden_state['blocks.1.attn.qkv.weight'])
+
+
+def test_fine_tuning_with_ema_starts_from_the_ema_weights(golden, tmp_path, caplog):
+    """-pretrained CHECKPOINT -ema for training loads its 'model_ema' weights, not its 'model'."""
+    plain = paddle.load(golden['weights'])
+    checkpoint = tmp_path / 'train.pdparams'
+    paddle.save({'model': {k: np.asarray(v) * 0.5 for k, v in plain.items()}, 'model_ema': plain, 'epoch': 3},
+                str(checkpoint))
+    logger = setup_logger()
+    logger.propagate = True
+    for use_ema, scale in ((True, 1.0), (False, 0.5)):
+        model = build_xcit(get_config(golden['cfg']))
+        engine.load_pretrained(model, str(checkpoint), use_ema, logger)
+        for name, value in model.state_dict().items():
+            np.testing.assert_array_equal(value.numpy(), np.asarray(plain[name]) * scale, err_msg=name)
+    assert f'loaded EMA weights from {checkpoint}' in caplog.text
 
 
 @pytest.mark.parametrize('change', ['head of 1000 classes', 'no head', 'an extra entry'])
@@ -327,6 +373,14 @@ class TestInferencePath:
         self.choose(forward, paddle.randn([2, 3, 32, 32]))
         assert forward.path == 'dygraph'
         assert 'paddle.inference outputs differ from dygraph by 1.00e-03 (> 0.0001)' in caplog.text
+
+    def test_nan_outputs_fall_back(self, forward, caplog):
+        """A predictor whose outputs are NaN where dygraph's are finite is not within the
+        tolerance (a NaN difference compares false both ways)."""
+        forward.compiled = lambda x: forward.model(x) * float('nan')
+        self.choose(forward, paddle.randn([2, 3, 32, 32]))
+        assert forward.path == 'dygraph'
+        assert 'paddle.inference outputs differ from dygraph by nan (> 0.0001)' in caplog.text
 
     def test_failure_falls_back_with_the_reason(self, forward, caplog):
         def broken(images):
