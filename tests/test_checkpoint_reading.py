@@ -88,6 +88,34 @@ def test_a_file_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
+class Calls:
+    """Pickles as a call of ``func(*args)``."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+@pytest.mark.parametrize('name', ['builtins.exec', 'builtins.eval', 'builtins.getattr', 'subprocess.call'])
+def test_builtins_and_other_callables_are_refused_too(tmp_path, name):
+    """Only the numpy and container globals paddle.save writes are allowed, not builtins."""
+    import builtins
+    marker = tmp_path / 'ran'
+    payload = {'builtins.exec': Calls(builtins.exec, f'open({str(marker)!r}, "w").close()'),
+               'builtins.eval': Calls(builtins.eval, f'open({str(marker)!r}, "w").close()'),
+               'builtins.getattr': Calls(builtins.getattr, [], 'clear'),
+               'subprocess.call': Calls(subprocess.call, ['touch', str(marker)])}[name]
+    path = tmp_path / 'hostile.pdparams'
+    for protocol in (2, 4):  # GLOBAL and STACK_GLOBAL opcodes
+        path.write_bytes(pickle.dumps({'w': np.zeros(2), 'x': payload}, protocol=protocol))
+        # protocol 2 names modules as Python 2 did (__builtin__, commands)
+        with pytest.raises(CheckpointError, match=rf"refused global '[\w.]+\.{name.split('.')[1]}'"):
+            load_checkpoint(str(path))
+    assert not marker.exists()
+
+
 def test_the_training_entry_points_read_through_it(tmp_path):
     """-pretrained of the evaluation: the hostile file is an error line, and nothing runs."""
     marker = tmp_path / 'ran'
@@ -123,6 +151,28 @@ def test_files_that_are_no_checkpoint_are_named(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match=str(path)):
         load_checkpoint(str(path))
+
+
+def test_a_missing_file_or_one_of_no_dict_says_so(tmp_path):
+    path = tmp_path / 'none.pdparams'
+    with pytest.raises(CheckpointError, match=re.escape(f'checkpoint not found: {path}')):
+        load_checkpoint(str(path))
+    with pytest.raises(CheckpointError, match=re.escape(f'checkpoint not found: {tmp_path}')):
+        load_checkpoint(str(tmp_path))  # a folder
+    path.write_bytes(pickle.dumps([np.zeros(2)]))
+    with pytest.raises(CheckpointError, match=re.escape(f'{path}: expected a dict, got list')):
+        load_checkpoint(str(path))
+
+
+def test_a_dict_of_other_things_than_arrays_is_no_state_dict(tmp_path):
+    """A dict whose entries are not arrays (another program's checkpoint layout) is named as no
+    state dict with its first non-array entries, before any model sees it."""
+    from utils import weights_of
+    path = tmp_path / 'other.pdparams'
+    paddle.save({'state': {'w': paddle.ones([2])}, 'w': paddle.ones([2]), 'epoch': 3}, str(path))
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: not a state dict (nor a training checkpoint with "
+                                                        f"one under 'model'): entries 'state', 'epoch' are not arrays")):
+        weights_of(load_checkpoint(str(path)), str(path))
 
 
 @pytest.mark.parametrize('name, kind', [
