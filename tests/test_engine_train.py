@@ -398,6 +398,88 @@ def test_the_runs_config_yaml_reads_the_same_files_from_any_folder(monkeypatch, 
     assert engine.reusable_config(config).TRAIN.TEACHER_MODEL == str(tmp_path / 'configs' / 'xcit_nano_12_p16_224.yaml')
 
 
+def test_the_runs_config_yaml_leaves_out_what_only_the_run_did():
+    """The weights a run started from or continued, -eval, -ema and its process count are not
+    written to config.yaml: as -cfg, it would otherwise evaluate another checkpoint's EMA weights."""
+    config = get_config()
+    config.defrost()
+    config.MODEL.PRETRAINED, config.MODEL.RESUME = 'start.pdparams', 'auto'
+    config.EVAL, config.EMA_EVAL, config.NGPUS = True, True, 2
+    written = engine.reusable_config(config)
+    assert (written.MODEL.PRETRAINED, written.MODEL.RESUME, written.EVAL, written.EMA_EVAL, written.NGPUS) == (
+        '', '', False, False, -1)
+    assert config.EMA_EVAL and config.MODEL.PRETRAINED == 'start.pdparams'  # the run's own config is unchanged
+
+
+def test_a_checkpoint_of_the_output_folder_continues_however_its_path_is_spelled(full_run, monkeypatch):
+    """-resume last.pdparams from within the output folder, given with another spelling of that
+    folder, continues the run there rather than being refused as another run's checkpoint."""
+    output, _ = full_run
+    monkeypatch.chdir(output)
+    engine.check_inputs(engine.parse_config(train_args(f'{output}/./', *FULL_RECIPE, extra=['-resume', 'last.pdparams'])))
+    with pytest.raises(ConfigError, match=r"-resume epoch_1\.pdparams: .* holds the run's later checkpoint"):
+        engine.check_inputs(engine.parse_config(train_args(output, *FULL_RECIPE, extra=['-resume', 'epoch_1.pdparams'])))
+
+
+def test_resume_warns_only_of_settings_that_changed(full_run, tmp_path, caplog):
+    """A run continued in another folder with the settings it was started with (other -output and
+    -resume) warns of nothing; one with TRAIN.MODEL_EMA on from a checkpoint without EMA weights
+    is refused by name, not failed with a KeyError."""
+    output, _ = full_run
+    shutil.copy(output / 'epoch_1.pdparams', tmp_path / 'last.pdparams')
+    logger = logging.getLogger('test_engine_train')
+    with caplog.at_level(logging.INFO, logger='test_engine_train'):
+        trainer = engine.Trainer(engine.parse_config(train_args(tmp_path, *FULL_RECIPE, extra=['-resume', 'auto'])),
+                                 'cpu', False, logger)
+    assert trainer.epoch == 1 and 'resumed from' in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    checkpoint = paddle.load(str(output / 'epoch_1.pdparams'))
+    del checkpoint['model_ema']
+    paddle.save(checkpoint, str(tmp_path / 'last.pdparams'))
+    with pytest.raises(CheckpointError, match=re.escape(f'{tmp_path / "last.pdparams"} has no EMA weights but '
+                                                        f'TRAIN.MODEL_EMA is on')):
+        engine.Trainer(engine.parse_config(train_args(tmp_path, *FULL_RECIPE, extra=['-resume', 'auto'])),
+                       'cpu', False, logger)
+
+
+def test_a_fresh_run_starts_a_fresh_metrics_file(tmp_path):
+    """A folder with the records of a run stopped before its first checkpoint: a fresh run there
+    replaces them with its own (one train and one val record of its one epoch)."""
+    (tmp_path / 'metrics.jsonl').write_text('{"kind": "train", "epoch": 1, "step": 7, "loss": 9.0}\n')
+    main_single_gpu.main(train_args(tmp_path, *PLAIN_RECIPE, 'REPORT_FREQ', '100', epochs=1))
+    records = read_metrics(tmp_path)
+    assert [(r['kind'], r['epoch'], r['step']) for r in records] == [('train', 1, 22), ('val', 1, 22)]
+
+
+def test_metrics_of_a_resumed_epoch_are_dropped_with_its_validation_unless_validated(tmp_path):
+    """keep_epochs_up_to(1): records of epoch 2 and a line cut short go; epoch 1's validation stays
+    if it is complete, and goes if the checkpoint says it is to be run again."""
+    lines = ['{"kind": "train", "epoch": 1, "step": 5}', '{"kind": "val", "epoch": 1, "step": 5}',
+             '{"kind": "train", "epoch": 2, "step": 10}', '{"kind": "val", "epo']
+    for validated, kept in ((True, lines[:2]), (False, lines[:1])):
+        (tmp_path / 'metrics.jsonl').write_text('\n'.join(lines))
+        utils.MetricsLog(str(tmp_path)).keep_epochs_up_to(1, validated=validated)
+        assert (tmp_path / 'metrics.jsonl').read_text().splitlines() == kept
+
+
+def test_user_errors_end_with_one_line_and_status_1(capsys):
+    """A diverged run, like bad input, is one 'error:' line and exit status 1; any other
+    exception is a bug and keeps its traceback."""
+    def diverge():
+        raise engine.TrainingDiverged('loss is nan at epoch 2, step 3/22')
+    with pytest.raises(SystemExit) as stop:
+        engine.exit_on_user_error(diverge)
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == 'error: loss is nan at epoch 2, step 3/22\n'
+    with pytest.raises(KeyError):
+        engine.exit_on_user_error(lambda: {}['model'])
+
+
+def test_durations_read_as_hours_minutes_and_seconds():
+    assert [utils.format_seconds(s) for s in (0, 59.6, 3725.4, 90061, -5)] == [
+        '0:00:00', '0:01:00', '1:02:05', '25:01:01', '0:00:00']
+
+
 def test_an_earlier_checkpoint_is_not_continued_over_the_later_ones(full_run):
     """Continuing from epoch_1.pdparams in its own folder would overwrite last.pdparams,
     best.pdparams and metrics.jsonl of the later epochs: refused before anything is written."""
