@@ -475,6 +475,61 @@ def test_user_errors_end_with_one_line_and_status_1(capsys):
         engine.exit_on_user_error(lambda: {}['model'])
 
 
+def test_batchnorm_statistics_are_averaged_over_the_processes(monkeypatch):
+    """With 2 processes, each BatchNorm's running mean and variance become the mean of the two
+    processes' (here the other one holds this one's plus 1); weights are left alone."""
+    paddle.seed(0)
+    model = XCiT(patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=10)
+    before = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    stats = [k for k in before if k.endswith(('._mean', '._variance'))]
+    assert stats
+    monkeypatch.setattr(utils, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(utils.dist, 'all_reduce', lambda t: paddle.assign(t + (t + 1.0), output=t))
+    utils.average_batchnorm_statistics(model)
+    for name, value in model.state_dict().items():
+        expected = before[name] + 0.5 if name in stats else before[name]
+        np.testing.assert_allclose(value.numpy(), expected, rtol=1e-6, err_msg=name)
+
+
+def test_only_the_first_process_writes_the_log_metrics_and_checkpoints(tmp_path, capsys):
+    """Rank 0 prints and appends to log.txt; another rank prints warnings only and writes no log,
+    no metrics record and no checkpoint."""
+    logger = utils.setup_logger(str(tmp_path / 'first'), rank=0, name='test_ranks')
+    logger.info('epoch 1 done')
+    assert (tmp_path / 'first' / 'log.txt').read_text().endswith(' epoch 1 done\n')
+    assert capsys.readouterr().out.endswith(' epoch 1 done\n')
+    (tmp_path / 'other').mkdir()
+    logger = utils.setup_logger(str(tmp_path / 'other'), rank=1, name='test_ranks')
+    logger.info('epoch 1 done')
+    logger.warning('a warning')
+    out = capsys.readouterr().out
+    assert out.endswith(' a warning\n') and 'epoch 1 done' not in out
+    assert not (tmp_path / 'other' / 'log.txt').exists()
+    utils.MetricsLog(str(tmp_path / 'other'), enabled=False).write('train', epoch=1)
+    trainer = type('Rank1', (), {'rank': 1, 'config': get_config(), 'logger': logger,
+                                 'state_dict': lambda self: {'epoch': 1}})()
+    trainer.config.defrost()
+    trainer.config.SAVE = str(tmp_path / 'other')
+    engine.Trainer.save(trainer, 'last.pdparams')
+    assert os.listdir(tmp_path / 'other') == []
+
+
+def test_an_equal_accuracy_later_keeps_the_earlier_best(tmp_path):
+    """best.pdparams is written when an epoch's Acc@1 beats the best so far: 50%, 60%, 60%, 55%
+    keep epoch 2 as the best; last.pdparams is written after every epoch."""
+    saved = []
+    trainer = type('Stub', (), {
+        'config': get_config(), 'unvalidated': True, 'best_acc': None, 'best_epoch': None, 'epoch': 0,
+        'save': lambda self, name: saved.append((self.epoch, name)),
+        'validate': lambda self, epoch: {'model': {'acc1': [50.0, 60.0, 60.0, 55.0][epoch]}}})()
+    for epoch in range(1, 5):
+        trainer.epoch, trainer.unvalidated = epoch, True
+        engine.Trainer.finish_epoch(trainer)
+    assert (trainer.best_acc, trainer.best_epoch) == (60.0, 2)
+    assert [e for e, name in saved if name == 'best.pdparams'] == [1, 2]
+    assert [e for e, name in saved if name == 'last.pdparams'] == [1, 2, 3, 4]
+
+
 def test_durations_read_as_hours_minutes_and_seconds():
     assert [utils.format_seconds(s) for s in (0, 59.6, 3725.4, 90061, -5)] == [
         '0:00:00', '0:01:00', '1:02:05', '25:01:01', '0:00:00']
