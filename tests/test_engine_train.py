@@ -627,6 +627,25 @@ def test_a_run_on_an_image_folder_names_its_classes_for_predict(tmp_path, capsys
     assert all(line.split()[2] == f'({names.index(line.split()[1])}):' for line in ranked)
 
 
+def test_class_folders_that_are_not_the_models_classes_are_not_named(tmp_path):
+    """3 class folders for a model of 4 classes: config.yaml names no classes (3 names for 4
+    outputs would make it unusable as -cfg), and the run says that the counts differ."""
+    for split in ('train', 'val'):
+        for i, name in enumerate(['ant', 'bee', 'cat']):
+            folder = tmp_path / 'data' / split / name
+            folder.mkdir(parents=True)
+            for j in range(2):
+                Image.new('RGB', (32, 32), (80 * i, 40 * j, 30)).save(folder / f'{j}.png')
+    output = tmp_path / 'out'
+    with capture_stdout() as out:
+        main_single_gpu.main(['-dataset', 'imagefolder', '-data_path', str(tmp_path / 'data'), '-batch_size', '6',
+                              '-output', str(output), '-opts', *TINY, *PLAIN_RECIPE, 'TRAIN.NUM_EPOCHS', '1',
+                              'MODEL.NUM_CLASSES', '4'])
+    assert 'the training set has 3 classes, the model MODEL.NUM_CLASSES=4 outputs' in out.getvalue()
+    written = get_config(str(output / 'config.yaml'))
+    assert (written.DATA.CLASS_NAMES, written.MODEL.NUM_CLASSES) == ([], 4)
+
+
 def test_unknown_opts_key_is_rejected_by_name(tmp_path):
     with pytest.raises(ConfigError, match='unknown config key TRAIN.NO_SUCH_KEY'):
         main_single_gpu.main(train_args(tmp_path, 'TRAIN.NO_SUCH_KEY', '1'))
