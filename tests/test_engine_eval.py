@@ -127,6 +127,7 @@ def test_known_answer_accuracy_is_exact(golden, tmp_path, capsys):
     out = capsys.readouterr().out
     assert '-amp has no effect on CPU' in out
     assert 'eval model: batch 2/7' in out  # progress every REPORT_FREQ batches
+    assert 'paddle.inference' in out  # on the CPU the predictor is tried, and its verdict logged
     last_line = out.strip().splitlines()[-1]
     assert json.loads(last_line) == summary
     assert json.loads((tmp_path / 'eval_summary.json').read_text()) == summary
@@ -211,6 +212,16 @@ def test_batch_size_sets_the_evaluation_batch_however_eval_is_asked_for(capsys):
         engine.parse_config(['-cfg', cfg, '-eval', '-batch_size', '50', '-batch_size_eval', '60'])
     assert exit_info.value.code == 2
     assert '-batch_size and -batch_size_eval both set the evaluation batch' in capsys.readouterr().err
+
+
+def test_ngpus_is_a_flag_of_the_multi_process_entry_point_only(capsys):
+    """-ngpus sets NGPUS for main_multi_gpu.py; main_single_gpu.py has no such flag."""
+    cfg = os.path.join(ROOT, 'configs', 'xcit_nano_12_p16_224.yaml')
+    assert engine.parse_config(['-cfg', cfg, '-ngpus', '2'], multi_process=True).NGPUS == 2
+    assert engine.parse_config(['-cfg', cfg], multi_process=True).NGPUS == -1
+    with pytest.raises(SystemExit) as exit_info:
+        engine.parse_config(['-cfg', cfg, '-ngpus', '1'])
+    assert exit_info.value.code == 2 and 'unrecognized arguments: -ngpus 1' in capsys.readouterr().err
 
 
 def test_ema_of_a_plain_state_dict_is_an_error(golden, tmp_path):
