@@ -2,6 +2,7 @@
 reductions and atomic checkpoint files."""
 import codecs
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -219,12 +220,24 @@ def to_json(data, **options):
     return json.dumps(finite, allow_nan=False, **options)
 
 
-def write_json(path, data):
-    """Writes ``data`` as indented JSON (``to_json``), atomically."""
+@contextlib.contextmanager
+def replacing(path):
+    """Yields a temporary name beside ``path`` (``<path>.tmp<pid>``) to write to; the file then
+    replaces ``path`` in one rename, and is removed if writing failed: a reader of ``path`` finds
+    the previous file or the new one whole, never part of one."""
     tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, data):
+    """Writes ``data`` as indented JSON (``to_json``), atomically (``replacing``)."""
+    with replacing(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
         f.write(to_json(data, indent=1))
-    os.replace(tmp, path)
 
 
 def lock_folder(folder, name='run.lock'):
@@ -284,13 +297,8 @@ def save_checkpoint(state, path):
     the temporary file: see ``remove_partial_checkpoints``).
     """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
+    with replacing(path) as tmp:
         paddle.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def remove_partial_checkpoints(folder):

@@ -167,7 +167,7 @@ def test_eval_of_a_resume_checkpoint_summarises_what_was_evaluated(golden, tmp_p
 
 def test_a_failed_summary_write_keeps_the_previous_summary(tmp_path):
     """write_json writes to a temporary file and renames it: a write that fails part way leaves the
-    summary that was there intact, not truncated."""
+    summary that was there intact, not truncated, and no temporary file beside it."""
     from utils import write_json
     path = tmp_path / 'eval_summary.json'
     write_json(str(path), {'acc1': 71.5, 'loss': float('nan')})
@@ -175,6 +175,7 @@ def test_a_failed_summary_write_keeps_the_previous_summary(tmp_path):
     with pytest.raises(TypeError):
         write_json(str(path), {'acc1': 72.0, 'weights': object()})
     assert path.read_text() == before and json.loads(before) == {'acc1': 71.5, 'loss': None}
+    assert [p.name for p in tmp_path.iterdir()] == ['eval_summary.json']
 
 
 def test_the_summary_of_diverged_weights_is_standard_json(golden, tmp_path, capsys):
