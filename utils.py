@@ -185,10 +185,8 @@ class MetricsLog:
                         kept.append(line)
                 except (ValueError, KeyError, TypeError):
                     continue
-        tmp = f'{self.path}.tmp{os.getpid()}'
-        with open(tmp, 'w', encoding='utf-8') as f:
+        with replacing(self.path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
             f.writelines(kept)
-        os.replace(tmp, self.path)
 
 
 class AverageMeter:
