@@ -52,6 +52,7 @@ def write(path, text):
 
 # ----------------------------------------------------------------------------- model configs
 
+
 def test_configs_folder_holds_exactly_the_42_variants():
     found = sorted(os.path.basename(p)[:-len('.yaml')]
                    for p in glob.glob(os.path.join(CONFIGS, 'xcit_*.yaml')))
@@ -127,6 +128,7 @@ def test_smallest_config_builds_and_runs_at_its_image_size():
 
 
 # ----------------------------------------------------------------------------- config system
+
 
 @pytest.mark.parametrize('text, key', [
     ('MODEL:\n  EMBED_DIMS: 128\n', 'MODEL.EMBED_DIMS'),

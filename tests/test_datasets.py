@@ -45,6 +45,7 @@ def eval_of(path, config):
 
 # ------------------------------------------------------------------ digits
 
+
 def test_digits_split_sizes_and_pixels():
     config = make_config(**{'DATA.DATASET': 'digits'})
     train, val = build_dataset(config, 'train'), build_dataset(config, 'val')
@@ -166,6 +167,7 @@ def test_cifar_batches_never_run_code_and_bad_ones_are_named(tmp_path, monkeypat
 
 # ------------------------------------------------------------------ imagefolder and imagenet2012
 
+
 @pytest.fixture
 def folder(tmp_path):
     """train/ and val/ with classes 'cat', 'dog', 'emu' (JPEG, PNG, nested, upper-case extension)."""
@@ -226,6 +228,7 @@ def test_list_files_with_a_byte_order_mark(imagenet):
 
 
 # ------------------------------------------------------------------ bad input
+
 
 def imagenet_config(root):
     return make_config(**{'DATA.DATASET': 'imagenet2012', 'DATA.DATA_PATH': str(root)})
@@ -345,6 +348,7 @@ def test_unknown_dataset_and_mode():
 
 # ------------------------------------------------------------------ samplers
 
+
 @pytest.mark.parametrize('world_size', [1, 2, 3])
 def test_eval_shards_cover_every_index_once(world_size):
     shards = [[i for b in EvalBatchSampler(17, 4, rank, world_size) for i in b] for rank in range(world_size)]
@@ -389,6 +393,7 @@ def test_repeated_augmentation_spreads_copies_over_ranks():
 
 
 # ------------------------------------------------------------------ loaders
+
 
 def set_epoch(loader, epoch):
     loader.dataset.set_epoch(epoch)

@@ -438,7 +438,6 @@ def test_classification_sums_break_ties_by_class_index_and_use_float64():
     assert engine.classification_sums(logits[:4], labels[:4])[2] == pytest.approx(expected.sum(), abs=1e-12)
 
 
-
 def test_top5_counts_a_label_ranked_fifth_and_not_one_ranked_sixth():
     """Labels behind 0, 3, 4 and 5 classes: Acc@1 counts the first, Acc@5 the first three;
     summarise gives percentages and the mean loss."""
@@ -449,6 +448,7 @@ def test_top5_counts_a_label_ranked_fifth_and_not_one_ranked_sixth():
     stats = engine.summarise(sums)
     assert (stats['acc1'], stats['acc5'], stats['images']) == (25.0, 75.0, 4)
     assert stats['loss'] == pytest.approx(sums[2] / 4, abs=1e-12)
+
 
 def test_two_processes_report_the_same_metrics_as_one(golden, tmp_path):
     """Shards of 20 images in batches of 6 (the last ones partial): every image counted once."""

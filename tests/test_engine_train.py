@@ -199,7 +199,6 @@ def test_resume_with_other_steps_per_epoch_continues_the_schedule_where_the_epoc
     assert first['lr'] < half_way
 
 
-
 def test_a_resumed_run_keeps_the_best_accuracy_of_the_epochs_before(full_run, tmp_path):
     """Epoch 1's checkpoint records a best Acc@1 of 99% at epoch 1: epoch 2, resumed, is worse,
     so the run's best stays epoch 1's and no best.pdparams is written over it."""
@@ -225,6 +224,7 @@ def test_resume_with_more_epochs_steps_at_the_learning_rate_of_the_longer_schedu
     assert trainer.step == 22 and trainer.lr_scheduler.last_epoch == 22
     assert trainer.optimizer.get_lr() == pytest.approx(end + (peak - end) * (1 + math.cos(math.pi * 22 / 88)) / 2)
 
+
 @pytest.mark.parametrize('change, before, now', [
     (['TRAIN.OPTIMIZER.NAME', 'SGD'], "'AdamW'", "'SGD'"),
     (['TRAIN.FREEZE_BACKBONE', 'True'], 'False', 'True'),
@@ -240,7 +240,6 @@ def test_resume_with_another_optimizer_state_is_refused(full_run, tmp_path, chan
         main_single_gpu.main(train_args(tmp_path, *FULL_RECIPE, *change, epochs=3, extra=['-resume', 'auto']))
 
 
-
 def test_optimizer_state_names_take_the_longest_parameter_name_they_start_with():
     """Optimizer state keys are a parameter's name, '_' and the state's: a key is renamed by the
     longest parameter name it starts with (one name can begin another), other keys are kept."""
@@ -248,6 +247,7 @@ def test_optimizer_state_names_take_the_longest_parameter_name_they_start_with()
     state = {'param_1_moment1_0': 1, 'param_1_2_moment1_0': 2, 'LR_Scheduler': 3}
     assert engine.rename_prefixes(state, names) == {'head.weight_moment1_0': 1, 'blocks.0.gamma1_moment1_0': 2,
                                                      'LR_Scheduler': 3}
+
 
 def test_checkpoint_and_metrics_contents(full_run):
     output, result = full_run
@@ -294,7 +294,6 @@ def test_short_training_learns(plain_run):
     assert 'epoch 3/3 step 40/44 lr' in out and 'images/s ETA' in out
 
 
-
 def test_validation_every_validate_freq_epochs_and_after_the_last(tmp_path):
     """VALIDATE_FREQ 2 over 3 epochs validates epochs 2 and 3 (the last, whatever the frequency);
     the result reports the last epoch's accuracy and the best of the two."""
@@ -303,6 +302,7 @@ def test_validation_every_validate_freq_epochs_and_after_the_last(tmp_path):
     assert [(r['epoch'], r['model']) for r in val] == [(2, 'model'), (3, 'model')]
     assert result['last_acc1'] == val[-1]['acc1'] and result['best_acc1'] == max(r['acc1'] for r in val)
     assert paddle.load(str(tmp_path / 'best.pdparams'))['epoch'] == result['best_epoch']
+
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(full_run, tmp_path):
     output, _ = full_run
@@ -313,7 +313,6 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(full_run, tmp_path):
         main_single_gpu.main(train_args(tmp_path, *FULL_RECIPE, 'TRAIN.BASE_LR', '1e30', extra=['-resume', str(last)]))
     assert digest(last) == before
     assert not (tmp_path / 'best.pdparams').exists()
-
 
 
 def test_weights_that_became_nan_at_the_end_of_an_epoch_stop_the_run_unsaved(tmp_path, monkeypatch):
@@ -331,6 +330,7 @@ def test_weights_that_became_nan_at_the_end_of_an_epoch_stop_the_run_unsaved(tmp
         main_single_gpu.main(train_args(tmp_path, *PLAIN_RECIPE, epochs=1))
     assert not list(tmp_path.glob('*.pdparams'))
     assert not any(r['kind'] == 'val' for r in read_metrics(tmp_path))
+
 
 def test_resume_of_another_architecture_lists_the_differences(full_run, tmp_path):
     output, _ = full_run
@@ -658,7 +658,6 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     assert result['steps'] == 1438 // 32 // 2
 
 
-
 def test_gradient_accumulation_takes_the_steps_of_the_larger_batch(tmp_path):
     """Batches of 16 accumulated 4 times train as batches of 64: the same 22 steps an epoch on
     the same images (the 89th batch of 16, less than a step, is skipped), each averaging the
@@ -675,7 +674,6 @@ def test_gradient_accumulation_takes_the_steps_of_the_larger_batch(tmp_path):
         for name in ('head.weight', 'head.bias'):
             np.testing.assert_allclose(accumulated[part][name].numpy(), large[part][name].numpy(), rtol=1e-5,
                                        atol=1e-6, err_msg=f'{part} {name}')
-
 
 
 def test_each_epoch_trains_on_its_own_shuffle_augmentation_and_mixup(tmp_path, monkeypatch):
@@ -710,7 +708,6 @@ def test_each_epoch_trains_on_its_own_shuffle_augmentation_and_mixup(tmp_path, m
     assert not np.array_equal(seen[0][1], seen[steps][1])
 
 
-
 def test_ema_follows_train_model_ema_decay(tmp_path):
     """TRAIN.MODEL_EMA_DECAY 0 makes the EMA a copy of the model after every step: at the end of
     the run it holds the model's weights and BatchNorm statistics exactly."""
@@ -720,6 +717,7 @@ def test_ema_follows_train_model_ema_decay(tmp_path):
     assert last['model'].keys() == last['model_ema'].keys()
     for name, value in last['model'].items():
         np.testing.assert_array_equal(last['model_ema'][name].numpy(), value.numpy(), err_msg=name)
+
 
 def test_grad_checkpointing_trains_the_same_weights(tmp_path):
     """TRAIN.GRAD_CHECKPOINTING recomputes the blocks in the backward pass: same checkpoint."""
@@ -781,8 +779,6 @@ def test_settings_without_effect_are_reported(tmp_path):
                                         extra=['-data_path', str(tmp_path / 'images')]))
     assert 'TRAIN.MODEL_EMA_DECAY is 0.5, which has no effect: TRAIN.MODEL_EMA is off' in out.getvalue()
     assert f'-data_path {tmp_path / "images"} has no effect: the digits dataset is bundled' in out.getvalue()
-
-
 
 
 def test_distillation_from_a_frozen_xcit_teacher(plain_run, tmp_path):

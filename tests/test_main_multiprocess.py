@@ -164,7 +164,6 @@ def test_frozen_backbone_with_two_cpu_processes_matches_one_process(tiny, probes
                 np.testing.assert_array_equal(np.asarray(run[name]), value.numpy(), err_msg=name)
 
 
-
 def test_two_processes_log_the_training_loss_and_accuracy_of_the_global_batch(probes):
     """The training records of 2 processes x 32 images give the loss and accuracy over both
     processes' images: those of 1 process x 64 images (the linear probes train alike)."""
@@ -176,6 +175,7 @@ def test_two_processes_log_the_training_loss_and_accuracy_of_the_global_batch(pr
         assert b['loss'] == pytest.approx(a['loss'], rel=1e-5)
         assert (b['acc1'], b['acc5']) == pytest.approx((a['acc1'], a['acc5']), abs=1e-9)
     assert len({r['acc1'] for r in one}) > 1
+
 
 @pytest.mark.parametrize('args,message', [
     (['-opts', 'TRAIN.NO_SUCH_KEY', '1'], 'error: -opts: unknown config key TRAIN.NO_SUCH_KEY'),
@@ -228,7 +228,6 @@ def test_a_single_process_started_by_paddle_launch_runs_in_place(tiny, tmp_path,
     assert result['processes'] == 1 and result['images'] == 359
 
 
-
 def test_process_count_of_ngpus():
     """-ngpus -1 starts one process per visible GPU, or 2 CPU processes without one; a positive
     count is taken as given unless it exceeds the visible GPUs; 0 and below -1 are errors."""
@@ -249,6 +248,7 @@ def test_one_process_asked_for_runs_in_place(tiny, tmp_path, monkeypatch):
     result = main_multi_gpu.main(['-ngpus', '1', '-cfg', cfg, '-eval', '-pretrained', weights, '-output',
                                   str(tmp_path)])
     assert result['processes'] == 1 and result['images'] == 359
+
 
 def test_the_runs_config_serves_a_single_process_evaluation(two_processes, tmp_path):
     """config.yaml of a 2-process run leaves out its process count (and its weights): it is the
