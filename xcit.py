@@ -112,6 +112,14 @@ def _row_sums(x):
     return paddle.matmul(x, paddle.ones([x.shape[1], 1], x.dtype)).reshape([-1])
 
 
+def _eager_on_cpu(x):
+    """x is an eager tensor on the CPU: where the model replaces Paddle's slow CPU kernels. In
+    graph mode (exports) and on GPUs it uses Paddle's standard operators, which the inference
+    passes fuse and float16 autocast casts (a custom GEMM such as ``paddle.addmm`` is not on
+    autocast's list and would run in float32)."""
+    return paddle.in_dynamic_mode() and x.place.is_cpu_place()
+
+
 def _needs_grad(*tensors):
     """Eager autograd will want a gradient of at least one of ``tensors``."""
     return paddle.is_grad_enabled() and not all(t.stop_gradient for t in tensors)
@@ -305,7 +313,7 @@ class LayerNorm(nn.LayerNorm):
     the CPU is ``_LayerNormFunction``'s."""
 
     def forward(self, x):
-        if paddle.in_dynamic_mode() and x.place.is_cpu_place() and _needs_grad(x, self.weight, self.bias):
+        if _eager_on_cpu(x) and _needs_grad(x, self.weight, self.bias):
             return _LayerNormFunction.apply(x, self.weight, self.bias, self._epsilon)
         return F.layer_norm(x, self._normalized_shape, self.weight, self.bias, self._epsilon)
 
@@ -313,13 +321,14 @@ class LayerNorm(nn.LayerNorm):
 def _linear(x, weight, bias=None):
     """(..., in) @ weight (in, out) + bias (out,) -> (..., out).
 
-    Eager: ``paddle.addmm`` adds the bias inside the GEMM call, several times cheaper on
-    Paddle's CPU kernels than a separate broadcast add, with GEMM-only gradients when they are
-    needed. Graph mode: matmul + add, which the inference passes fuse into one fc op.
+    Eagerly on the CPU, ``paddle.addmm`` adds the bias inside the GEMM call, several times
+    cheaper on Paddle's CPU kernels than a separate broadcast add, with GEMM-only gradients when
+    they are needed. Otherwise ``F.linear``: in graph mode matmul + add, which the inference
+    passes fuse into one fc op; on GPUs the GEMM that float16 autocast casts.
     """
     if bias is None:
         return paddle.matmul(x, weight)
-    if not paddle.in_dynamic_mode():
+    if not _eager_on_cpu(x):
         return F.linear(x, weight, bias)
     if _needs_grad(x, weight, bias):
         return _AddmmFunction.apply(x, weight, bias)
@@ -513,7 +522,7 @@ class LPI(nn.Layer):
         weight, bias = self.conv2.weight, self.conv2.bias
         if scale is not None:
             weight, bias = weight * scale.reshape([-1, 1, 1, 1]), bias * scale
-        if not (paddle.in_dynamic_mode() and x.place.is_cpu_place()):
+        if not _eager_on_cpu(x):
             return self._image_forward(x, H, W, weight, bias)
         B, N, C = x.shape
         x = _transpose(x.reshape([-1, C]), [1, 0]).reshape([C, B, H, W])  # channel planes
@@ -550,7 +559,7 @@ def _squared_norms(x):
     matrix-vector product (Paddle's CPU sum over the last axis is several times slower);
     otherwise a sum: the oneDNN predictor reduces it faster than a matmul, and on a GPU a matmul
     would run in float16 under autocast, where these sums overflow."""
-    if not (paddle.in_dynamic_mode() and x.place.is_cpu_place()):
+    if not _eager_on_cpu(x):
         return paddle.sum(x * x, axis=-1)
     return _row_sums((x * x).reshape([-1, x.shape[-1]])).reshape(x.shape[:-1])
 

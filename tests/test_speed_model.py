@@ -357,6 +357,35 @@ def test_training_step_gradients_are_finite_and_match_between_modes():
                                twin.blocks[0].local_mp.bn._variance.numpy(), atol=1e-5)
 
 
+
+def test_off_the_cpu_the_model_uses_paddles_standard_operators(monkeypatch):
+    """On a GPU the model runs Paddle's own linear, LayerNorm and convolution operators, which
+    float16 autocast casts, and none of the CPU replacements (PyLayers and ``paddle.addmm``, which
+    autocast leaves in float32): the same training step as the CPU model, loss and gradients."""
+    paddle.seed(0)
+    model = randomize(xcit.XCiT(embed_dim=C, depth=1, num_heads=HEADS, num_classes=4), 8)
+    twin = copy.deepcopy(model)
+    model.train()
+    twin.train()
+    x = paddle.to_tensor(np.random.default_rng(8).standard_normal((2, 3, 32, 48)).astype('float32'))
+    labels = paddle.to_tensor([1, 3])
+    cpu_loss = F.cross_entropy(model(x), labels)
+    cpu_loss.backward()
+    replacements = []
+    monkeypatch.setattr(xcit, '_eager_on_cpu', lambda tensor: False)
+    addmm = paddle.addmm
+    monkeypatch.setattr(paddle, 'addmm', lambda *args: replacements.append('addmm') or addmm(*args))
+    for function in (xcit._AddmmFunction, xcit._LayerNormFunction, xcit._BandedDepthwiseFunction):
+        monkeypatch.setattr(function, 'apply', lambda *args, name=function.__name__, apply=function.apply:
+                            replacements.append(name) or apply(*args))
+    gpu_loss = F.cross_entropy(twin(x), labels)
+    gpu_loss.backward()
+    assert replacements == []
+    np.testing.assert_allclose(gpu_loss.numpy(), cpu_loss.numpy(), rtol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        if not p.stop_gradient:
+            np.testing.assert_allclose(q.grad.numpy(), p.grad.numpy(), atol=1e-5, rtol=1e-4, err_msg=name)
+
 FAULTS_PER_ADD = """
 import resource, sys
 import numpy as np, paddle
