@@ -597,13 +597,7 @@ class XCA(nn.Layer):
         """(B, N, C) -> (B, N, C); the output is multiplied by ``scale`` (C,)."""
         N, C = x.shape[1], self.proj.weight.shape[0]
         q, k, v = self._channels_first_qkv(x)
-        # F.normalize(q) @ F.normalize(k)^T = diag(1/|q_i|) (q @ k^T) diag(1/|k_j|), norms over N,
-        # in float32 also under float16 autocast (squares overflow float16)
-        inv_q, inv_k = (paddle.rsqrt(paddle.clip(_squared_norms(t), min=NORMALIZE_EPS ** 2))
-                        for t in (_float32(q), _float32(k)))
-        inv_q = inv_q * self.temperature.squeeze(-1)
-        attn = self._rescale(paddle.matmul(q, k, transpose_y=True), inv_q, inv_k)  # (B, h, d, d)
-        attn = self.attn_drop(F.softmax(attn, axis=-1))
+        attn = self.attn_drop(F.softmax(self._logits(q, k), axis=-1))
         x = _transpose(paddle.matmul(attn, v).reshape([0, C, N]), [0, 2, 1])
         return self.proj_drop(self.proj(x, scale))
 
@@ -618,6 +612,23 @@ class XCA(nn.Layer):
             return paddle.split(_transpose(self.qkv(x), [0, 2, 1]).reshape([-1, 3 * h, d, N]), 3, axis=1)
         return [_transpose(_linear(x, weight, bias), [0, 2, 1]).reshape([-1, h, d, N])
                 for weight, bias in _qkv_parts(self.qkv)]
+
+    def _logits(self, q, k):
+        """q and k (B, h, d, N) -> ``F.normalize(q) @ F.normalize(k)^T * temperature`` (B, h, d, d),
+        normalised along the tokens, with the norms in float32 also under float16 autocast (their
+        squares overflow float16).
+
+        On the CPU and in graph mode as diag(1/|q_i|) (q @ k^T) diag(1/|k_j|): the norms scale the
+        d x d product instead of q and k. Eagerly on GPUs, q and k are normalised first, as in
+        the official code: autocast runs the product in float16, in which q @ k^T over thousands of
+        tokens can overflow, while every entry of the normalised product is a cosine in [-1, 1].
+        """
+        inv_q, inv_k = (paddle.rsqrt(paddle.clip(_squared_norms(_float32(t)), min=NORMALIZE_EPS ** 2))
+                        for t in (q, k))
+        if paddle.in_dynamic_mode() and not _eager_on_cpu(q):
+            q, k = q * inv_q.unsqueeze(-1), k * inv_k.unsqueeze(-1)
+            return paddle.matmul(q, k, transpose_y=True) * self.temperature
+        return self._rescale(paddle.matmul(q, k, transpose_y=True), inv_q * self.temperature.squeeze(-1), inv_k)
 
     @staticmethod
     def _rescale(attn, row, col):

@@ -386,6 +386,25 @@ def test_off_the_cpu_the_model_uses_paddles_standard_operators(monkeypatch):
         if not p.stop_gradient:
             np.testing.assert_allclose(q.grad.numpy(), p.grad.numpy(), atol=1e-5, rtol=1e-4, err_msg=name)
 
+
+def test_off_the_cpu_xca_multiplies_normalised_q_and_k(monkeypatch):
+    """On a GPU, float16 autocast runs XCA's q @ k^T in float16: it gets q and k normalised along
+    the tokens (every entry of the product a cosine), not the raw ones, whose products over many
+    tokens can exceed float16's 65504; the logits are those of the CPU arithmetic."""
+    xca = randomize(xcit.XCA(C, num_heads=HEADS), 3)
+    rng = np.random.default_rng(4)
+    q, k = (paddle.to_tensor(300 * rng.standard_normal((2, HEADS, C // HEADS, 4096)).astype('float32'))
+            for _ in range(2))
+    cpu_logits = xca._logits(q, k).numpy()
+    factors = []
+    matmul = paddle.matmul
+    monkeypatch.setattr(xcit, '_eager_on_cpu', lambda tensor: False)
+    monkeypatch.setattr(paddle, 'matmul', lambda a, b, **kw: factors.append((a, b)) or matmul(a, b, **kw))
+    gpu_logits = xca._logits(q, k).numpy()
+    assert len(factors) == 1 and all(np.abs(t.numpy()).max() <= 1 + 1e-6 for t in factors[0])
+    assert np.abs(np.matmul(q.numpy(), k.numpy().swapaxes(-1, -2))).max() > 65504
+    np.testing.assert_allclose(gpu_logits, cpu_logits, atol=1e-5, rtol=1e-5)
+
 FAULTS_PER_ADD = """
 import resource, sys
 import numpy as np, paddle
