@@ -335,15 +335,21 @@ def test_to_static_program_equals_eager_model(side):
             np.testing.assert_allclose(static(x).numpy(), model(x).numpy(), atol=1e-5, rtol=1e-5)
 
 
-def test_training_step_gradients_are_finite_and_match_between_modes():
-    """One training step of the whole model: eager gradients equal to_static gradients."""
+def training_twins_and_batch():
+    """A one-block XCiT with random weights and its copy, both in train mode, and a batch of two
+    32 x 48 images with their labels."""
     paddle.seed(0)
     model = randomize(xcit.XCiT(embed_dim=C, depth=1, num_heads=HEADS, num_classes=4), 8)
     twin = copy.deepcopy(model)
     model.train()
     twin.train()
     x = paddle.to_tensor(np.random.default_rng(8).standard_normal((2, 3, 32, 48)).astype('float32'))
-    labels = paddle.to_tensor([1, 3])
+    return model, twin, x, paddle.to_tensor([1, 3])
+
+
+def test_training_step_gradients_are_finite_and_match_between_modes():
+    """One training step of the whole model: eager gradients equal to_static gradients."""
+    model, twin, x, labels = training_twins_and_batch()
     static = paddle.jit.to_static(twin, input_spec=[paddle.static.InputSpec([None, 3, None, None], 'float32')],
                                   full_graph=True)
     for net in (model, static):
@@ -357,18 +363,11 @@ def test_training_step_gradients_are_finite_and_match_between_modes():
                                twin.blocks[0].local_mp.bn._variance.numpy(), atol=1e-5)
 
 
-
 def test_off_the_cpu_the_model_uses_paddles_standard_operators(monkeypatch):
     """On a GPU the model runs Paddle's own linear, LayerNorm and convolution operators, which
     float16 autocast casts, and none of the CPU replacements (PyLayers and ``paddle.addmm``, which
     autocast leaves in float32): the same training step as the CPU model, loss and gradients."""
-    paddle.seed(0)
-    model = randomize(xcit.XCiT(embed_dim=C, depth=1, num_heads=HEADS, num_classes=4), 8)
-    twin = copy.deepcopy(model)
-    model.train()
-    twin.train()
-    x = paddle.to_tensor(np.random.default_rng(8).standard_normal((2, 3, 32, 48)).astype('float32'))
-    labels = paddle.to_tensor([1, 3])
+    model, twin, x, labels = training_twins_and_batch()
     cpu_loss = F.cross_entropy(model(x), labels)
     cpu_loss.backward()
     replacements = []
