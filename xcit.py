@@ -628,7 +628,8 @@ class XCA(nn.Layer):
         if paddle.in_dynamic_mode() and not _eager_on_cpu(q):
             q, k = q * inv_q.unsqueeze(-1), k * inv_k.unsqueeze(-1)
             return paddle.matmul(q, k, transpose_y=True) * self.temperature
-        return self._rescale(paddle.matmul(q, k, transpose_y=True), inv_q * self.temperature.squeeze(-1), inv_k)
+        inv_q = inv_q * self.temperature.squeeze(-1)
+        return self._rescale(paddle.matmul(q, k, transpose_y=True), inv_q, inv_k)
 
     @staticmethod
     def _rescale(attn, row, col):
