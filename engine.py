@@ -46,15 +46,6 @@ from utils import (AverageMeter, CheckpointError, MetricsLog, all_reduce_sum, av
                    visible_gpus, weights_of, write_config, write_json)
 from xcit import build_xcit
 
-# AMP (float16, level O1) op lists for xcit.py's layers, by the names autocast knows the ops by
-# (Paddle's operator names, as paddle.amp.debugging's operator statistics list them: paddle.matmul
-# is 'matmul_v2'; a name that is no op's is silently ignored). White: its Linear layers compute
-# x @ W + b as one 'addmm', which Paddle would otherwise leave in float32. Black (float32): the
-# attention products ('matmul_v2': XCA forms q k^T before applying the L2 normalisation, which
-# xcit.py computes in float32, and a sum over thousands of tokens can overflow float16) and the
-# softmaxes. These products cost about 1 / (3 * heads) of the Linear layers' GEMMs.
-AMP_WHITE_LIST = frozenset({'addmm'})
-AMP_BLACK_LIST = frozenset({'matmul_v2', 'softmax'})
 COMPILED_TOLERANCE = 1e-4  # max abs logit difference accepted from the exported model in evaluation
 VERDICTS = ('passed', 'unavailable', 'different logits', 'not faster')  # of the predictor's check in -eval
 HEAD_KEYS = ('head.weight', 'head.bias')
@@ -219,11 +210,16 @@ def setup_device():
 
 
 def autocast(enabled):
-    """float16 autocast (level O1 with ``AMP_WHITE_LIST`` / ``AMP_BLACK_LIST``), or nothing."""
+    """float16 autocast at level O1 with Paddle's own operator lists, or nothing.
+
+    As with torch's autocast in the official code, the GEMMs ('matmul_v2': linear layers and
+    attention products) and the stem's convolutions run in float16, softmax, LayerNorm, sums and
+    rsqrt in float32, and other operators in their inputs' type (float32 if any input is). Off
+    the CPU the model uses these standard operators (``xcit._eager_on_cpu``), computes XCA's
+    norms in float32 and multiplies normalised q and k, whose product cannot overflow float16."""
     if not enabled:
         return contextlib.nullcontext()
-    return paddle.amp.auto_cast(enable=True, custom_white_list=set(AMP_WHITE_LIST),
-                                custom_black_list=set(AMP_BLACK_LIST), level='O1', dtype='float16')
+    return paddle.amp.auto_cast(enable=True, level='O1', dtype='float16')
 
 
 def update_loss_scale(scaler):
