@@ -8,10 +8,12 @@ The model is the dygraph XCiT with ``-pretrained`` weights, or an exported model
 default the first GPU when Paddle sees one, else the CPU); images go through the evaluation
 transform of ``-cfg`` (for an exported model, by default the config.yaml of its folder), at
 ``-image_size`` if given (as for ``-eval``, ``export_model.py`` and ``visualize_attention.py``),
-read by ``-workers`` threads one batch ahead of the model. Single images are printed as a ranked
-list. Folders (every image file below them, sorted) and ``-output`` give a CSV instead: path,
-the top-5 class indices (all classes for a model with fewer), their names and their
-probabilities, to ``-output`` (its folder is created) or stdout. Class names come from
+read by ``-workers`` threads one batch ahead of the model; photos are first turned upright as
+their EXIF orientation tag says (training and ``-eval`` read pixels as stored, as the official
+code does). Single images are printed as a ranked list. Folders (every image file below them,
+sorted) and ``-output`` give a CSV instead: path, the top-5 class indices (all classes for a
+model with fewer), their names and their probabilities, to ``-output`` (its folder is created)
+or stdout. Class names come from
 ``-class_names``: a text file (one per line, in class-index order), or the image folder dataset
 a model was trained on (``-dataset imagefolder -data_path DIR``: the class folders of
 ``DIR/train``, in the order training labels them), by default the config's ``DATA.CLASS_NAMES``
@@ -30,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import paddle
+from PIL import ImageOps
 
 from config import ConfigError
 from datasets import IMAGE_READ_ERRORS, IMG_EXTENSIONS, DataError, find_classes, read_image
@@ -107,9 +110,10 @@ def image_paths(inputs):
 
 
 def load_image(path, transform):
-    """The transformed image, or raises OSError naming the problem."""
+    """The transformed image, turned upright as its EXIF orientation tag says (as photo viewers
+    and OpenCV's ``imread`` show it), or raises OSError naming the problem."""
     try:
-        return transform(read_image(path))
+        return transform(ImageOps.exif_transpose(read_image(path)))
     except IMAGE_READ_ERRORS as e:
         raise OSError(f'{path}: cannot read the image ({type(e).__name__}: {e})') from e
 

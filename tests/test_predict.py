@@ -483,3 +483,22 @@ def test_class_names_file_lines_are_stripped_and_blank_lines_skipped(tmp_path):
     assert read_class_names(str(names), 3) == ['great white shark', 'tiger cat', 'zebra']
     with pytest.raises(ConfigError, match=re.escape(f'{names}: 3 class names, but the model has 4 classes')):
         read_class_names(str(names), 4)
+
+
+@pytest.mark.parametrize('fmt', ['JPEG', 'PNG'])
+def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path, fmt):
+    """A camera stores a portrait photo as landscape pixels with EXIF orientation 6 ("rotate 90
+    degrees clockwise to view"); predict (and the attention maps) see it upright, as photo
+    viewers and OpenCV's imread show it. Without the tag the pixels are taken as stored."""
+    upright = np.zeros((48, 32, 3), dtype=np.uint8)
+    upright[:8] = 255  # a white band at the top of the upright image
+    stored = np.rot90(upright, k=1)  # what the camera writes: the band on the left, 32 x 48
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    tagged, plain = tmp_path / f'tagged.{fmt.lower()}', tmp_path / f'plain.{fmt.lower()}'
+    Image.fromarray(stored).save(tagged, fmt, exif=exif, quality=95)
+    Image.fromarray(stored).save(plain, fmt, quality=95)
+    seen = predict.load_image(str(tagged), np.asarray)
+    assert seen.shape == (48, 32, 3)
+    assert seen[:8].mean() > 200 and seen[8:].mean() < 50
+    assert predict.load_image(str(plain), np.asarray).shape == (32, 48, 3)
