@@ -23,6 +23,7 @@ images when they are loaded; everything else (missing images, files or folders, 
 lines, labels outside [0, MODEL.NUM_CLASSES), empty datasets) when the dataset is built.
 """
 import codecs
+import functools
 import io
 import itertools
 import os
@@ -54,7 +55,8 @@ CIFAR = {
 
 
 class DataError(ValueError):
-    """Missing, unreadable or inconsistent data; the message names the file (and line)."""
+    """Missing, unreadable or inconsistent data; the message names the file (and line). Also
+    data that could not be loaded for another reason (a loader worker process that died)."""
 
 
 class ImageDataset(paddle.io.Dataset):
@@ -382,6 +384,9 @@ def collate(samples):
     return np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
+READER_JOIN_SECONDS = 10  # for the exception of a failed reader thread to arrive
+
+
 class DataLoader(paddle.io.DataLoader):
     """``paddle.io.DataLoader`` whose failures still name the bad file.
 
@@ -389,9 +394,11 @@ class DataLoader(paddle.io.DataLoader):
     is (Paddle's own single-process loader runs a reader thread that dies silently on an error
     and leaves the consumer waiting forever). With workers, Paddle re-raises a worker's
     exception in its reader thread, so this process only gets a generic ``SystemError``. The
-    samples of the pass are then loaded again here, from the first batch not yet delivered:
-    loading is deterministic, so this raises the original error (e.g. a ``DataError`` with the
-    file name); if nothing fails, the ``SystemError`` is raised.
+    batches that were in flight are then loaded again here, from the first one not yet
+    delivered: loading is deterministic, so this raises the original error (e.g. a ``DataError``
+    with the file name); if none of them fails, the worker's exception is raised as Paddle
+    passed it on. A worker that died without an exception (killed by a signal, e.g. by the
+    out-of-memory killer) gives a ``DataError`` saying so, at once.
     """
 
     def __iter__(self):
@@ -400,7 +407,8 @@ class DataLoader(paddle.io.DataLoader):
                 batch = self.collate_fn([self.dataset[index] for index in indices])
                 yield [paddle.to_tensor(array) for array in batch]
             return
-        threading.excepthook = _leave_data_errors_to_the_consumer
+        worker_errors = []
+        threading.excepthook = functools.partial(_leave_data_errors_to_the_consumer, worker_errors)
         batches = super().__iter__()
         delivered = 0
         try:
@@ -409,23 +417,39 @@ class DataLoader(paddle.io.DataLoader):
                     batch = next(batches)
                 except StopIteration:
                     return
-                except SystemError:
+                except SystemError as error:
                     _stop_workers(batches)
-                    for indices in itertools.islice(self.batch_sampler, delivered, None):
-                        for index in indices:
-                            self.dataset[index]
-                    raise
+                    self._raise_worker_error(batches, delivered, worker_errors, error)
                 delivered += 1
                 yield batch
         finally:
             _stop_workers(batches)  # also when the loop over this loader ends early
 
+    def _raise_worker_error(self, batches, delivered, worker_errors, error):
+        """Raises what made Paddle's reader thread stop with ``error`` after ``delivered`` batches."""
+        reader = getattr(batches, '_thread', None)
+        if reader is not None:
+            reader.join(READER_JOIN_SECONDS)  # its exception reaches worker_errors before it ends
+        if not worker_errors:
+            raise DataError(
+                'a data loader worker process died without an error (killed by a signal, e.g. by the '
+                f'out-of-memory killer when {self.num_workers} workers (DATA.NUM_WORKERS) need more '
+                'memory than is free); fewer workers or a smaller batch need less') from error
+        in_flight = self.prefetch_factor * (self.num_workers + 1)  # sent to workers, or queued
+        for indices in itertools.islice(self.batch_sampler, delivered, delivered + in_flight):
+            for index in indices:
+                self.dataset[index]
+        raise worker_errors[0] from error
 
-def _leave_data_errors_to_the_consumer(args, report=threading.excepthook):
-    """``threading.excepthook`` while a ``DataLoader`` with workers runs: a ``DataError`` that
-    Paddle's reader thread re-raises from a worker is not printed there (a traceback of the
-    worker's traceback), as ``DataLoader.__iter__`` raises it again where the batches are used,
-    naming the file; any other exception is reported by ``report``, Python's hook."""
+
+def _leave_data_errors_to_the_consumer(worker_errors, args, report=threading.excepthook):
+    """``threading.excepthook`` while a ``DataLoader`` with workers runs: an exception of Paddle's
+    reader thread (a worker's, re-raised there) is kept in ``worker_errors`` for
+    ``DataLoader.__iter__`` to raise again where the batches are used; a ``DataError``, which
+    names its file there, is not printed here (a traceback of the worker's traceback), any other
+    exception is also reported by ``report``, Python's hook."""
+    if args.exc_type is not None and issubclass(args.exc_type, Exception):
+        worker_errors.append(args.exc_value)
     if args.exc_type is None or not issubclass(args.exc_type, DataError):
         report(args)
 

@@ -5,6 +5,7 @@ import multiprocessing
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -17,6 +18,7 @@ from PIL import Image
 
 from conftest import ROOT, running, wait_for
 from config import ConfigError, get_config, merge_from_list
+import datasets
 from datasets import DataError, build_dataloader, build_dataset
 from samplers import EvalBatchSampler, TrainBatchSampler
 from transforms import build_eval_transform
@@ -304,6 +306,42 @@ def test_loader_errors_keep_the_file_name(imagenet, workers):
     loader = build_dataloader(config, build_dataset(config, 'val'), 'val')
     with pytest.raises(DataError, match=r'broken.jpg \(.*val_list.txt line 2\)'):
         list(loader)
+
+
+class FailingInWorkers(paddle.io.Dataset):
+    """400 items of which item 40 fails in a loader worker only: ``kill`` kills the worker (as the
+    out-of-memory killer would), otherwise it raises an error that this process does not
+    reproduce. Counts the items this process loads itself."""
+
+    def __init__(self, kill):
+        self.kill, self.loaded_here = kill, 0
+
+    def __len__(self):
+        return 400
+
+    def __getitem__(self, index):
+        if paddle.io.get_worker_info() is None:
+            self.loaded_here += 1
+        elif index == 40:
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise DataError('item 40: a passing read error')
+        return np.zeros((3, 2, 2), np.float32), np.int64(index)
+
+
+@pytest.mark.parametrize('kill', [True, False], ids=['killed worker', 'error only a worker raises'])
+def test_loader_worker_failures_that_do_not_reproduce_here(kill):
+    """A worker that dies without an exception is named as such, at once; an error that loading
+    the batches in flight here again does not reproduce is raised as the worker raised it. Either
+    way the rest of the pass is not loaded here one item at a time."""
+    dataset = FailingInWorkers(kill)
+    loader = datasets.DataLoader(dataset, batch_sampler=paddle.io.BatchSampler(dataset, batch_size=4),
+                                 collate_fn=datasets.collate, num_workers=2)
+    message = 'a data loader worker process died without an error' if kill else 'item 40: a passing read error'
+    with pytest.raises(DataError, match=message):
+        list(loader)
+    in_flight = loader.prefetch_factor * (loader.num_workers + 1) * 4
+    assert dataset.loaded_here <= (0 if kill else in_flight)
 
 
 def test_missing_paths_and_empty_datasets(tmp_path, folder):
