@@ -565,6 +565,7 @@ class Trainer:
         self.scaler = paddle.amp.GradScaler(init_loss_scaling=2.0 ** 16) if use_amp else None
         self.epoch, self.step = 0, 0  # completed epochs, optimizer steps
         self.best_acc, self.best_epoch = None, None
+        self.best_file = None  # where best.pdparams of best_epoch was written
         self.unvalidated = False  # the last epoch's validation is due but has not run yet
         self.metrics = MetricsLog(config.SAVE, enabled=self.rank == 0)
         if resume:
@@ -597,6 +598,8 @@ class Trainer:
                  'lr_scheduler': self.lr_scheduler.state_dict(),
                  'epoch': self.epoch, 'step': self.step,
                  'best_acc': self.best_acc, 'best_epoch': self.best_epoch, 'unvalidated': self.unvalidated,
+                 # relative to the checkpoint's folder, which can then move with its run
+                 'best_file': self.best_file and os.path.relpath(self.best_file, self.config.SAVE),
                  'config': self.config.dump()}
         if self.model_ema:
             state['model_ema'] = self.model_ema.state_dict()
@@ -642,9 +645,16 @@ class Trainer:
             self.scaler.load_state_dict(checkpoint['scaler'])
         self.epoch = int(checkpoint['epoch'])
         self.best_acc, self.best_epoch = checkpoint.get('best_acc'), checkpoint.get('best_epoch')
+        if self.best_epoch is not None:  # older checkpoints have their best.pdparams beside them
+            best_file = checkpoint.get('best_file') or 'best.pdparams'
+            self.best_file = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), best_file))
         self.unvalidated = bool(checkpoint.get('unvalidated', False))
         self.logger.info(f'resumed from {path}: {self.epoch} epochs, {int(checkpoint["step"])} steps done'
                          + (f', epoch {self.epoch} not validated yet' if self.unvalidated else ''))
+        if self.best_file_elsewhere():
+            self.logger.info(f'the best epoch so far, {self.best_epoch} (Acc@1 {self.best_acc:.2f}%), was saved in '
+                             f'{os.path.dirname(self.best_file)}; {self.config.SAVE}/best.pdparams will be '
+                             f'written when a later epoch beats it')
         self.continue_schedule_after(self.epoch, int(checkpoint['step']), path)
 
     def check_settings_against(self, checkpoint, path):
@@ -783,12 +793,20 @@ class Trainer:
             self.unvalidated = False
             if self.best_acc is None or results['model']['acc1'] > self.best_acc:
                 self.best_acc, self.best_epoch = results['model']['acc1'], self.epoch
+                self.best_file = os.path.abspath(os.path.join(self.config.SAVE, 'best.pdparams'))
                 self.save('best.pdparams')
         save_freq = self.config.SAVE_FREQ
         if save_freq > 0 and self.epoch % save_freq == 0:
             self.save(f'epoch_{self.epoch}.pdparams')
         self.save('last.pdparams')
         return results
+
+    def best_file_elsewhere(self):
+        """The best epoch's best.pdparams was written in another folder than SAVE, by the run that
+        this one continues from a checkpoint of that folder (a later epoch of that run may have
+        replaced it since)."""
+        here = os.path.realpath(os.path.join(self.config.SAVE, 'best.pdparams'))
+        return self.best_file is not None and os.path.realpath(self.best_file) != here
 
     def replica_difference(self):
         """Max abs difference between the ranks' weights (0.0 with one process)."""
@@ -838,7 +856,8 @@ class Trainer:
         if 'ema' in last:
             result['last_ema_acc1'] = last['ema']['acc1']
             ema_text = f', EMA {last["ema"]["acc1"]:.2f}%'
-        logger.info(f'result: best Acc@1 {self.best_acc:.2f}% (epoch {self.best_epoch}), last Acc@1 '
+        best_text = f', saved in {os.path.dirname(self.best_file)}' if self.best_file_elsewhere() else ''
+        logger.info(f'result: best Acc@1 {self.best_acc:.2f}% (epoch {self.best_epoch}{best_text}), last Acc@1 '
                     f'{result["last_acc1"]:.2f}%{ema_text} after {self.epoch} epochs; checkpoints in {config.SAVE}')
         return result
 
