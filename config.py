@@ -523,15 +523,23 @@ def flat_settings(node, prefix=''):
     return flat
 
 
+CASE_INSENSITIVE_KEYS = ('TRAIN.OPTIMIZER.NAME',)  # their values are read in any case
+
+
 def changed_settings(dumped, config, ignore=()):
     """``[(key, value in dumped, value in config)]`` for the settings in which ``config`` differs
     from the config ``dumped`` as YAML text (e.g. the one a training checkpoint keeps), leaving
-    out the keys in ``ignore``. Lists compare as lists whatever YAML made of them."""
+    out the keys in ``ignore``. Lists compare as lists whatever YAML made of them, the values of
+    ``CASE_INSENSITIVE_KEYS`` in lower case."""
     before = flat_settings(yaml.safe_load(dumped) or {})
     now = flat_settings(config)
-    listed = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+
+    def comparable(key, value):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        return value.lower() if key in CASE_INSENSITIVE_KEYS and isinstance(value, str) else value
     return [(key, before.get(key), value) for key, value in now.items()
-            if key not in ignore and listed(before.get(key)) != listed(value)]
+            if key not in ignore and comparable(key, before.get(key)) != comparable(key, value)]
 
 
 # command-line argument -> config key, for update_config

@@ -214,6 +214,29 @@ def test_a_resumed_run_keeps_the_best_accuracy_of_the_epochs_before(full_run, tm
     assert not (tmp_path / 'best.pdparams').exists()
 
 
+def test_a_run_continued_in_another_folder_names_where_its_best_checkpoint_is(full_run, tmp_path):
+    """A run of folder 'first' whose best epoch (1, 99%) is not beaten after it is continued in
+    folder 'second': the result says that epoch was saved in 'first', and so do the results of
+    'second' relaunched (its checkpoints name first/best.pdparams relative to their folder, so
+    that both runs can move together)."""
+    output, _ = full_run
+    (tmp_path / 'first').mkdir()
+    checkpoint = paddle.load(str(output / 'epoch_1.pdparams'))
+    checkpoint['best_acc'], checkpoint['best_epoch'] = 99.0, 1
+    paddle.save(checkpoint, str(tmp_path / 'first' / 'epoch_1.pdparams'))
+    second = tmp_path / 'second'
+    with capture_stdout() as out:
+        main_single_gpu.main(train_args(second, *FULL_RECIPE, extra=['-resume', str(tmp_path / 'first' / 'epoch_1.pdparams')]))
+    first = tmp_path / 'first'
+    assert f'the best epoch so far, 1 (Acc@1 99.00%), was saved in {first}' in out.getvalue()
+    assert f'result: best Acc@1 99.00% (epoch 1, saved in {first}), last Acc@1' in out.getvalue()
+    assert not (second / 'best.pdparams').exists()
+    assert paddle.load(str(second / 'last.pdparams'))['best_file'] == os.path.join('..', 'first', 'best.pdparams')
+    with capture_stdout() as out:  # relaunched in 'second' for one more epoch
+        result = main_single_gpu.main(train_args(second, *FULL_RECIPE, epochs=3, extra=['-resume', 'auto']))
+    assert result['best_epoch'] == 1 and f'(epoch 1, saved in {first})' in out.getvalue()
+
+
 def test_resume_with_more_epochs_steps_at_the_learning_rate_of_the_longer_schedule(full_run, tmp_path):
     """Epoch 1 of 2 (22 steps) continued in a run of 4 epochs: its first step runs at step 22 of
     the 88-step cosine, not at the learning rate the checkpoint was saved with (step 22 of 44)."""
@@ -239,6 +262,17 @@ def test_resume_with_another_optimizer_state_is_refused(full_run, tmp_path, chan
     with pytest.raises(CheckpointError, match=re.escape(f'-resume {tmp_path / "last.pdparams"}: its optimizer '
                                                         f'state was made with {key} {before}, this run has {now}')):
         main_single_gpu.main(train_args(tmp_path, *FULL_RECIPE, *change, epochs=3, extra=['-resume', 'auto']))
+
+
+def test_resume_with_the_optimizer_name_in_another_case_is_the_same_optimizer(full_run, tmp_path, caplog):
+    """TRAIN.OPTIMIZER.NAME is read in any case: 'adamw' continues an 'AdamW' run, unremarked."""
+    output, _ = full_run
+    shutil.copy(output / 'last.pdparams', tmp_path / 'last.pdparams')
+    config = engine.parse_config(train_args(tmp_path, *FULL_RECIPE, 'TRAIN.OPTIMIZER.NAME', 'adamw', epochs=3,
+                                            extra=['-resume', 'auto']))
+    with caplog.at_level(logging.WARNING):
+        trainer = engine.Trainer(config, 'cpu', False, logging.getLogger('test_engine_train'))
+    assert trainer.epoch == 2 and 'OPTIMIZER' not in caplog.text
 
 
 def test_optimizer_state_names_take_the_longest_parameter_name_they_start_with():
