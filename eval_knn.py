@@ -256,6 +256,7 @@ def main(argv=None):
     """Runs with the command line ``argv``; returns the summary when run in this process."""
     args = parse_args(argv)
     if launch.started_by_paddle_launch():
+        exit_on_user_error(launch.check_launched_processes, args.ngpus, '-ngpus')
         return worker(args)
     gpus = 0 if args.device == 'cpu' else visible_gpus()
     nprocs = exit_on_user_error(launch.num_processes, args.ngpus, gpus, '-ngpus')

@@ -26,6 +26,17 @@ def started_by_paddle_launch():
     return 'PADDLE_TRAINERS_NUM' in os.environ
 
 
+def check_launched_processes(requested, name):
+    """Under ``paddle.distributed.launch``, which decides the number of processes itself (over all
+    machines): raises ``ConfigError`` when ``requested`` (the setting ``name``; -1 leaves it to
+    the launcher) asks for another number, which would be ignored."""
+    launched = int(os.environ['PADDLE_TRAINERS_NUM'])
+    if requested != -1 and requested != launched:
+        raise ConfigError(f'{name} asks for {requested} processes, but paddle.distributed.launch runs '
+                          f'{launched}: leave it at -1 and choose the processes with the launcher\'s '
+                          f'--gpus or --nproc_per_node')
+
+
 def num_processes(requested, gpus, name):
     """How many processes to start: ``requested``, or when -1 one per GPU (``gpus`` of them, the
     GPUs the processes will use), else ``CPU_PROCESSES``. ``name`` is the setting, for errors."""

@@ -28,6 +28,7 @@ def main(argv=None):
     """Runs with the command line ``argv``; returns rank 0's summary when run in this process."""
     config = engine.parse_config(argv, multi_process=True)
     if launch.started_by_paddle_launch():
+        launch.check_launched_processes(config.NGPUS, 'NGPUS (-ngpus)')
         return worker(config)
     engine.check_inputs(config)  # before any process starts: each would report the same error
     gpus = visible_gpus()

@@ -11,18 +11,18 @@ DATA_PATH=${DATA_PATH:-/dataset/imagenet}
 BATCH_SIZE=${BATCH_SIZE:-}  # per process; empty: the config's
 PRETRAINED=${PRETRAINED:-./xcit_nano_12_p16_224.pdparams}
 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1,2,3}
-NGPUS=${NGPUS:--1}  # -1: every visible GPU (2 processes on CPU)
+NGPUS=${NGPUS:-}  # processes; empty: the config's NGPUS (-1 unless it says otherwise: every visible GPU, 2 on CPU)
 OUTPUT=${OUTPUT:-./output/eval}
 PYTHON=${PYTHON:-python}
 export CUDA_VISIBLE_DEVICES
 
 if [ -n "$DATASET" ]; then set -- -dataset="$DATASET" "$@"; fi
+if [ -n "$NGPUS" ]; then set -- -ngpus="$NGPUS" "$@"; fi
 if [ -n "$BATCH_SIZE" ]; then set -- -batch_size_eval="$BATCH_SIZE" "$@"; fi
 exec "$PYTHON" "$(dirname "$0")/main_multi_gpu.py" \
     -cfg="$CONFIG" \
     -data_path="$DATA_PATH" \
     -pretrained="$PRETRAINED" \
-    -ngpus="$NGPUS" \
     -output="$OUTPUT" \
     -eval \
     "$@"

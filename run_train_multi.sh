@@ -14,7 +14,7 @@ BATCH_SIZE=${BATCH_SIZE:-}  # per process; empty: the config's; the learning rat
 PRETRAINED=${PRETRAINED:-}
 RESUME=${RESUME:-}
 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1,2,3}
-NGPUS=${NGPUS:--1}  # -1: every visible GPU (2 processes on CPU)
+NGPUS=${NGPUS:-}  # processes; empty: the config's NGPUS (-1 unless it says otherwise: every visible GPU, 2 on CPU)
 OUTPUT=${OUTPUT:-./output/train}
 PYTHON=${PYTHON:-python}
 export CUDA_VISIBLE_DEVICES
@@ -22,10 +22,10 @@ export CUDA_VISIBLE_DEVICES
 if [ -n "$RESUME" ]; then set -- -resume="$RESUME" "$@"; fi
 if [ -n "$PRETRAINED" ]; then set -- -pretrained="$PRETRAINED" "$@"; fi
 if [ -n "$DATASET" ]; then set -- -dataset="$DATASET" "$@"; fi
+if [ -n "$NGPUS" ]; then set -- -ngpus="$NGPUS" "$@"; fi
 if [ -n "$BATCH_SIZE" ]; then set -- -batch_size="$BATCH_SIZE" "$@"; fi
 exec "$PYTHON" "$(dirname "$0")/main_multi_gpu.py" \
     -cfg="$CONFIG" \
     -data_path="$DATA_PATH" \
-    -ngpus="$NGPUS" \
     -output="$OUTPUT" \
     "$@"

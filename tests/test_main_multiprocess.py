@@ -228,6 +228,18 @@ def test_a_single_process_started_by_paddle_launch_runs_in_place(tiny, tmp_path,
     assert result['processes'] == 1 and result['images'] == 359
 
 
+def test_a_process_count_other_than_paddle_launchs_is_an_error(tiny, monkeypatch):
+    """Under paddle.distributed.launch, which runs 4 processes, -ngpus 2 would be ignored:
+    an error says so (-1, the default, and 4 are fine)."""
+    cfg, weights = tiny
+    monkeypatch.setenv('PADDLE_TRAINERS_NUM', '4')
+    with pytest.raises(ConfigError, match=re.escape('NGPUS (-ngpus) asks for 2 processes, but '
+                                                    'paddle.distributed.launch runs 4: leave it at -1')):
+        main_multi_gpu.main(['-cfg', cfg, '-eval', '-pretrained', weights, '-ngpus', '2'])
+    for count in (-1, 4):
+        launch.check_launched_processes(count, 'NGPUS')
+
+
 def test_process_count_of_ngpus():
     """-ngpus -1 starts one process per visible GPU, or 2 CPU processes without one; a positive
     count is taken as given unless it exceeds the visible GPUs; 0 and below -1 are errors."""
