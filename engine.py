@@ -37,7 +37,7 @@ from datasets import FOLDER_DATASETS, DataError, build_dataloader, build_dataset
 from ema import ModelEma
 from losses import build_criterion
 from mixup import build_mixup
-from optim import build_lr_scheduler, build_optimizer
+from optim import build_lr_scheduler, build_optimizer, schedule_warnings
 from port_weights.convert import check_fits, find_mismatches, format_mismatches, state_shapes
 from teacher import build_teacher
 from utils import (AverageMeter, CheckpointError, MetricsLog, all_reduce_sum, average_batchnorm_statistics,
@@ -561,6 +561,8 @@ class Trainer:
             raise ConfigError(f'TRAIN.ACCUM_ITER={train.ACCUM_ITER} exceeds the {len(self.train_loader)} '
                               f'batches of an epoch')
         self.lr_scheduler = build_lr_scheduler(config, self.steps_per_epoch, self.world_size)
+        for message in schedule_warnings(config, self.world_size):
+            logger.warning(message)
         self.optimizer = build_optimizer(config, model, self.lr_scheduler)
         self.scaler = paddle.amp.GradScaler(init_loss_scaling=2.0 ** 16) if use_amp else None
         self.epoch, self.step = 0, 0  # completed epochs, optimizer steps

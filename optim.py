@@ -134,6 +134,22 @@ def peak_learning_rate(config, world_size):
     return t.BASE_LR * config.DATA.BATCH_SIZE * world_size * t.ACCUM_ITER / t.LINEAR_SCALED_LR
 
 
+def schedule_warnings(config, world_size):
+    """Messages naming the schedule settings that defeat the warmup-cosine shape, for a run to
+    report: a warmup as long as the run (the cosine never starts) or an END_LR above the scaled
+    peak (the "decay" raises the learning rate)."""
+    t = config.TRAIN
+    peak = peak_learning_rate(config, world_size)
+    messages = []
+    if t.WARMUP_EPOCHS >= t.NUM_EPOCHS:
+        messages.append(f'TRAIN.WARMUP_EPOCHS ({t.WARMUP_EPOCHS}) is not below TRAIN.NUM_EPOCHS ({t.NUM_EPOCHS}): '
+                        f'the learning rate warms up for the whole run and never decays')
+    if t.END_LR > peak:
+        messages.append(f'TRAIN.END_LR ({t.END_LR:.3e}) is above the peak learning rate ({peak:.3e}, TRAIN.BASE_LR '
+                        f'scaled by the global batch): the cosine raises the learning rate')
+    return messages
+
+
 def build_lr_scheduler(config, steps_per_epoch, world_size):
     """``WarmupCosineLR`` over ``TRAIN.NUM_EPOCHS``, warming up for ``TRAIN.WARMUP_EPOCHS``
     from ``TRAIN.WARMUP_START_LR`` to the scaled peak, ending at ``TRAIN.END_LR``.

@@ -10,7 +10,7 @@ import pytest
 
 from config import ConfigError, get_config, merge_from_list
 from conftest import GOLDEN, ROOT
-from optim import build_lr_scheduler, build_optimizer, param_groups_weight_decay
+from optim import build_lr_scheduler, build_optimizer, param_groups_weight_decay, schedule_warnings
 from xcit import XCiT, build_xcit
 
 # BASE_LR 5e-4 at batch 512: 128 images per process on 1 process -> 1.25e-4
@@ -73,6 +73,18 @@ def test_peak_scales_with_global_batch(world_size, accum, scaled, expected):
     values = lrs(build_lr_scheduler(config, steps_per_epoch=10, world_size=world_size), 51)
     assert values[50] == pytest.approx(expected)
     assert values[0] == pytest.approx(START)
+
+
+def test_schedules_that_defeat_warmup_and_decay_are_named():
+    """A warmup as long as the run never reaches the cosine; an END_LR above the scaled peak
+    (1.25e-4 / 16 at batch 8 on one process) turns the decay into a rise; otherwise no message."""
+    assert schedule_warnings(make_config(), 1) == []
+    long_warmup, high_end = schedule_warnings(make_config('TRAIN.WARMUP_EPOCHS', 10, 'DATA.BATCH_SIZE', 8), 1)
+    assert long_warmup == ('TRAIN.WARMUP_EPOCHS (10) is not below TRAIN.NUM_EPOCHS (10): the learning rate warms '
+                           'up for the whole run and never decays')
+    assert high_end == ('TRAIN.END_LR (1.000e-05) is above the peak learning rate (7.813e-06, TRAIN.BASE_LR scaled '
+                        'by the global batch): the cosine raises the learning rate')
+    assert schedule_warnings(make_config('DATA.BATCH_SIZE', 8), 2) == []  # peak 1.56e-5 on two processes
 
 
 def test_schedule_state_round_trip_through_the_optimizer():
