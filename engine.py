@@ -159,6 +159,8 @@ def check_inputs(config):
         check_output_is_free(config.SAVE)  # a fresh run, or one continued from a checkpoint elsewhere
     if not config.EVAL and continues_here and not auto:
         check_continues_the_latest(resume, config.SAVE)
+    if not config.EVAL and auto and not resume_path(config):
+        check_fresh_start_keeps_checkpoints(config.SAVE)
     check_data_path(config)
     for path in (pretrained, '' if auto else resume):
         if path and not os.path.isfile(path):
@@ -185,6 +187,17 @@ def check_continues_the_latest(resume, folder):
         raise ConfigError(f'-resume {resume}: {folder} holds the run\'s later checkpoint {last}, which continuing '
                           f'from {os.path.basename(resume)} there would overwrite, with best.pdparams and '
                           f'metrics.jsonl; continue from last.pdparams (-resume auto), or give another -output')
+
+
+def check_fresh_start_keeps_checkpoints(folder):
+    """Raises ``ConfigError`` when ``-resume auto`` finds no last.pdparams to continue in ``folder``
+    but finds the run's best.pdparams, which starting afresh there would overwrite (with
+    metrics.jsonl)."""
+    best = os.path.join(folder, 'best.pdparams')
+    if os.path.exists(best):
+        raise ConfigError(f'-resume auto: {folder} holds {best} but no last.pdparams to continue from; '
+                          f'starting afresh there would overwrite it. Continue from a checkpoint of the run '
+                          f'with -resume PATH and another -output, or give another -output to start afresh')
 
 
 def resume_path(config):

@@ -408,6 +408,17 @@ def test_fresh_run_does_not_overwrite_another_runs_checkpoints(tmp_path, name):
     assert checkpoint.read_bytes() == b'another run'
 
 
+def test_resume_auto_without_last_checkpoint_does_not_start_over_the_runs_best(tmp_path):
+    """A folder whose last.pdparams is gone but whose best.pdparams is there: -resume auto, which
+    would start afresh, refuses to overwrite it."""
+    best = tmp_path / 'best.pdparams'
+    best.write_bytes(b'the best epoch')
+    with pytest.raises(ConfigError, match=re.escape(f'-resume auto: {tmp_path} holds {best} but no last.pdparams '
+                                                    f'to continue from; starting afresh there would overwrite it')):
+        main_single_gpu.main(train_args(tmp_path, extra=['-resume', 'auto']))
+    assert best.read_bytes() == b'the best epoch'
+
+
 def test_run_continued_from_elsewhere_does_not_overwrite_another_runs_checkpoints(full_run, tmp_path):
     """-resume of a checkpoint in another folder into an -output holding a run is refused; a
     checkpoint of the output folder itself continues that run."""
