@@ -198,6 +198,14 @@ def _read_list_file(root, list_file, num_classes):
     return paths, labels, np.asarray(line_numbers, dtype=np.int64)
 
 
+def ignored_data_path(config):
+    """The notice that ``DATA.DATA_PATH`` (-data_path) is set but not read, as the dataset is
+    bundled, or None."""
+    if config.DATA.DATA_PATH and config.DATA.DATASET not in FOLDER_DATASETS:
+        return f'-data_path {config.DATA.DATA_PATH} has no effect: the {config.DATA.DATASET} dataset is bundled'
+    return None
+
+
 def check_data_path(config):
     """Raises ``DataError`` unless ``DATA.DATA_PATH`` is a folder, for the datasets read from one."""
     if config.DATA.DATASET not in FOLDER_DATASETS:

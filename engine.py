@@ -33,7 +33,7 @@ import paddle.nn as nn
 from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_gradients
 
 from config import ConfigError, changed_settings, get_config, settings_without_effect, update_config
-from datasets import FOLDER_DATASETS, DataError, build_dataloader, build_dataset, check_data_path
+from datasets import DataError, build_dataloader, build_dataset, check_data_path, ignored_data_path
 from ema import ModelEma
 from losses import build_criterion
 from mixup import build_mixup
@@ -947,9 +947,9 @@ def run(config):
         use_amp = config.AMP and device.startswith('gpu')
         if config.AMP and not use_amp:
             logger.info('-amp has no effect on CPU: computing in float32')
-        if config.DATA.DATA_PATH and config.DATA.DATASET not in FOLDER_DATASETS:
-            logger.info(f'-data_path {config.DATA.DATA_PATH} has no effect: the {config.DATA.DATASET} dataset is '
-                        f'bundled')
+        notice = ignored_data_path(config)
+        if notice:
+            logger.info(notice)
         if config.EVAL:
             return run_evaluation(config, device, use_amp, logger)
         return run_training(config, device, use_amp, logger)

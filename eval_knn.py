@@ -31,7 +31,7 @@ import paddle.distributed as dist
 
 import launch
 from config import ConfigError, get_config, update_config
-from datasets import build_dataloader, build_dataset, check_data_path
+from datasets import build_dataloader, build_dataset, check_data_path, ignored_data_path
 from engine import EvalForward, exit_on_user_error, log_progress, setup_device
 from utils import (CheckpointError, check_output_folder, gather_rows, get_rank, get_world_size, load_every_weight,
                    resolve_device, setup_logger, visible_gpus, write_json)
@@ -202,6 +202,9 @@ def run(args):
     rank, world_size = get_rank(), get_world_size()
     device = set_process_device(args)
     logger = setup_logger(rank=rank)
+    notice = ignored_data_path(data)
+    if notice:
+        logger.info(notice)
     model = build_xcit(config)
     load_every_weight(model, args.pretrained, f'the model of {args.cfg}', args.ema)
     model.reset_classifier(0)  # the votes use the final-norm class token, which forward() now returns

@@ -164,6 +164,13 @@ def test_batch_size_and_opts_reach_the_run(backbone, capsys):
     assert 'train features: batch 1/3' in capsys.readouterr().out  # a progress line every batch
 
 
+def test_data_path_of_the_bundled_digits_is_reported_as_without_effect(backbone, tmp_path, capsys):
+    cfg, weights = backbone
+    eval_knn.main(['-cfg', cfg, '-pretrained', weights, '-k', '5', '-device', 'cpu', '-image_size', '16',
+                   '-data_path', str(tmp_path / 'nowhere')])
+    assert f'-data_path {tmp_path / "nowhere"} has no effect: the digits dataset is bundled' in capsys.readouterr().out
+
+
 @pytest.mark.parametrize('key, value', [('EMA_EVAL', 'True'), ('NGPUS', '2'), ('SAVE', 'out'),
                                         ('MODEL.PRETRAINED', 'x.pdparams'), ('TRAIN.BASE_LR', '0.1'),
                                         ('DATA.BATCH_SIZE', '8')])
