@@ -273,7 +273,9 @@ def load_pretrained(model, path, use_ema, logger):
                     f'({model.num_classes} classes) starts freshly initialised')
     check_fits(state, {k: v for k, v in expected.items() if k not in new_head},
                f'{path} does not fit the model (only a classifier head of another size, or none, is replaced)')
-    model.set_state_dict(in_model_dtypes(state, model.state_dict()))
+    own = model.state_dict()
+    state.update({key: own[key] for key in new_head})  # kept as initialised (and not "skipped" by Paddle)
+    model.set_state_dict(in_model_dtypes(state, own))
     logger.info(f'loaded {"EMA " if use_ema else ""}weights from {path}')
 
 
@@ -840,9 +842,10 @@ class Trainer:
         """Trains from ``self.epoch`` to TRAIN.NUM_EPOCHS; returns the result dict."""
         config, logger = self.config, self.logger
         num_epochs, validate_freq = config.TRAIN.NUM_EPOCHS, config.VALIDATE_FREQ
-        logger.info(f'training epochs {self.epoch + 1}..{num_epochs}: {self.steps_per_epoch} optimizer steps '
-                    f'of {config.DATA.BATCH_SIZE} x {self.world_size} process(es) x {config.TRAIN.ACCUM_ITER} '
-                    f'accumulation images each, peak lr {self.lr_scheduler.peak_lr:.3e}')
+        if self.epoch < num_epochs:
+            logger.info(f'training epochs {self.epoch + 1}..{num_epochs}: {self.steps_per_epoch} optimizer steps '
+                        f'of {config.DATA.BATCH_SIZE} x {self.world_size} process(es) x {config.TRAIN.ACCUM_ITER} '
+                        f'accumulation images each, peak lr {self.lr_scheduler.peak_lr:.3e}')
         last = self.finish_epoch() if self.unvalidated else {}
         for epoch in range(self.epoch, num_epochs):
             stats = self.train_one_epoch(epoch)

@@ -2,8 +2,8 @@
 # Trains XCiT on ImageNet-1k with several GPUs (the official recipe of the config).
 # Each setting below can be overridden from the environment; on a machine without a GPU,
 # NGPUS is the number of CPU processes, e.g. the digits demo on 2 CPU processes:
-#   NGPUS=2 DATASET=digits CONFIG=configs/demo/xcit_nano_12_p8_digits.yaml BATCH_SIZE=32 \
-#       OUTPUT=output/demo sh run_train_multi.sh
+#   NGPUS=2 DATASET=digits CONFIG=configs/demo/xcit_nano_12_p8_digits.yaml \
+#       OUTPUT=output/digits sh run_train_multi.sh
 # PRETRAINED (optional) starts from converted weights (fine-tuning); RESUME continues a run:
 # a checkpoint, or auto for OUTPUT's last.pdparams when there is one (relaunch-safe).
 # Further arguments are passed on, e.g. `sh run_train_multi.sh -amp -opts TRAIN.NUM_EPOCHS 300`.

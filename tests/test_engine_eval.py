@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import paddle
@@ -244,8 +245,11 @@ def test_fine_tuning_drops_a_head_of_another_class_count(golden, caplog):
     logger = setup_logger()
     logger.propagate = True  # let caplog see the records
     before = model.head.weight.numpy().copy()
-    engine.load_pretrained(model, golden['full'], False, logger)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        engine.load_pretrained(model, golden['full'], False, logger)
     assert 'dropping the classifier head (1000 classes) for a new one with 10 classes' in caplog.text
+    assert not [str(w.message) for w in caught if 'head' in str(w.message)]  # Paddle's "Skip loading for head..."
     np.testing.assert_array_equal(model.head.weight.numpy(), before)
     golden_state = paddle.load(golden['full'])
     np.testing.assert_array_equal(model.blocks[1].attn.qkv.weight.numpy(), golden_state['blocks.1.attn.qkv.weight'])
@@ -297,8 +301,11 @@ def test_fine_tuning_from_a_backbone_without_head(golden, tmp_path, caplog):
     before = model.head.weight.numpy().copy()
     logger = setup_logger()
     logger.propagate = True
-    engine.load_pretrained(model, str(path), False, logger)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        engine.load_pretrained(model, str(path), False, logger)
     assert "a backbone without classifier head; the model's head (10 classes) starts freshly initialised" in caplog.text
+    assert not [str(w.message) for w in caught if 'head' in str(w.message)]
     assert 'not in the checkpoint' not in caplog.text
     np.testing.assert_array_equal(model.head.weight.numpy(), before)
     np.testing.assert_array_equal(model.norm.weight.numpy(), state['norm.weight'])

@@ -237,6 +237,15 @@ def test_a_run_continued_in_another_folder_names_where_its_best_checkpoint_is(fu
     assert result['best_epoch'] == 1 and f'(epoch 1, saved in {first})' in out.getvalue()
 
 
+def test_a_finished_run_relaunched_has_nothing_to_train(full_run, tmp_path):
+    output, _ = full_run
+    shutil.copy(output / 'last.pdparams', tmp_path / 'last.pdparams')
+    with capture_stdout() as out:
+        result = main_single_gpu.main(train_args(tmp_path, *FULL_RECIPE, extra=['-resume', 'auto']))
+    assert 'nothing to train: the checkpoint is at epoch 2 of 2' in out.getvalue()
+    assert 'training epochs' not in out.getvalue() and result['epochs'] == 2
+
+
 def test_resume_with_more_epochs_steps_at_the_learning_rate_of_the_longer_schedule(full_run, tmp_path):
     """Epoch 1 of 2 (22 steps) continued in a run of 4 epochs: its first step runs at step 22 of
     the 88-step cosine, not at the learning rate the checkpoint was saved with (step 22 of 44)."""
