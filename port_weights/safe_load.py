@@ -11,8 +11,9 @@ Supported formats, recognised by content rather than by file name:
 Pickles go through ``RestrictedUnpickler``, whose ``find_class`` hands out only the few
 globals a tensor checkpoint refers to, replaced by harmless local stand-ins; any other
 global (``os.system``, ``builtins.exec``, ...) stops the load with ``CheckpointError``.
-Nor can a small file claim much memory: a storage file must have the size its elements take,
-and ``materialize`` bounds what views of the storages may add.
+Nor can a small file claim much memory: zip entries must be stored uncompressed (as
+``torch.save`` stores them), a storage file must have the size its elements take, and
+``materialize`` bounds what views of the storages may add.
 Tensors come back as numpy arrays in their stored dtype, except bfloat16, which numpy lacks
 and which is widened exactly to float32.
 """
@@ -232,6 +233,16 @@ def materialize(obj, storages):
     return map_nested(obj, to_array, is_leaf=lambda x: isinstance(x, TensorRecord))
 
 
+def _uncompressed(archive, name):
+    """The ``ZipInfo`` of entry ``name``, which must be stored uncompressed, so that reading it
+    takes no more memory than the file does (a compressed entry can inflate a thousandfold)."""
+    info = archive.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError(f'{name} is compressed, which torch.save never does; re-save the checkpoint '
+                              f'with torch.save')
+    return info
+
+
 def _read_torch_zip(path):
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
@@ -245,14 +256,14 @@ def _read_torch_zip(path):
                 byteorder = f.read(16).decode('ascii', 'replace').strip()
         if byteorder not in ('little', 'big'):
             raise CheckpointError(f'byteorder record {byteorder!r} is neither little nor big')
-        unpickler = RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])))
+        unpickler = RestrictedUnpickler(io.BytesIO(archive.read(_uncompressed(archive, pickles[0]))))
         obj = unpickler.load()
         storages = {}
         for key, ref in unpickler.storages.items():
             entry = f'{prefix}data/{key}'
             if entry not in names:
                 raise CheckpointError(f'storage file {entry} is missing from the archive')
-            size, stored = ref.numel * itemsize(ref.dtype), archive.getinfo(entry).file_size
+            size, stored = ref.numel * itemsize(ref.dtype), _uncompressed(archive, entry).file_size
             if stored != size:  # checked before inflating anything
                 raise CheckpointError(f'storage file {entry} holds {stored} bytes, not the {size} of its '
                                       f'{ref.numel} elements')

@@ -454,21 +454,41 @@ def test_deep_or_cyclic_containers_are_refused(tmp_path, capsys, data_pkl, messa
     assert re.search(message, err)
 
 
-def test_storage_file_of_another_size_is_refused_before_it_is_inflated(tmp_path, monkeypatch):
-    """A deflated storage file that inflates far beyond the elements its records declare (a
-    decompression bomb) is refused by its declared size alone."""
-    src = tmp_path / 'bomb.pth'
-    with zipfile.ZipFile(src, 'w', compression=zipfile.ZIP_DEFLATED) as archive:
+def test_storage_file_of_another_size_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A storage file larger than the elements its records declare is refused by its size in
+    the archive's directory alone."""
+    src = tmp_path / 'oversized.pth'
+    with zipfile.ZipFile(src, 'w') as archive:
         archive.writestr('archive/data.pkl', record_pickle({'model': {'w': Tensor(Storage('0', 1), 0, (1,), (1,))}}))
         archive.writestr('archive/byteorder', 'little')
-        archive.writestr('archive/data/0', bytes(2 ** 24))
+        archive.writestr('archive/data/0', bytes(64))
     read, names = zipfile.ZipFile.read, []
     monkeypatch.setattr(zipfile.ZipFile, 'read',
-                        lambda self, name, *args: names.append(name) or read(self, name, *args))
-    with pytest.raises(CheckpointError, match=rf'^{re.escape(str(src))}: storage file archive/data/0 holds 16777216 '
+                        lambda self, name, *args: names.append(getattr(name, 'filename', name)) or read(self, name, *args))
+    with pytest.raises(CheckpointError, match=rf'^{re.escape(str(src))}: storage file archive/data/0 holds 64 '
                                               rf'bytes, not the 4 of its 1 elements$'):
         read_checkpoint(str(src))
     assert names == ['archive/data.pkl']
+
+
+@pytest.mark.parametrize('entry', ['archive/data.pkl', 'archive/data/0'])
+def test_compressed_entries_are_refused_before_they_are_inflated(tmp_path, monkeypatch, entry):
+    """A decompression bomb: 16 MB of zeros deflated to a few KB, declared consistently as the
+    storage of 4 M float32 elements, or a deflated data.pkl. torch.save stores its entries
+    uncompressed; a compressed one is refused unread."""
+    src = tmp_path / 'bomb.pth'
+    pkl = record_pickle({'model': {'w': Tensor(Storage('0', 2 ** 22), 0, (2 ** 22,), (1,))}})
+    with zipfile.ZipFile(src, 'w') as archive:
+        for name, data in (('archive/data.pkl', pkl), ('archive/byteorder', 'little'), ('archive/data/0', bytes(2 ** 24))):
+            archive.writestr(name, data, compress_type=zipfile.ZIP_DEFLATED if name == entry else zipfile.ZIP_STORED)
+    assert os.path.getsize(src) < (2 ** 24 if entry == 'archive/data.pkl' else 10 ** 5) + 10 ** 5
+    read, names = zipfile.ZipFile.read, []
+    monkeypatch.setattr(zipfile.ZipFile, 'read',
+                        lambda self, name, *args: names.append(getattr(name, 'filename', name)) or read(self, name, *args))
+    with pytest.raises(CheckpointError, match=rf'^{re.escape(str(src))}: {entry} is compressed, which torch.save '
+                                              rf'never does; re-save the checkpoint with torch.save$'):
+        read_checkpoint(str(src))
+    assert entry not in names
 
 
 def small_checkpoint(path, byteorder='little'):
