@@ -40,7 +40,7 @@ import time
 
 from config import ConfigError, get_config
 from export_model import ExportError, check_onnx_packages
-from utils import check_output_file
+from utils import check_output_file, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PATHS = ('dygraph', 'static', 'infer', 'onnx', 'train', 'train_gc')
@@ -219,27 +219,49 @@ def least_squares(xs, ys):
 
 
 def scaling_summary(rows, patch):
-    """Per-image time/memory fits against tokens and the (largest / smallest size) ratios."""
+    """Per-image time/memory fits against tokens and the (largest / smallest size) ratios; the
+    memory entries are None where peak memory was not measured (no restartable high-water mark)."""
     ok = [r for r in rows if 'error' not in r]
     n = [tokens(r['size'], patch) for r in ok]
     ms = [r['ms_per_batch'] / r['batch'] for r in ok]
-    mb = [r['peak_mb'] / r['batch'] for r in ok]
-    first, last = 0, len(ok) - 1
-    token_ratio = n[last] / n[first]
-    return {'sizes': [r['size'] for r in ok], 'tokens': n, 'ms_per_image': ms, 'mb_per_image': mb,
-            'time_fit': least_squares(n, ms), 'memory_fit': least_squares(n, mb),
-            'token_ratio': token_ratio, 'time_ratio': ms[last] / ms[first], 'memory_ratio': mb[last] / mb[first]}
+    summary = {'sizes': [r['size'] for r in ok], 'tokens': n, 'ms_per_image': ms, 'time_fit': least_squares(n, ms),
+               'token_ratio': n[-1] / n[0], 'time_ratio': ms[-1] / ms[0],
+               'mb_per_image': None, 'memory_fit': None, 'memory_ratio': None}
+    if all(r['peak_mb'] is not None for r in ok):
+        mb = [r['peak_mb'] / r['batch'] for r in ok]
+        summary.update(mb_per_image=mb, memory_fit=least_squares(n, mb),
+                       memory_ratio=mb[-1] / mb[0] if mb[0] > 0 else None)
+    return summary
+
+
+def format_scaling(summary):
+    """The fits and ratios of ``scaling_summary`` as printed lines."""
+    (a, b), token_ratio, time_ratio = summary['time_fit'], summary['token_ratio'], summary['time_ratio']
+    lines = [f'time per image   = {a:.3g} ms + {b * 1e3:.4g} us x tokens']
+    memory = 'peak memory not measured on this system'
+    if summary['memory_fit'] is not None:
+        c, e = summary['memory_fit']
+        lines.append(f'memory per image = {c:.3g} MB + {e * 1e3:.4g} kB x tokens')
+        if summary['memory_ratio'] is not None:
+            memory = (f'peak memory per image x{summary["memory_ratio"]:.1f} '
+                      f'({summary["memory_ratio"] / token_ratio:.2f} of the token ratio)')
+    lines.append(f'{summary["sizes"][-1]} / {summary["sizes"][0]} pixels: tokens x{token_ratio:.1f}, '
+                 f'time per image x{time_ratio:.1f} ({time_ratio / token_ratio:.2f} of the token ratio), {memory}')
+    return '\n'.join(lines)
 
 
 def draw_scaling(summary, title, path):
-    """PNG of ms/image and MB/image against tokens: points, least-squares lines, axes."""
+    """PNG of ms/image and MB/image (where measured) against tokens: points, least-squares lines, axes."""
     from PIL import Image, ImageDraw
     width, height, pad = 1000, 430, 60
     img = Image.new('RGB', (width, height), 'white')
     draw = ImageDraw.Draw(img)
     draw.text((pad, 10), title, fill='black')
-    panels = [('time per image (ms)', summary['ms_per_image'], summary['time_fit'], (31, 119, 180)),
-              ('peak memory per image (MB)', summary['mb_per_image'], summary['memory_fit'], (214, 39, 40))]
+    panels = [('time per image (ms)', summary['ms_per_image'], summary['time_fit'], (31, 119, 180))]
+    if summary['mb_per_image'] is None:
+        draw.text((pad + width // 2, height // 2), 'peak memory: not measured on this system', fill='black')
+    else:
+        panels.append(('peak memory per image (MB)', summary['mb_per_image'], summary['memory_fit'], (214, 39, 40)))
     n = summary['tokens']
     for i, (label, ys, (a, b), colour) in enumerate(panels):
         left, right = pad + i * width // 2, (i + 1) * width // 2 - 20
@@ -356,14 +378,7 @@ def main(argv=None):
         summary = scaling_summary(rows, args.configs[cfg].MODEL.PATCH_SIZE)
         draw_scaling(summary, f'{os.path.basename(cfg)} ({path}, batch {batch}, {args.threads} threads): '
                               f'{summary["sizes"][0]} to {summary["sizes"][-1]} pixels', args.plot)
-        (a, b), (c, e) = summary['time_fit'], summary['memory_fit']
-        token_ratio, time_ratio, memory_ratio = (summary[k] for k in ('token_ratio', 'time_ratio', 'memory_ratio'))
-        print(f'time per image   = {a:.3g} ms + {b * 1e3:.4g} us x tokens')
-        print(f'memory per image = {c:.3g} MB + {e * 1e3:.4g} kB x tokens')
-        print(f'{summary["sizes"][-1]} / {summary["sizes"][0]} pixels: tokens x{token_ratio:.1f}, '
-              f'time per image x{time_ratio:.1f} ({time_ratio / token_ratio:.2f} of the token ratio), '
-              f'peak memory per image x{memory_ratio:.1f} ({memory_ratio / token_ratio:.2f} of the token ratio); '
-              f'plot: {args.plot}')
+        print(format_scaling(summary) + f'; plot: {args.plot}')
     else:
         for cfg in args.cfg:
             for size in args.sizes or [args.configs[cfg].DATA.IMAGE_SIZE]:
@@ -372,8 +387,7 @@ def main(argv=None):
                         rows.append(run_worker(cfg, path, batch, size, args.threads, args.reps))
         print(format_table(rows))
     if args.json:
-        with open(args.json, 'w', encoding='utf-8') as f:
-            json.dump({'machine': machine(), 'threads': args.threads, 'rows': rows}, f, indent=1)
+        write_json(args.json, {'machine': machine(), 'threads': args.threads, 'rows': rows})
     failed = sum('error' in r for r in rows)
     if failed and not args.scaling:  # --scaling stops at the first size that fails, by design
         sys.exit(f'{failed} of {len(rows)} measurements failed')

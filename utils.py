@@ -277,8 +277,9 @@ def check_output_file(path, flag):
 
 
 def write_config(config, path):
-    """Writes ``config`` whole as YAML, usable as ``-cfg`` (a run's or an export's config.yaml)."""
-    with open(path, 'w', encoding='utf-8') as f:
+    """Writes ``config`` whole as YAML, usable as ``-cfg`` (a run's or an export's config.yaml),
+    atomically (``replacing``)."""
+    with replacing(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
         f.write(config.dump())
 
 

@@ -218,6 +218,22 @@ def test_least_squares_and_summary():
     assert summary['mb_per_image'][2] == pytest.approx(20 + 0.01 * 3136)
 
 
+def test_scaling_without_memory_figures_fits_and_draws_the_time(tmp_path):
+    """Where the peak mark cannot be restarted (no /proc) peak_mb is None: the time is fitted,
+    printed and drawn, memory said to be unmeasured (this ended in a TypeError once every size had
+    run); a zero peak at the smallest size gives no memory ratio instead of a ZeroDivisionError."""
+    rows = [{'size': s, 'batch': 1, 'ms_per_batch': 10 + 0.5 * (s // 16) ** 2, 'peak_mb': None} for s in (224, 448)]
+    summary = benchmark.scaling_summary(rows, patch=16)
+    assert summary['time_fit'] == pytest.approx((10, 0.5)) and summary['memory_fit'] is None
+    assert benchmark.format_scaling(summary).endswith('(0.93 of the token ratio), peak memory not measured on this system')
+    benchmark.draw_scaling(summary, 'no memory', tmp_path / 'time.png')
+    assert Image.open(tmp_path / 'time.png').size == (1000, 430)
+    rows = [dict(row, peak_mb=mb) for row, mb in zip(rows, (0.0, 8.0))]
+    summary = benchmark.scaling_summary(rows, patch=16)
+    assert summary['memory_fit'] == pytest.approx((-8 / 588 * 196, 8 / 588)) and summary['memory_ratio'] is None
+    assert 'memory per image = ' in benchmark.format_scaling(summary)
+
+
 @pytest.mark.parametrize('flags', [['--json'], ['--scaling', '--paths', 'dygraph', '--plot']])
 def test_an_output_that_is_a_folder_is_refused_before_any_measurement(cfg, tmp_path, flags, capsys):
     """--json or --plot naming a folder: a usage error before anything is measured (it was an
