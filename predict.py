@@ -38,7 +38,7 @@ from config import ConfigError
 from datasets import IMAGE_READ_ERRORS, IMG_EXTENSIONS, DataError, find_classes, read_image
 from export_model import EXPORT_CONFIG, ExportError, InferenceModel, config_at_size, load_model
 from transforms import build_eval_transform
-from utils import CheckpointError, check_output_file, resolve_device
+from utils import CheckpointError, check_output_file, replacing, resolve_device
 
 TOP_K = 5
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -233,9 +233,19 @@ def check_output_width(outputs, expected, args):
 
 
 def write_predictions(predict, batches, names, args, as_csv):
-    """Top-5 classes per image: a CSV to ``args.output`` (or stdout), or a ranked list per image."""
+    """Top-5 classes per image: a CSV to ``args.output`` (replaced whole once every image is done,
+    so that an interrupted run leaves the previous file) or stdout, or a ranked list per image."""
+    if not args.output:
+        write_top_k(predict, batches, names, args, sys.stdout, as_csv)
+        return
+    with replacing(args.output) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as out:
+        written = write_top_k(predict, batches, names, args, out, as_csv=True)
+    print(f'wrote {written} predictions to {args.output}', file=sys.stderr)
+
+
+def write_top_k(predict, batches, names, args, out, as_csv):
+    """Writes the top-5 classes of each image to the text stream ``out``; returns the image count."""
     k = min(TOP_K, len(names))
-    out = open(args.output, 'w', newline='', encoding='utf-8') if args.output else sys.stdout
     writer = csv.writer(out) if as_csv else None
     if writer:
         writer.writerow(csv_header(k))
@@ -249,18 +259,17 @@ def write_predictions(predict, batches, names, args, as_csv):
                 writer.writerow([path] + [int(i) for i in idx] + [names[i] for i in idx]
                                 + [f'{p:.6f}' for p in prob])
             else:
-                print(path)
+                print(path, file=out)
                 for rank, (i, p) in enumerate(zip(idx, prob), 1):
-                    print(f'  {rank}. {names[i]} ({i}): {p:.4f}')
+                    print(f'  {rank}. {names[i]} ({i}): {p:.4f}', file=out)
         written += len(batch)
-    if args.output:
-        out.close()
-        print(f'wrote {written} predictions to {args.output}', file=sys.stderr)
+    return written
 
 
 def write_features(predict, batches, width, args):
-    """The outputs of a model without head, its final-norm class tokens, to ``args.output`` (.npz):
-    ``paths`` (N,) and ``features`` (N, width) float32, in the order of the images."""
+    """The outputs of a model without head, its final-norm class tokens, to ``args.output`` (.npz,
+    replaced whole at the end): ``paths`` (N,) and ``features`` (N, width) float32, in the order
+    of the images."""
     paths, features = [], []
     for batch, images in batches:
         outputs = predict(images)
@@ -268,7 +277,8 @@ def write_features(predict, batches, width, args):
         paths += batch
         features.append(outputs.astype(np.float32))
     features = np.concatenate(features) if features else np.zeros((0, width), np.float32)
-    np.savez(args.output, paths=np.array(paths), features=features)
+    with replacing(args.output) as tmp, open(tmp, 'wb') as f:
+        np.savez(f, paths=np.array(paths), features=features)
     print(f'wrote the features of {len(paths)} images to {args.output}', file=sys.stderr)
 
 

@@ -95,6 +95,34 @@ def test_folder_gives_csv_and_reports_unreadable_files(setup, capsys):
         np.testing.assert_allclose([float(v) for v in row[11:16]], probs[0], atol=1e-6)
 
 
+@pytest.mark.parametrize('output', ['top5.csv', 'features.npz'])
+def test_an_interrupted_run_leaves_the_previous_output_file(setup, tmp_path, monkeypatch, output):
+    """Stopped on its second batch (Ctrl-C here), predict leaves -output as it was, with no
+    temporary file beside it; the file is replaced whole once every image is done."""
+    out = tmp_path / output
+    out.write_text('the previous run\n')
+    batches = iter([None, KeyboardInterrupt])
+    model_outputs = predict.check_output_width
+
+    def interrupted(*args):
+        if next(batches):
+            raise KeyboardInterrupt
+        return model_outputs(*args)
+    monkeypatch.setattr(predict, 'check_output_width', interrupted)
+    args = ['-cfg', setup['cfg'], '-pretrained', setup['weights'], '-output', str(out), '-batch_size', '1',
+            str(setup['images'] / 'a.jpg'), str(setup['images'] / 'b.jpg')]
+    if output.endswith('.npz'):
+        backbone = tmp_path / 'backbone.yaml'
+        backbone.write_text(yaml.safe_dump({**TINY, 'MODEL': {**TINY['MODEL'], 'NUM_CLASSES': 0}}))
+        weights = {k: v for k, v in paddle.load(setup['weights']).items() if not k.startswith('head.')}
+        paddle.save(weights, str(tmp_path / 'backbone.pdparams'))
+        args[1:4:2] = [str(backbone), str(tmp_path / 'backbone.pdparams')]
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert out.read_text() == 'the previous run\n'
+    assert [p.name for p in tmp_path.iterdir() if '.tmp' in p.name] == []
+
+
 def test_a_png_with_a_broken_chunk_is_reported_by_name(tmp_path):
     """PIL raises SyntaxError for a broken PNG chunk (here the second IDAT's type); it is an
     unreadable image like any other, named, as in training and evaluation."""
