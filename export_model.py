@@ -112,14 +112,19 @@ def staging_folder(output):
 def publish(staging, output):
     """Moves the checked export in ``staging`` into ``output``, whose files of an earlier export
     (``EXPORT_FILES``) are removed first: none may outlive the new one. ``config.yaml``, the mark
-    of a usable export, goes last. Returns the program path."""
-    os.makedirs(output, exist_ok=True)
-    for name in reversed(EXPORT_FILES):  # config.yaml first
-        if os.path.isfile(os.path.join(output, name)):
-            os.remove(os.path.join(output, name))
-    names = sorted(os.listdir(staging), key=lambda name: name == EXPORT_CONFIG)
-    for name in names:
-        os.replace(os.path.join(staging, name), os.path.join(output, name))
+    of a usable export, goes last. Returns the program path; raises ``ExportError`` when the
+    system refuses a step (the folder then holds no ``config.yaml``)."""
+    try:
+        os.makedirs(output, exist_ok=True)
+        for name in reversed(EXPORT_FILES):  # config.yaml first
+            if os.path.isfile(os.path.join(output, name)):
+                os.remove(os.path.join(output, name))
+        names = sorted(os.listdir(staging), key=lambda name: name == EXPORT_CONFIG)
+        for name in names:
+            os.replace(os.path.join(staging, name), os.path.join(output, name))
+    except OSError as e:
+        raise ExportError(f'-output {output}: cannot put the checked export there ({e.strerror or e}: '
+                          f'{e.filename2 or e.filename}); it holds no usable export now (no {EXPORT_CONFIG})') from e
     return program_path(output)
 
 

@@ -323,3 +323,17 @@ def test_publish_removes_the_old_config_first_and_moves_the_new_one_last(tmp_pat
     assert {p.name: p.read_text() for p in output.iterdir()} == {
         'config.yaml': 'new config.yaml', program: f'new {program}', 'model.pdiparams': 'new model.pdiparams',
         'notes.txt': 'kept'}
+
+
+def test_publish_refused_by_the_system_is_one_error(tmp_path):
+    """A folder where the export's weights file should go: os.replace refuses it. The error names
+    the output and the file, and says the folder holds no usable export (no config.yaml)."""
+    staging, output = tmp_path / 'staging', tmp_path / 'out'
+    staging.mkdir()
+    (output / 'model.pdiparams').mkdir(parents=True)
+    for name in ('config.yaml', 'model.pdiparams'):
+        (staging / name).write_text(f'new {name}')
+    with pytest.raises(export_model.ExportError, match=re.escape(f'-output {output}: cannot put the checked export there (')
+                       + r'.*' + re.escape(f'{output / "model.pdiparams"}); it holds no usable export now (no config.yaml)')):
+        export_model.publish(str(staging), str(output))
+    assert not (output / 'config.yaml').exists()
