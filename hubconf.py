@@ -35,18 +35,20 @@ def _is_here(module):
 def _import_own_modules():
     """(get_config, with_setting, load_every_weight, build_xcit) of this repository, imported
     now, while paddle.hub has put it on sys.path. A caller's own modules of the same names (e.g.
-    a ``utils``) are set aside meanwhile and put back afterwards, so that neither side gets the
-    other's."""
+    a ``utils``) are set aside meanwhile and put back afterwards, and the modules imported here
+    leave ``sys.modules`` again (unless the caller had them already), so that neither side gets
+    the other's: the caller's later ``import utils`` finds its own."""
     def top(name):
         return name.partition('.')[0]
     clashing = {top(n) for n, m in _sys.modules.items() if top(n) in _OWN_PACKAGES and not _is_here(m)}
     theirs = {n: _sys.modules.pop(n) for n in list(_sys.modules) if top(n) in clashing}
+    loaded = set(_sys.modules)
     try:
         from config import get_config, with_setting
         from utils import load_every_weight
         from xcit import build_xcit
     finally:
-        for name in [n for n in _sys.modules if top(n) in clashing]:
+        for name in [n for n in _sys.modules if top(n) in _OWN_PACKAGES and n not in loaded]:
             del _sys.modules[name]
         _sys.modules.update(theirs)
     return get_config, with_setting, load_every_weight, build_xcit

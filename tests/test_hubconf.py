@@ -41,24 +41,27 @@ def test_load_builds_the_config_and_loads_every_weight(tmp_path):
         paddle.hub.load(ROOT, 'xcit_tiny_12_p16_224', source='local', use_ema=True)
 
 
-CALLER_WITH_ITS_OWN_UTILS = '''\
+CALLER_WITH_ITS_OWN_MODULES = '''\
 import sys
 import paddle
-import utils  # the caller's own utils.py, beside this script
+import utils  # the caller's own utils.py, beside this script, imported before the hub
 model = paddle.hub.load(sys.argv[1], 'xcit_nano_12_p16_224', source='local')
+import config  # the caller's own config.py, imported after the hub
 import utils as again
-print(type(model).__name__, utils.WHOSE, again is utils)
+print(type(model).__name__, utils.WHOSE, again is utils, config.WHOSE, 'xcit' in sys.modules)
 '''
 
 
 def test_a_callers_modules_of_the_same_names_stay_apart(tmp_path):
-    """A caller with its own ``utils`` module loads a hub model, and still has its own after."""
-    (tmp_path / 'utils.py').write_text("WHOSE = 'the caller'\n")
-    (tmp_path / 'caller.py').write_text(CALLER_WITH_ITS_OWN_UTILS)
+    """A caller with its own ``utils`` and ``config`` modules loads a hub model, and has its own
+    after, whether it imported them before or after the hub."""
+    for name in ('utils', 'config'):
+        (tmp_path / f'{name}.py').write_text("WHOSE = 'the-caller'\n")
+    (tmp_path / 'caller.py').write_text(CALLER_WITH_ITS_OWN_MODULES)
     done = subprocess.run([sys.executable, 'caller.py', ROOT], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ['XCiT', 'the', 'caller', 'True']
+    assert done.stdout.split() == ['XCiT', 'the-caller', 'True', 'the-caller', 'False']
 
 
 def test_num_classes_loads_a_fine_tuned_checkpoint_and_its_ema(tmp_path):
