@@ -67,14 +67,21 @@ def read_metrics(path):
                     raise MetricsError(f'{path}:{lineno}: missing "{key}"')
             if record['kind'] not in KINDS:
                 continue
-            for key in ('epoch', 'step') + tuple(panel[0] for panel in PANELS):
+            for key in ('epoch', 'step'):  # the x axis: always there
+                if not _is_number(record[key]) or not math.isfinite(record[key]):
+                    raise MetricsError(f'{path}:{lineno}: "{key}" must be a finite number, got {record[key]!r}')
+            for key in (panel[0] for panel in PANELS):  # null, or not finite: not drawn
                 value = record.get(key)
-                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                if value is not None and not _is_number(value):
                     raise MetricsError(f'{path}:{lineno}: "{key}" must be a number, got {value!r}')
             records.append(record)
     if not records:
         raise MetricsError(f'{path}: no train or val records')
     return records
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def x_axis(records):

@@ -82,6 +82,9 @@ def test_a_runs_output_folder_gives_its_metrics(tmp_path, capsys):
     ('[1, 2]', r'metrics.jsonl:3: expected a JSON object'),
     ('{"kind": "train", "epoch": 0}', r'metrics.jsonl:3: missing "step"'),
     ('{"kind": "val", "epoch": 0, "step": 2, "loss": "low"}', r'metrics.jsonl:3: "loss" must be a number'),
+    ('{"kind": "val", "epoch": 0, "step": null}', r'metrics.jsonl:3: "step" must be a finite number, got None'),
+    ('{"kind": "val", "epoch": null, "step": 2}', r'metrics.jsonl:3: "epoch" must be a finite number, got None'),
+    ('{"kind": "val", "epoch": 0, "step": Infinity}', r'metrics.jsonl:3: "step" must be a finite number, got inf'),
 ])
 def test_malformed_line_names_the_line(tmp_path, capsys, bad, message):
     metrics = tmp_path / 'metrics.jsonl'
