@@ -454,6 +454,14 @@ def test_deep_or_cyclic_containers_are_refused(tmp_path, capsys, data_pkl, messa
     assert re.search(message, err)
 
 
+def recorded_zip_reads(monkeypatch):
+    """The list to which every ``ZipFile.read`` from now on adds the name of the entry it reads."""
+    read, names = zipfile.ZipFile.read, []
+    monkeypatch.setattr(zipfile.ZipFile, 'read',
+                        lambda self, name, *args: names.append(getattr(name, 'filename', name)) or read(self, name, *args))
+    return names
+
+
 def test_storage_file_of_another_size_is_refused_before_it_is_read(tmp_path, monkeypatch):
     """A storage file larger than the elements its records declare is refused by its size in
     the archive's directory alone."""
@@ -462,9 +470,7 @@ def test_storage_file_of_another_size_is_refused_before_it_is_read(tmp_path, mon
         archive.writestr('archive/data.pkl', record_pickle({'model': {'w': Tensor(Storage('0', 1), 0, (1,), (1,))}}))
         archive.writestr('archive/byteorder', 'little')
         archive.writestr('archive/data/0', bytes(64))
-    read, names = zipfile.ZipFile.read, []
-    monkeypatch.setattr(zipfile.ZipFile, 'read',
-                        lambda self, name, *args: names.append(getattr(name, 'filename', name)) or read(self, name, *args))
+    names = recorded_zip_reads(monkeypatch)
     with pytest.raises(CheckpointError, match=rf'^{re.escape(str(src))}: storage file archive/data/0 holds 64 '
                                               rf'bytes, not the 4 of its 1 elements$'):
         read_checkpoint(str(src))
@@ -482,9 +488,7 @@ def test_compressed_entries_are_refused_before_they_are_inflated(tmp_path, monke
         for name, data in (('archive/data.pkl', pkl), ('archive/byteorder', 'little'), ('archive/data/0', bytes(2 ** 24))):
             archive.writestr(name, data, compress_type=zipfile.ZIP_DEFLATED if name == entry else zipfile.ZIP_STORED)
     assert os.path.getsize(src) < (2 ** 24 if entry == 'archive/data.pkl' else 10 ** 5) + 10 ** 5
-    read, names = zipfile.ZipFile.read, []
-    monkeypatch.setattr(zipfile.ZipFile, 'read',
-                        lambda self, name, *args: names.append(getattr(name, 'filename', name)) or read(self, name, *args))
+    names = recorded_zip_reads(monkeypatch)
     with pytest.raises(CheckpointError, match=rf'^{re.escape(str(src))}: {entry} is compressed, which torch.save '
                                               rf'never does; re-save the checkpoint with torch.save$'):
         read_checkpoint(str(src))
