@@ -221,11 +221,17 @@ def to_json(data, **options):
 @contextlib.contextmanager
 def replacing(path):
     """Yields a temporary name beside ``path`` (``<path>.tmp<pid>``) to write to; the file then
-    replaces ``path`` in one rename, and is removed if writing failed: a reader of ``path`` finds
-    the previous file or the new one whole, never part of one."""
+    replaces ``path`` in one rename once its data are on disk (``fsync``), and is removed if
+    writing failed: a reader of ``path`` finds the previous file or the new one whole, never part
+    of one, also after a power failure."""
     tmp = f'{path}.tmp{os.getpid()}'
     try:
         yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -891,6 +891,19 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ['last.pdparams']
 
 
+def test_a_checkpoint_is_on_disk_before_it_replaces_the_last(tmp_path, monkeypatch):
+    """The new file's data are synced before the rename: after a power failure the name holds the
+    previous checkpoint or the new one whole, not an empty file the rename got to first."""
+    path, events = tmp_path / 'last.pdparams', []
+    fsync, replace = os.fsync, os.replace
+    written = tmp_path / f'last.pdparams.tmp{os.getpid()}'
+    monkeypatch.setattr(os, 'fsync', lambda fd: events.append(('fsync', os.path.getsize(written))) or fsync(fd))
+    monkeypatch.setattr(os, 'replace', lambda a, b: events.append(('replace', os.path.basename(b))) or replace(a, b))
+    utils.save_checkpoint({'epoch': 1}, str(path))
+    assert [e[0] for e in events] == ['fsync', 'replace'] and events[0][1] == os.path.getsize(path) > 0
+    assert events[1] == ('replace', 'last.pdparams')
+
+
 def operator_names(run):
     """The names of the operators ``run()`` calls, as Paddle's autocast knows them (those of its
     operator statistics, ``paddle.amp.debugging``)."""
