@@ -185,6 +185,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _load_yaml(path):
+    if os.path.isdir(path):
+        raise ConfigError(f'{path} is a folder, not a config file')
     if not os.path.isfile(path):
         raise ConfigError(f'config file not found: {path}')
     with open(path, encoding='utf-8') as f:

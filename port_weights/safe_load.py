@@ -350,6 +350,8 @@ def read_checkpoint(path):
     of an unknown kind, asks the pickle for anything beyond tensors, or would take far more
     memory than its storages (see ``materialize``).
     """
+    if os.path.isdir(path):
+        raise CheckpointError(f'{path} is a folder, not a checkpoint file')
     if not os.path.isfile(path):
         raise CheckpointError(f'{path}: no such file')
     try:

@@ -235,6 +235,11 @@ def test_missing_base_file_is_reported(tmp_path):
         get_config(child)
 
 
+def test_a_folder_as_config_is_named_as_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(f'{tmp_path} is a folder, not a config file')):
+        get_config(str(tmp_path))
+
+
 def test_binary_file_as_config_is_named(tmp_path):
     path = tmp_path / 'weights.pdparams'
     path.write_bytes(b'\x80\x04\x95binary')

@@ -192,6 +192,9 @@ def test_linear_classifier_errors(golden, dino_files, tmp_path, capsys):
                                       'module.linear.bias': np.zeros(10, np.float32)}}, tmp_path / 'wide.pth')
     assert main(['--src', dino_files['backbone'], '--linear', wide, '--dst', str(dst)]) == 1
     assert f'--linear {wide}: the classifier takes 96 features, the backbone gives 64' in capsys.readouterr().err
+    # a folder
+    assert main(['--src', dino_files['backbone'], '--linear', str(tmp_path), '--dst', str(dst)]) == 1
+    assert f'{tmp_path} is a folder, not a checkpoint file' in capsys.readouterr().err
     # not a linear classifier at all
     assert main(['--src', dino_files['backbone'], '--linear', dino_files['backbone'], '--dst', str(dst)]) == 1
     err = capsys.readouterr().err
