@@ -3,7 +3,7 @@ import os
 
 from config import ConfigError, get_config
 from regnet import regnety_160
-from utils import CheckpointError, load_every_weight
+from utils import CheckpointError, check_checkpoint_file, load_every_weight
 from xcit import build_xcit
 
 __all__ = ['build_teacher']
@@ -32,8 +32,7 @@ def _check_weights_path(path):
         raise ConfigError('TRAIN.TEACHER_PRETRAINED is empty: distilling from an untrained teacher is '
                           'useless; set it to the teacher\'s converted .pdparams '
                           '(see port_weights/convert_regnet.py)')
-    if not os.path.isfile(path):
-        raise CheckpointError(f'TRAIN.TEACHER_PRETRAINED: no such file: {path}')
+    check_checkpoint_file(path, 'TRAIN.TEACHER_PRETRAINED')
 
 
 def build_teacher(config):

@@ -24,7 +24,7 @@ import paddle.distributed as dist
 from config import ConfigError
 from port_weights.convert import check_fits, state_shapes
 # CheckpointError: the project's one error type for bad checkpoints
-from port_weights.safe_load import CheckpointError, checkpoint_kind, map_nested
+from port_weights.safe_load import CheckpointError, check_checkpoint_file, checkpoint_kind, map_nested
 
 
 # ---------------------------------------------------------------- distributed
@@ -68,11 +68,20 @@ def all_reduce_sum(values):
     Used for exact metrics: every process contributes sums (correct counts, loss * n, n),
     never means, so the result does not depend on how the data was split.
     """
+    return _all_reduce(values, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(values):
+    """The largest of each number over all processes (e.g. the slowest one's seconds), as a float64 ndarray."""
+    return _all_reduce(values, dist.ReduceOp.MAX)
+
+
+def _all_reduce(values, op):
     array = np.asarray(values, dtype='float64')
     if get_world_size() == 1:
         return array
     tensor = paddle.to_tensor(array)
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, op=op)
     return tensor.numpy()
 
 
@@ -168,8 +177,16 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {'kind': kind, **fields, 'time': round(time.time(), 3)}
-        with open(self.path, 'a', encoding='utf-8') as f:
-            f.write(to_json(record) + '\n')
+        try:
+            with open(self.path, 'a', encoding='utf-8') as f:
+                f.write(to_json(record) + '\n')
+        except OSError as e:
+            raise cannot_write(self.path, e) from e
+
+    def start_afresh(self):
+        """Removes the records a run that is not continued here left (a fresh run starts a fresh file)."""
+        if self.enabled and os.path.exists(self.path):
+            os.remove(self.path)
 
     def keep_epochs_up_to(self, epoch, validated=True):
         """Drops the records of epochs after ``epoch`` (1-based), those of its validation unless
@@ -218,12 +235,22 @@ def to_json(data, **options):
     return json.dumps(finite, allow_nan=False, **options)
 
 
+class OutputWriteError(OSError):
+    """An output file could not be written (a full disk, permissions, a folder in its place); the
+    message names it."""
+
+
+def cannot_write(path, error):
+    """The ``OutputWriteError`` for ``path`` and the ``OSError`` that refused it."""
+    return OutputWriteError(f'cannot write {path} ({error.strerror or error})')
+
+
 @contextlib.contextmanager
 def replacing(path):
     """Yields a temporary name beside ``path`` (``<path>.tmp<pid>``) to write to; the file then
     replaces ``path`` in one rename once its data are on disk (``fsync``), and is removed if
     writing failed: a reader of ``path`` finds the previous file or the new one whole, never part
-    of one, also after a power failure."""
+    of one, also after a power failure. A write the system refuses raises ``OutputWriteError``."""
     tmp = f'{path}.tmp{os.getpid()}'
     try:
         yield tmp
@@ -233,9 +260,19 @@ def replacing(path):
         finally:
             os.close(fd)
         os.replace(tmp, path)
+    except OutputWriteError:
+        raise
+    except OSError as e:
+        raise OutputWriteError(f'{cannot_write(path, e)}; the file is as it was before') from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_png(image, path):
+    """Writes the PIL ``image`` to ``path`` as a PNG, atomically (``replacing``)."""
+    with replacing(path) as tmp:
+        image.save(tmp, format='PNG')
 
 
 def write_json(path, data):
@@ -366,8 +403,7 @@ FOREIGN_KINDS = {'zip': 'a PyTorch checkpoint', 'legacy': 'a PyTorch checkpoint 
 def load_checkpoint(path):
     """Loads a ``.pdparams`` file (a state dict, or a training checkpoint dict) as ``paddle.load``
     does, but without running code: see ``_PdparamsUnpickler``."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f'checkpoint not found: {path}')
+    check_checkpoint_file(path)
     try:
         foreign = FOREIGN_KINDS.get(checkpoint_kind(path))
     except OSError as e:

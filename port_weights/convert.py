@@ -280,20 +280,17 @@ def count_parameters(arrays):
 
 
 def write_pdparams(arrays, dst):
-    """``paddle.save`` to a temporary file beside ``dst``, then renamed onto it atomically.
+    """``paddle.save`` to a temporary file beside ``dst`` that then replaces it whole, once on disk
+    (``utils.replacing``).
 
     Raises ``CheckpointError`` when ``dst`` cannot be written."""
-    folder = os.path.dirname(os.path.abspath(dst))
-    tmp = os.path.join(folder, f'.{os.path.basename(dst)}.{os.getpid()}.tmp')
+    from utils import replacing  # here, not at the top: utils imports this module
     try:
-        os.makedirs(folder, exist_ok=True)
-        paddle.save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
-        os.replace(tmp, dst)
-    except OSError as e:
-        raise CheckpointError(f'{dst}: cannot write: {e.strerror or e}') from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        with replacing(dst) as tmp:
+            paddle.save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
+    except OSError as e:  # replacing's OutputWriteError names dst already
+        raise CheckpointError(f'cannot write {dst} ({e.strerror})' if e.strerror else str(e)) from None
 
 
 def convert_file(src, dst, cfg_path=None, dtype='float32', key=None, linear=None):

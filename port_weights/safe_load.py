@@ -341,6 +341,16 @@ def checkpoint_kind(path):
     return None
 
 
+def check_checkpoint_file(path, setting=None):
+    """Raises ``CheckpointError`` unless ``path`` is a file, naming a folder as such; ``setting`` (the
+    flag or key that gave ``path``) starts the message."""
+    where = f'{setting}: ' if setting else ''
+    if os.path.isdir(path):
+        raise CheckpointError(f'{where}{path} is a folder, not a checkpoint file')
+    if not os.path.isfile(path):
+        raise CheckpointError(f'{where}checkpoint not found: {path}')
+
+
 def read_checkpoint(path):
     """Reads a checkpoint file; returns its object tree with numpy arrays for tensors.
 
@@ -350,10 +360,7 @@ def read_checkpoint(path):
     of an unknown kind, asks the pickle for anything beyond tensors, or would take far more
     memory than its storages (see ``materialize``).
     """
-    if os.path.isdir(path):
-        raise CheckpointError(f'{path} is a folder, not a checkpoint file')
-    if not os.path.isfile(path):
-        raise CheckpointError(f'{path}: no such file')
+    check_checkpoint_file(path)
     try:
         kind = checkpoint_kind(path)
     except OSError as e:

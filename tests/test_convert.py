@@ -23,7 +23,8 @@ from conftest import FIXTURES, GOLDEN, write_torch_zip
 from config import get_config
 from port_weights import safe_load
 from port_weights.convert import (CheckpointError, convert_state_dict, count_parameters, find_mismatches,
-                                  from_timm_layout, load_checkpoint_arrays, main, model_shapes)
+                                  from_timm_layout, load_checkpoint_arrays, main, model_shapes,
+                                  write_pdparams)
 from port_weights.safe_load import read_checkpoint
 
 TORCH_FILES = os.path.join(FIXTURES, 'torch_checkpoints')
@@ -285,7 +286,7 @@ def test_files_that_are_not_checkpoints(tmp_path, capsys, content, message):
 
 def test_missing_source(tmp_path, capsys):
     assert main(['--src', str(tmp_path / 'nope.pth'), '--dst', str(tmp_path / 'x.pdparams')]) == 1
-    assert capsys.readouterr().err.strip() == f'error: {tmp_path / "nope.pth"}: no such file'
+    assert capsys.readouterr().err.strip() == f'error: checkpoint not found: {tmp_path / "nope.pth"}'
     assert os.listdir(tmp_path) == []
 
 
@@ -714,3 +715,29 @@ def test_safetensors_entries_are_read_from_their_offsets_in_their_dtypes(tmp_pat
     bad = safetensors_file(tmp_path / 'bad.safetensors', {'head.bias': ('F32', np.zeros(4, '<f4').tobytes(), (3,))})
     with pytest.raises(CheckpointError, match=re.escape('head.bias: data offsets [0, 16] do not fit shape [3]')):
         load_checkpoint_arrays(bad)
+
+
+def test_a_converted_file_replaces_the_previous_one_whole_and_synced(tmp_path, monkeypatch):
+    """A failed write leaves the previous output and no temporary file; a good one is synced to
+    disk before the rename puts it in place."""
+    dst = tmp_path / 'model.pdparams'
+    write_pdparams({'w': np.ones(3, np.float32)}, str(dst))
+    save, events = paddle.save, []
+
+    def crash(obj, path):
+        save(obj, path)
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(paddle, 'save', crash)
+    with pytest.raises(CheckpointError, match=r'cannot write .*model.pdparams \(No space left on device\); '
+                                              r'the file is as it was before'):
+        write_pdparams({'w': np.zeros(3, np.float32)}, str(dst))
+    assert [p.name for p in tmp_path.iterdir()] == ['model.pdparams']
+    np.testing.assert_array_equal(paddle.load(str(dst))['w'], np.ones(3))
+
+    monkeypatch.setattr(paddle, 'save', save)
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, 'fsync', lambda fd: events.append('fsync') or fsync(fd))
+    monkeypatch.setattr(os, 'replace', lambda a, b: events.append('replace') or replace(a, b))
+    write_pdparams({'w': np.zeros(3, np.float32)}, str(dst))
+    assert events == ['fsync', 'replace']
+    np.testing.assert_array_equal(paddle.load(str(dst))['w'], np.zeros(3))

@@ -207,7 +207,7 @@ def test_build_xcit_teacher_from_yaml(tmp_path):
 def test_teacher_errors(tmp_path):
     with pytest.raises(ConfigError, match='TRAIN.TEACHER_PRETRAINED is empty'):
         build_teacher(small_config())
-    with pytest.raises(CheckpointError, match='TRAIN.TEACHER_PRETRAINED: no such file: .*nowhere.pdparams'):
+    with pytest.raises(CheckpointError, match='TRAIN.TEACHER_PRETRAINED: checkpoint not found: .*nowhere.pdparams'):
         build_teacher(small_config('TRAIN.TEACHER_PRETRAINED', str(tmp_path / 'nowhere.pdparams')))
     junk = tmp_path / 'junk.pdparams'
     junk.write_text('not a checkpoint')
