@@ -20,21 +20,19 @@ labels to ``<output>/features.npz``.
     python eval_knn.py -ngpus 4 -cfg ... -pretrained ... -data_path /dataset/imagenet  # 4 GPUs
 """
 import argparse
-import json
 import math
 import os
 import time
 
 import numpy as np
 import paddle
-import paddle.distributed as dist
 
 import launch
 from config import ConfigError, get_config, update_config
 from datasets import build_dataloader, build_dataset, check_data_path, ignored_data_path
 from engine import EvalForward, exit_on_user_error, log_progress, setup_device
-from utils import (CheckpointError, check_output_folder, gather_rows, get_rank, get_world_size, load_every_weight,
-                   resolve_device, setup_logger, visible_gpus, write_json)
+from utils import (check_checkpoint_file, check_output_folder, gather_rows, get_rank, get_world_size,
+                   load_every_weight, replacing, resolve_device, setup_logger, to_json, visible_gpus, write_json)
 from xcit import build_xcit
 
 DEFAULT_K = (10, 20, 100, 200)
@@ -233,9 +231,10 @@ def run(args):
     if args.output:
         write_json(os.path.join(args.output, 'knn_summary.json'), summary)
         if args.save_features:
-            np.savez(os.path.join(args.output, 'features.npz'), train_features=train_features,
-                     train_labels=train_labels, val_features=val_features, val_labels=val_labels)
-    print(json.dumps(summary), flush=True)
+            with replacing(os.path.join(args.output, 'features.npz')) as tmp, open(tmp, 'wb') as f:
+                np.savez(f, train_features=train_features, train_labels=train_labels, val_features=val_features,
+                         val_labels=val_labels)
+    print(to_json(summary), flush=True)
     return summary
 
 
@@ -243,31 +242,21 @@ def check_inputs(args):
     """The errors the processes would meet, raised before any starts: a bad config, data folder,
     weights path or output folder (which is created)."""
     check_data_path(read_config(args))
-    if not os.path.isfile(args.pretrained):
-        raise CheckpointError(f'checkpoint not found: {args.pretrained}')
+    check_checkpoint_file(args.pretrained)
     if args.output:
         check_output_folder(args.output)
 
 
-def worker(args):
-    """Body of each of the -ngpus processes."""
-    dist.init_parallel_env()
+def job(args):
+    """The work of each of the -ngpus processes: ``run``, ending with one error line on bad input."""
     return exit_on_user_error(run, args)
 
 
 def main(argv=None):
     """Runs with the command line ``argv``; returns the summary when run in this process."""
     args = parse_args(argv)
-    if launch.started_by_paddle_launch():
-        exit_on_user_error(launch.check_launched_processes, args.ngpus, '-ngpus')
-        return worker(args)
     gpus = 0 if args.device == 'cpu' else visible_gpus()
-    nprocs = exit_on_user_error(launch.num_processes, args.ngpus, gpus, '-ngpus')
-    if nprocs == 1:
-        return exit_on_user_error(run, args)
-    exit_on_user_error(check_inputs, args)
-    launch.spawn(worker, (args,), nprocs, on_gpus=bool(gpus))
-    return None
+    return exit_on_user_error(launch.run_job, job, args, args.ngpus, gpus, '-ngpus', check_inputs)
 
 
 if __name__ == '__main__':

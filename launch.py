@@ -6,6 +6,7 @@ Used by ``main_multi_gpu.py`` and ``eval_knn.py -ngpus``, which also run under
 tell it its place.
 """
 import os
+import signal
 import sys
 import threading
 import time
@@ -16,6 +17,7 @@ from config import ConfigError
 
 CPU_PROCESSES = 2  # default process count without a GPU
 PARENT_POLL_SECONDS = 1.0  # how often a started process checks that the one that started it is there
+INTERRUPT_GRACE_SECONDS = 10  # how long interrupted processes have to end before they are killed
 
 
 def started_by_paddle_launch():
@@ -48,6 +50,32 @@ def num_processes(requested, gpus, name):
     return count
 
 
+def run_job(job, arg, requested, gpus, setting, check_inputs):
+    """Runs ``job(arg)`` as a multi-process entry point does; returns its result when it ran in this
+    process alone, else None. ``job`` is a module-level function (started processes import it).
+
+    Under ``paddle.distributed.launch`` this process is one of the launcher's and runs its part
+    here (``requested``, the setting ``setting``, must be -1 or the launcher's count). Otherwise
+    ``num_processes(requested, gpus, setting)`` decide: one runs here; several run in new processes
+    (``spawn``), after ``check_inputs(arg)`` here, as each of them would report the same error.
+    """
+    if started_by_paddle_launch():
+        check_launched_processes(requested, setting)
+        return _in_process_group(job, arg)
+    nprocs = num_processes(requested, gpus, setting)
+    if nprocs == 1:
+        return job(arg)
+    check_inputs(arg)
+    spawn(_in_process_group, (job, arg), nprocs, on_gpus=bool(gpus))
+    return None
+
+
+def _in_process_group(job, arg):
+    """``job(arg)`` in one process of a group, once the group is set up."""
+    dist.init_parallel_env()
+    return job(arg)
+
+
 def _exit_when_orphaned(parent_pid):
     """Ends this process (exit status 1) within ``PARENT_POLL_SECONDS`` of the process that started
     it, ``parent_pid``, ending: killed, or stopped by a job scheduler's SIGTERM, it cannot stop its
@@ -76,11 +104,33 @@ def _run_worker(parent_pid, worker, *args):
 def spawn(worker, args, nprocs, on_gpus):
     """Runs ``worker(*args)`` in ``nprocs`` new processes (NCCL between GPUs, else gloo) and waits
     for them. A failing process has printed its reason; this adds one error line and exits with 1.
-    The processes end by themselves when this one ends before them (``_exit_when_orphaned``)."""
+    Interrupted (SIGINT, e.g. Ctrl-C), this stops the processes and exits with 130. They end by
+    themselves when this one ends before them (``_exit_when_orphaned``)."""
     backend = 'nccl' if on_gpus else 'gloo'
     print(f'starting {nprocs} processes ({backend})', flush=True)
+    context = dist.spawn(_run_worker, args=(os.getpid(), worker, *args), nprocs=nprocs, backend=backend,
+                         join=False)
     try:
-        dist.spawn(_run_worker, args=(os.getpid(), worker, *args), nprocs=nprocs, backend=backend)
-    except Exception as e:  # spawn re-raises a worker's failure; the worker printed the reason
+        while not context.join():
+            pass
+    except KeyboardInterrupt:
+        _interrupt(context.processes)
+        print('error: interrupted; the worker processes were stopped', file=sys.stderr, flush=True)
+        sys.exit(130)
+    except Exception as e:  # join re-raises a worker's failure; the worker printed the reason
         print(f'error: a worker process failed: {str(e).strip().splitlines()[-1]}', file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def _interrupt(processes):
+    """Sends SIGINT to the ``processes`` still running, as Ctrl-C in their terminal would (only this
+    one may have had it), and kills those that have not ended ``INTERRUPT_GRACE_SECONDS`` later."""
+    for process in processes:
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGINT)
+    deadline = time.monotonic() + INTERRUPT_GRACE_SECONDS
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()

@@ -11,32 +11,21 @@ See ``python main_multi_gpu.py -h`` and ``engine.py``.
 """
 import numpy  # noqa: F401  before paddle: with PaddlePaddle 2.6, gloo processes that import
 # paddle first fail to decode PNG images in DataLoader threads ("codec configuration error")
-import paddle.distributed as dist
 
 import engine
 import launch
 from utils import visible_gpus
 
 
-def worker(config):
-    """Body of each spawned (or launched) process."""
-    dist.init_parallel_env()
+def job(config):
+    """The work of each process: ``engine.run``, ending with one error line on bad input."""
     return engine.exit_on_user_error(engine.run, config)
 
 
 def main(argv=None):
     """Runs with the command line ``argv``; returns rank 0's summary when run in this process."""
     config = engine.parse_config(argv, multi_process=True)
-    if launch.started_by_paddle_launch():
-        launch.check_launched_processes(config.NGPUS, 'NGPUS (-ngpus)')
-        return worker(config)
-    engine.check_inputs(config)  # before any process starts: each would report the same error
-    gpus = visible_gpus()
-    nprocs = launch.num_processes(config.NGPUS, gpus, 'NGPUS (-ngpus)')
-    if nprocs == 1:
-        return engine.run(config)
-    launch.spawn(worker, (config,), nprocs, on_gpus=bool(gpus))
-    return None
+    return launch.run_job(job, config, config.NGPUS, visible_gpus(), 'NGPUS (-ngpus)', engine.check_inputs)
 
 
 if __name__ == '__main__':

@@ -183,6 +183,7 @@ def test_two_processes_log_the_training_loss_and_accuracy_of_the_global_batch(pr
     (['-dataset', 'imagefolder', '-data_path', 'no/such/folder'], 'error: DATA.DATA_PATH not found: no/such/folder'),
     (['-dataset', 'imagenet2012'], 'error: DATA.DATA_PATH is not set: give -data_path'),
     (['-eval', '-pretrained', 'no_such.pdparams'], 'error: checkpoint not found: no_such.pdparams'),
+    (['-eval', '-pretrained', ROOT], f'error: {ROOT} is a folder, not a checkpoint file'),
     (['-output', os.path.join(ROOT, 'README.md')], f'error: -output {os.path.join(ROOT, "README.md")} is a file, not'),
     (['-output', os.path.join(ROOT, 'README.md', 'out')],
      f'error: -output {os.path.join(ROOT, "README.md", "out")}: cannot create or write to the folder'),
@@ -290,10 +291,12 @@ if __name__ == '__main__':
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGKILL, signal.SIGINT])
 def test_started_processes_end_when_the_parent_is_killed(tmp_path, signum):
     """A job scheduler stopping main_multi_gpu.py (SIGTERM, or SIGKILL) stops its workers too: they
-    used to go on training, writing to the output folder beside the relaunched run."""
+    used to go on training, writing to the output folder beside the relaunched run. SIGINT to the
+    parent alone (not to its process group, as Ctrl-C) is passed on to them; the parent used to
+    wait for them to finish."""
     script = tmp_path / 'sleepers.py'
     script.write_text(SLEEPING_WORKERS.format(root=ROOT))
     pids = tmp_path / 'pids'
