@@ -225,45 +225,82 @@ def _imagenet2012(config, mode, transform):
     return ImageFileDataset(paths, labels, num_classes, mode, transform, config.SEED, list_file, line_numbers)
 
 
+def _visible(name):
+    """False for hidden names (a leading '.'): ``.ipynb_checkpoints``, macOS's ``._photo.jpg``."""
+    return not name.startswith('.')
+
+
 def find_classes(split_dir):
-    """Sorted names of the class folders of ``split_dir``."""
+    """Sorted names of the class folders of ``split_dir``, hidden ones left out."""
     _check_dir(split_dir, 'image folder split')
-    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir() and _visible(entry.name))
     if not classes:
         raise DataError(f'{split_dir}: no class folders')
     return classes
 
 
+def image_files_under(folder):
+    """Image files (``IMG_EXTENSIONS``, in any case) below ``folder``, sorted folder by folder as
+    torchvision's ImageFolder sorts them. Hidden files and folders are left out; symbolic links are
+    followed, each folder read once (a link to a folder above is not walked round and round)."""
+    found, seen = [], set()
+    for path, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(path)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if _visible(d))
+        found.append((path, sorted(n for n in names if _visible(n) and n.lower().endswith(IMG_EXTENSIONS))))
+    return [os.path.join(path, name) for path, names in sorted(found) for name in names]
+
+
 def _image_files(class_dir):
-    """Image files under ``class_dir`` (recursively, sorted as torchvision's ImageFolder)."""
-    files = []
-    for folder, _, names in sorted(os.walk(class_dir, followlinks=True)):
-        files += [os.path.join(folder, name) for name in sorted(names)
-                  if name.lower().endswith(IMG_EXTENSIONS)]
+    files = image_files_under(class_dir)
     if not files:
         raise DataError(f'{class_dir}: no image files (extensions {", ".join(IMG_EXTENSIONS)})')
     return files
 
 
+def _label_order(config, root, mode, folders):
+    """The class names in label order and where they come from: ``DATA.CLASS_NAMES`` when set (the
+    classes a model learned, which its run's config.yaml records), else the sorted class folders
+    of ``root/train`` (so that a ``val/`` lacking a class keeps the labels of the others), else
+    ``folders``, those of the split itself."""
+    if config.DATA.CLASS_NAMES:
+        return list(config.DATA.CLASS_NAMES), 'DATA.CLASS_NAMES'
+    train_dir = os.path.join(root, 'train')
+    if mode != 'train' and os.path.isdir(train_dir):
+        return find_classes(train_dir), f'the class folders of {train_dir}'
+    return folders, None
+
+
 def _imagefolder(config, mode, transform):
+    """Images of ``root/<mode>/<class>/...``, each labelled by its class's place in the label order
+    (``_label_order``); a class folder outside that order is an error."""
     check_data_path(config)
     root = config.DATA.DATA_PATH
     split_dir = os.path.join(root, mode)
-    classes = find_classes(split_dir)
-    other = os.path.join(root, 'val' if mode == 'train' else 'train')
-    if os.path.isdir(other) and find_classes(other) != classes:
-        raise DataError(f'{split_dir} and {other} have different class folders, so their labels '
-                        f'would not match')
+    folders = find_classes(split_dir)
+    classes, source = _label_order(config, root, mode, folders)
+    unlabelled = [name for name in folders if name not in classes]
+    if unlabelled:
+        hint = (' (the classes the model learned; -opts DATA.CLASS_NAMES "[]" labels the sorted class folders '
+                'instead)' if source == 'DATA.CLASS_NAMES' else '')
+        raise DataError(f'{split_dir}: class folders {", ".join(map(repr, unlabelled))} are not among the '
+                        f'{len(classes)} classes of {source}{hint}, so they have no label')
     if len(classes) > config.MODEL.NUM_CLASSES:
-        raise DataError(f'{split_dir}: {len(classes)} class folders, but labels must be in '
+        raise DataError(f'{split_dir}: {len(classes)} classes, but labels must be in '
                         f'[0, MODEL.NUM_CLASSES={config.MODEL.NUM_CLASSES})')
+    label_of = {name: label for label, name in enumerate(classes)}
     paths, labels = [], []
-    for label, name in enumerate(classes):
+    for name in folders:
         files = _image_files(os.path.join(split_dir, name))
         paths += files
-        labels += [label] * len(files)
+        labels += [label_of[name]] * len(files)
     dataset = ImageFileDataset(paths, labels, len(classes), mode, transform, config.SEED)
     dataset.classes = classes
+    dataset.label_source = source or f'the class folders of {split_dir}'
     return dataset
 
 

@@ -39,9 +39,6 @@ class EvalBatchSampler(paddle.io.BatchSampler):
         self.batch_size = batch_size
         self.drop_last = False
 
-    def set_epoch(self, epoch):
-        """Evaluation order does not depend on the epoch; kept so every loader has ``set_epoch``."""
-
     def __iter__(self):
         for start in range(0, len(self.indices), self.batch_size):
             yield list(self.indices[start:start + self.batch_size])

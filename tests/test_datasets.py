@@ -187,6 +187,7 @@ def test_imagefolder_layout(folder):
     config = make_config(**{'DATA.DATASET': 'imagefolder', 'DATA.DATA_PATH': str(folder)})
     val = build_dataset(config, 'val')
     assert val.classes == ['cat', 'dog', 'emu'] and val.num_classes == 3
+    assert val.label_source == f'the class folders of {folder / "train"}'
     rel = [os.path.relpath(p, folder / 'val') for p in val.paths]
     assert rel == ['cat/0.jpg', 'cat/1.jpg', 'cat/deeper/x.PNG', 'dog/0.jpg', 'dog/1.jpg', 'emu/0.jpg', 'emu/1.jpg']
     np.testing.assert_array_equal(val.labels, [0, 0, 0, 1, 1, 2, 2])
@@ -194,6 +195,48 @@ def test_imagefolder_layout(folder):
     np.testing.assert_array_equal(image, eval_of(val.paths[3], config))
     assert label == 1
     assert len(build_dataset(config, 'train')) == 10
+
+
+def imagefolder_config(root, **opts):
+    return make_config(**{'DATA.DATASET': 'imagefolder', 'DATA.DATA_PATH': str(root), **opts})
+
+
+def test_a_val_split_without_some_classes_keeps_the_training_labels(folder):
+    """Labels follow the train/ class folders, so a val/ lacking 'dog' still labels 'emu' 2."""
+    for f in (folder / 'val' / 'dog').iterdir():
+        f.unlink()
+    (folder / 'val' / 'dog').rmdir()
+    val = build_dataset(imagefolder_config(folder), 'val')
+    assert val.classes == ['cat', 'dog', 'emu'] and val.num_classes == 3
+    np.testing.assert_array_equal(val.labels, [0, 0, 0, 2, 2])
+
+
+def test_configured_class_names_label_the_folders_by_name(folder):
+    """DATA.CLASS_NAMES (a trained run's config.yaml records the classes it learned) gives the
+    labels, whatever the folders' sorted order or how many of them there are."""
+    config = imagefolder_config(folder, **{'DATA.CLASS_NAMES': ['emu', 'dog', 'cat', 'gnu'], 'MODEL.NUM_CLASSES': 4})
+    for mode in ('train', 'val'):
+        dataset = build_dataset(config, mode)
+        assert dataset.classes == ['emu', 'dog', 'cat', 'gnu'] and dataset.num_classes == 4
+        assert dataset.label_source == 'DATA.CLASS_NAMES'
+    np.testing.assert_array_equal(dataset.labels, [2, 2, 2, 1, 1, 0, 0])
+    config = imagefolder_config(folder, **{'DATA.CLASS_NAMES': ['cat', 'dog', 'yak']})
+    with pytest.raises(DataError, match=r"val: class folders 'emu' are not among the 3 classes of "
+                                        r"DATA.CLASS_NAMES \(the classes the model learned; -opts "
+                                        r"DATA.CLASS_NAMES \"\[\]\" labels the sorted class folders instead\)"):
+        build_dataset(config, 'val')
+
+
+def test_hidden_entries_are_left_out_and_linked_folders_read_once(folder):
+    """Hidden folders and files (a notebook's checkpoints, macOS's AppleDouble ``._x.jpg``) are not
+    classes or images; a symbolic link back to a folder above is not walked round and round."""
+    write_image(str(folder / 'val' / '.ipynb_checkpoints' / 'a.jpg'), 1)
+    write_image(str(folder / 'val' / 'cat' / '.cache' / 'b.jpg'), 2)
+    (folder / 'val' / 'cat' / '._0.jpg').write_bytes(b'\x00\x05\x16\x07 AppleDouble')
+    os.symlink('..', folder / 'val' / 'cat' / 'deeper' / 'up')
+    val = build_dataset(imagefolder_config(folder), 'val')
+    rel = [os.path.relpath(p, folder / 'val') for p in val.paths]
+    assert rel == ['cat/0.jpg', 'cat/1.jpg', 'cat/deeper/x.PNG', 'dog/0.jpg', 'dog/1.jpg', 'emu/0.jpg', 'emu/1.jpg']
 
 
 def write_list(root, name, lines):
@@ -362,7 +405,8 @@ def test_missing_paths_and_empty_datasets(tmp_path, folder):
         build_dataset(imagefolder(tmp_path), 'train')
     (folder / 'val' / 'emu' / 'empty').mkdir()
     os.rename(folder / 'val' / 'emu', folder / 'val' / 'gnu')
-    with pytest.raises(DataError, match='different class folders'):
+    with pytest.raises(DataError, match=r"val: class folders 'gnu' are not among the 3 classes of the class "
+                                        r"folders of .*train, so they have no label"):
         build_dataset(imagefolder(folder), 'val')
     (folder / 'train' / 'emu').rename(folder / 'train' / 'gnu')
     for f in (folder / 'val' / 'gnu').glob('*.jpg'):
@@ -373,7 +417,7 @@ def test_missing_paths_and_empty_datasets(tmp_path, folder):
 
 def test_imagefolder_with_more_classes_than_the_model(folder):
     config = make_config(**{'DATA.DATASET': 'imagefolder', 'DATA.DATA_PATH': str(folder), 'MODEL.NUM_CLASSES': 2})
-    with pytest.raises(DataError, match=r'3 class folders.*MODEL.NUM_CLASSES=2'):
+    with pytest.raises(DataError, match=r'3 classes, but labels must be in \[0, MODEL.NUM_CLASSES=2\)'):
         build_dataset(config, 'train')
 
 
@@ -441,7 +485,8 @@ def set_epoch(loader, epoch):
 def digits_loader(mode, epoch=0, **opts):
     config = make_config(**{'DATA.DATASET': 'digits', 'DATA.BATCH_SIZE': 8, 'DATA.BATCH_SIZE_EVAL': 100, **opts})
     loader = build_dataloader(config, build_dataset(config, mode), mode)
-    set_epoch(loader, epoch)
+    if mode == 'train':  # the evaluation order does not depend on the epoch
+        set_epoch(loader, epoch)
     return loader
 
 
