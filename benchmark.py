@@ -40,7 +40,7 @@ import time
 
 from config import ConfigError, get_config
 from export_model import ExportError, check_onnx_packages
-from utils import check_output_file, write_json
+from utils import OutputWriteError, check_output_file, save_png, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PATHS = ('dygraph', 'static', 'infer', 'onnx', 'train', 'train_gc')
@@ -111,7 +111,7 @@ def build_runner(cfg, path, batch, size, threads):
     model.eval()
     if path in ('infer', 'onnx'):
         from export_model import in_memory_predictor
-        predictor = in_memory_predictor(model, size, mkldnn=True, threads=threads, onnx=path == 'onnx')
+        predictor = in_memory_predictor(model, size, threads=threads, onnx=path == 'onnx')
         return lambda: predictor(images)
     spec = [paddle.static.InputSpec([None, 3, size, size], 'float32')]
     net = paddle.jit.to_static(model, input_spec=spec, full_graph=True) if path == 'static' else model
@@ -283,7 +283,7 @@ def draw_scaling(summary, title, path):
             draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
         draw.text((left + 10, top - 18), f'{label}: fit {a:.3g} + {b:.3g} x tokens', fill=colour)
         draw.text(((left + right) // 2 - 20, bottom + 22), 'tokens', fill='black')
-    img.save(path)
+    save_png(img, path)
 
 
 # ---------------------------------------------------------------- command line
@@ -376,8 +376,11 @@ def main(argv=None):
         if sum('error' not in r for r in rows) < 2:
             sys.exit('--scaling: fewer than two sizes could be measured; nothing to fit')
         summary = scaling_summary(rows, args.configs[cfg].MODEL.PATCH_SIZE)
-        draw_scaling(summary, f'{os.path.basename(cfg)} ({path}, batch {batch}, {args.threads} threads): '
-                              f'{summary["sizes"][0]} to {summary["sizes"][-1]} pixels', args.plot)
+        try:
+            draw_scaling(summary, f'{os.path.basename(cfg)} ({path}, batch {batch}, {args.threads} threads): '
+                                  f'{summary["sizes"][0]} to {summary["sizes"][-1]} pixels', args.plot)
+        except OutputWriteError as e:
+            sys.exit(f'error: {e}')
         print(format_scaling(summary) + f'; plot: {args.plot}')
     else:
         for cfg in args.cfg:
@@ -387,7 +390,10 @@ def main(argv=None):
                         rows.append(run_worker(cfg, path, batch, size, args.threads, args.reps))
         print(format_table(rows))
     if args.json:
-        write_json(args.json, {'machine': machine(), 'threads': args.threads, 'rows': rows})
+        try:
+            write_json(args.json, {'machine': machine(), 'threads': args.threads, 'rows': rows})
+        except OutputWriteError as e:
+            sys.exit(f'error: {e}')
     failed = sum('error' in r for r in rows)
     if failed and not args.scaling:  # --scaling stops at the first size that fails, by design
         sys.exit(f'{failed} of {len(rows)} measurements failed')

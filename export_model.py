@@ -128,7 +128,7 @@ def publish(staging, output):
     return program_path(output)
 
 
-def in_memory_predictor(model, image_size=None, mkldnn=True, threads=None, onnx=False):
+def in_memory_predictor(model, image_size=None, threads=None, onnx=False):
     """An ``InferenceModel`` (with ``onnx``, an ``OnnxModel``) of ``model``'s current weights,
     exported (``export``) to a temporary folder that is gone once the predictor has read it;
     later changes to ``model`` do not reach the predictor."""
@@ -136,7 +136,7 @@ def in_memory_predictor(model, image_size=None, mkldnn=True, threads=None, onnx=
         export(model, folder, image_size)
         if onnx:
             return OnnxModel(export_onnx(folder), threads=threads)
-        return InferenceModel(folder, mkldnn=mkldnn, threads=threads)
+        return InferenceModel(folder, threads=threads)
 
 
 def program_path(model_dir):
@@ -206,7 +206,12 @@ class InferenceModel:
             raise ExportError(f'{self.model_dir}: {self.name} failed on images of shape {list(images.shape)} '
                               f'({" ".join(str(e).split())[:200]}); a model exported with -image_size takes only '
                               f'that size') from e
-        return self.output.copy_to_cpu()
+        outputs = self.output.copy_to_cpu()
+        if outputs.shape[0] != images.shape[0]:  # a fixed-size graph folds other token counts into the batch
+            raise ExportError(f'{self.model_dir}: {self.name} gave {outputs.shape[0]} rows of outputs for '
+                              f'{images.shape[0]} images of {images.shape[2]} x {images.shape[3]} pixels: it was '
+                              f'exported with -image_size for another size, and takes only that size')
+        return outputs
 
 
 def check_onnx_packages(what='-onnx'):
@@ -280,8 +285,9 @@ def check_export(model, model_dir, config, image_size, onnx):
         runners.append(OnnxModel(export_onnx(model_dir)))
     shapes = ', '.join(str(list(x.shape)) for x in inputs)
     failed = []
+    outputs = 'logits' if config.MODEL.NUM_CLASSES else 'features'
     for name, diff in max_difference(model, runners, inputs):
-        print(f'{name}: max |logits - dygraph logits| = {diff:.2e} on {shapes}')
+        print(f'{name}: max |{outputs} - dygraph {outputs}| = {diff:.2e} on {shapes}')
         if not diff <= TOLERANCE:  # also catches NaN
             failed.append(f'{name} {diff:.2e}')
     if failed:

@@ -323,11 +323,15 @@ def _linear(x, weight, bias=None):
 
     Eagerly on the CPU, ``paddle.addmm`` adds the bias inside the GEMM call, several times
     cheaper on Paddle's CPU kernels than a separate broadcast add, with GEMM-only gradients when
-    they are needed. Otherwise ``F.linear``: in graph mode matmul + add, which the inference
-    passes fuse into one fc op; on GPUs the GEMM that float16 autocast casts.
+    they are needed. In graph mode (exports) matmul + add, which the inference passes fuse into
+    one fc op (``F.linear`` would write the ``linear_v2`` op where Paddle 3.3 is built with CUDA,
+    which Paddle2ONNX cannot convert). Eagerly on GPUs ``F.linear``, the GEMM that float16
+    autocast casts.
     """
     if bias is None:
         return paddle.matmul(x, weight)
+    if not paddle.in_dynamic_mode():
+        return paddle.matmul(x, weight) + bias
     if not _eager_on_cpu(x):
         return F.linear(x, weight, bias)
     if _needs_grad(x, weight, bias):

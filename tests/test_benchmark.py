@@ -13,6 +13,8 @@ from conftest import hide_packages
 TINY = {'DATA': {'IMAGE_SIZE': 32},
         'MODEL': {'NAME': 'xcit_bench_test', 'EMBED_DIM': 32, 'DEPTH': 1, 'NUM_HEADS': 2, 'NUM_CLASSES': 5}}
 
+MEASURES_PEAK = benchmark.restart_peak()  # False where /proc/self/clear_refs cannot be written (containers)
+
 
 @pytest.fixture(scope='module')
 def cfg(tmp_path_factory):
@@ -31,7 +33,8 @@ def test_table_measures_every_path_batch_and_size(cfg, tmp_path, capsys):
         (path, batch, 48) for batch in (1, 2) for path in ('dygraph', 'static', 'infer')]
     for r in rows:
         assert 'error' not in r, r
-        assert r['images_per_s'] > 0 and r['ms_per_batch'] > 0 and r['peak_mb'] is not None
+        assert r['images_per_s'] > 0 and r['ms_per_batch'] > 0
+        assert (r['peak_mb'] is not None) == MEASURES_PEAK
         assert r['images_per_s'] == pytest.approx(r['batch'] / r['ms_per_batch'] * 1e3)
     assert printed.count('tiny.yaml') == len(rows)
     assert 'machine: ' in printed and 'img/s' in printed
@@ -189,6 +192,7 @@ def test_static_path_is_traced_before_the_measurement(cfg, monkeypatch):
     assert run().shape == (2, 5) and len(calls) == 2
 
 
+@pytest.mark.skipif(not MEASURES_PEAK, reason='this system cannot restart the peak mark (/proc/self/clear_refs)')
 def test_peak_restarts_at_the_current_resident_size():
     """What a model's build allocated and freed (tracing, export, conversion) must not count
     as memory of the forward passes, nor hide in the heap for them to reuse unseen."""

@@ -111,6 +111,29 @@ def test_check_compares_with_the_dygraph_model(tiny, tmp_path, monkeypatch, caps
     assert 'does not reproduce the dygraph model' in capsys.readouterr().err
 
 
+def test_an_export_writes_matmul_and_add_also_where_paddle_is_built_with_cuda(tiny, tmp_path, monkeypatch):
+    """Paddle 3.3's F.linear writes the 'linear_v2' op where Paddle is built with CUDA (as
+    paddlepaddle-gpu is), which Paddle2ONNX cannot convert: -onnx aborted the process."""
+    _, _, model = tiny
+    monkeypatch.setattr(paddle, 'is_compiled_with_cuda', lambda: True)
+    export_model.export(model, str(tmp_path))
+    with open(export_model.program_path(str(tmp_path)), 'rb') as f:
+        program = f.read()
+    assert b'linear_v2' not in program and b'matmul' in program
+
+
+def test_a_backbone_without_head_is_checked_on_its_features(tiny, tmp_path, capsys):
+    _, weights, _ = tiny
+    cfg = tmp_path / 'backbone.yaml'
+    cfg.write_text(yaml.safe_dump({**TINY, 'MODEL': {**TINY['MODEL'], 'NUM_CLASSES': 0}}), encoding='utf-8')
+    paddle.save({k: v for k, v in paddle.load(weights).items() if not k.startswith('head.')},
+                str(tmp_path / 'backbone.pdparams'))
+    main(['-cfg', str(cfg), '-pretrained', str(tmp_path / 'backbone.pdparams'), '-output', str(tmp_path / 'out'),
+          '-image_size', '32'])
+    out = capsys.readouterr().out
+    assert 'paddle.inference CPU: max |features - dygraph features| = ' in out and 'logits' not in out
+
+
 def test_mismatch_between_exported_and_dygraph_fails(tiny, tmp_path, monkeypatch, capsys):
     cfg, weights, _ = tiny
     call = InferenceModel.__call__
