@@ -35,10 +35,10 @@ import paddle
 from PIL import ImageOps
 
 from config import ConfigError
-from datasets import IMAGE_READ_ERRORS, IMG_EXTENSIONS, DataError, find_classes, read_image
+from datasets import IMAGE_READ_ERRORS, IMG_EXTENSIONS, DataError, find_classes, image_files_under, read_image
 from export_model import EXPORT_CONFIG, ExportError, InferenceModel, config_at_size, load_model
 from transforms import build_eval_transform
-from utils import CheckpointError, check_output_file, replacing, resolve_device
+from utils import CheckpointError, OutputWriteError, check_output_file, replacing, resolve_device
 
 TOP_K = 5
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -80,6 +80,8 @@ def class_names_in(path):
     except UnicodeDecodeError as e:
         raise ConfigError(f'-class_names {path}: not UTF-8 text ({e.reason} at byte {e.start}); give a text '
                           f'file of class names, one per line') from e
+    except OSError as e:
+        raise ConfigError(f'-class_names {path}: cannot read: {e.strerror or e}') from e
 
 
 def folder_class_names(root):
@@ -99,9 +101,7 @@ def image_paths(inputs):
     paths = []
     for item in inputs:
         if os.path.isdir(item):
-            found = sorted(os.path.join(root, name) for root, _, files in os.walk(item, followlinks=True)
-                           for name in files if name.lower().endswith(IMG_EXTENSIONS))
-            paths += [(path, True) for path in found]
+            paths += [(path, True) for path in image_files_under(item)]
         else:
             paths.append((item, False))
     if not paths:
@@ -129,7 +129,8 @@ def top_k(logits, k=TOP_K):
 
 
 def build_predictor(args):
-    """(config, callable images (B, 3, S, S) float32 -> logits (B, classes) ndarray) on ``args.device``."""
+    """(config, callable images (B, 3, S, S) float32 -> logits (B, classes) ndarray, or the features
+    (B, EMBED_DIM) of a model without head) on ``args.device``."""
     if args.model_dir:
         return config_at_size(args.cfg, args.image_size), InferenceModel(args.model_dir, device=args.device)
     paddle.set_device(args.device)
@@ -183,7 +184,8 @@ def parse_args(argv=None):
         parser.error('-ema selects weights of a -pretrained checkpoint; an exported model has its own '
                      '(export it with export_model.py -ema)')
     if args.model_dir and not os.path.isdir(args.model_dir):
-        parser.error(f'-model_dir {args.model_dir}: no such folder')
+        parser.error(f'-model_dir {args.model_dir}: ' + ('a file, not the folder export_model.py writes'
+                                                         if os.path.exists(args.model_dir) else 'no such folder'))
     if args.cfg is None:
         exported = os.path.join(args.model_dir, EXPORT_CONFIG) if args.model_dir else None
         if not (exported and os.path.isfile(exported)):
@@ -238,9 +240,18 @@ def write_predictions(predict, batches, names, args, as_csv):
     if not args.output:
         write_top_k(predict, batches, names, args, sys.stdout, as_csv)
         return
-    with replacing(args.output) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as out:
+    # surrogateescape: a file or class name that is not valid UTF-8 is written as its own bytes
+    with replacing(args.output) as tmp, open(tmp, 'w', newline='', encoding='utf-8', errors='surrogateescape') as out:
         written = write_top_k(predict, batches, names, args, out, as_csv=True)
+        keep_unless_written(written, args.output)
     print(f'wrote {written} predictions to {args.output}', file=sys.stderr)
+
+
+def keep_unless_written(count, output):
+    """Raises ``DataError`` when no image was read (``count`` 0), so that ``replacing`` keeps the
+    previous ``output`` instead of an empty one."""
+    if not count:
+        raise DataError(f'no image could be read, so {output} is left as it was')
 
 
 def write_top_k(predict, batches, names, args, out, as_csv):
@@ -276,7 +287,8 @@ def write_features(predict, batches, width, args):
         check_output_width(outputs, width, args)
         paths += batch
         features.append(outputs.astype(np.float32))
-    features = np.concatenate(features) if features else np.zeros((0, width), np.float32)
+    keep_unless_written(len(paths), args.output)
+    features = np.concatenate(features)
     with replacing(args.output) as tmp, open(tmp, 'wb') as f:
         np.savez(f, paths=np.array(paths), features=features)
     print(f'wrote the features of {len(paths)} images to {args.output}', file=sys.stderr)
@@ -306,11 +318,14 @@ def main(argv=None):
         else:
             as_csv = args.output is not None or any(from_folder for _, from_folder in paths)
             write_predictions(predict, batches, names, args, as_csv)
-    except ExportError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(1)
+        error = None
+    except (ExportError, DataError, OutputWriteError) as e:
+        error = e
     if failed:
         print(f'error: {len(failed)} of {len(paths)} files could not be read', file=sys.stderr)
+    if error:
+        print(f'error: {error}', file=sys.stderr)
+    if failed or error:
         sys.exit(1)
 
 

@@ -23,9 +23,9 @@ from PIL import Image, ImageDraw
 
 from config import ConfigError
 from export_model import load_model
-from predict import image_paths, load_image, read_class_names
+from predict import image_paths, read_class_names, readable_batches
 from transforms import build_eval_transform
-from utils import CheckpointError, check_output_folder
+from utils import CheckpointError, OutputWriteError, check_output_folder, save_png
 
 COLUMNS = 6  # tiles per row of the PNG
 TITLE_HEIGHT = 16  # pixels
@@ -131,14 +131,8 @@ def main(argv=None):
         sys.exit(1)
     transform = build_eval_transform(config)
     written = set()
-    failed = 0
-    for path in paths:
-        try:
-            image = load_image(path, transform)
-        except OSError as e:
-            print(f'error: {e}', file=sys.stderr)
-            failed += 1
-            continue
+    failed, unwritten = [], 0
+    for (path,), (image,) in readable_batches(paths, transform, 1, failed, workers=1):
         with paddle.no_grad():
             maps, outputs = model.class_attention_maps(paddle.to_tensor(image[None]), return_outputs=True)
         maps = maps[0].numpy()
@@ -146,10 +140,18 @@ def main(argv=None):
         title = f'{os.path.basename(path)}: {prediction}mean and {len(maps)} heads'
         figure = attention_figure(to_rgb(image, config.DATA.IMAGENET_MEAN, config.DATA.IMAGENET_STD), maps, title)
         target = output_path(args.output, path, written)
-        figure.save(target)
+        try:
+            save_png(figure, target)
+        except OutputWriteError as e:
+            print(f'error: {e}', file=sys.stderr)
+            unwritten += 1
+            continue
         print(f'{path}: {prediction}{len(maps)} heads on a {maps.shape[1]} x {maps.shape[2]} token grid -> {target}')
     if failed:
-        print(f'error: {failed} of {len(paths)} files could not be read', file=sys.stderr)
+        print(f'error: {len(failed)} of {len(paths)} files could not be read', file=sys.stderr)
+    if unwritten:
+        print(f'error: {unwritten} of {len(paths)} figures could not be written', file=sys.stderr)
+    if failed or unwritten:
         sys.exit(1)
 
 

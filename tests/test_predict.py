@@ -95,6 +95,14 @@ def test_folder_gives_csv_and_reports_unreadable_files(setup, capsys):
         np.testing.assert_allclose([float(v) for v in row[11:16]], probs[0], atol=1e-6)
 
 
+def backbone_of(setup, tmp_path):
+    """The config and weights of the setup's model without its head (it gives features): two paths."""
+    cfg, weights = tmp_path / 'backbone.yaml', tmp_path / 'backbone.pdparams'
+    cfg.write_text(yaml.safe_dump({**TINY, 'MODEL': {**TINY['MODEL'], 'NUM_CLASSES': 0}}), encoding='utf-8')
+    paddle.save({k: v for k, v in paddle.load(setup['weights']).items() if not k.startswith('head.')}, str(weights))
+    return [str(cfg), str(weights)]
+
+
 @pytest.mark.parametrize('output', ['top5.csv', 'features.npz'])
 def test_an_interrupted_run_leaves_the_previous_output_file(setup, tmp_path, monkeypatch, output):
     """Stopped on its second batch (Ctrl-C here), predict leaves -output as it was, with no
@@ -112,13 +120,25 @@ def test_an_interrupted_run_leaves_the_previous_output_file(setup, tmp_path, mon
     args = ['-cfg', setup['cfg'], '-pretrained', setup['weights'], '-output', str(out), '-batch_size', '1',
             str(setup['images'] / 'a.jpg'), str(setup['images'] / 'b.jpg')]
     if output.endswith('.npz'):
-        backbone = tmp_path / 'backbone.yaml'
-        backbone.write_text(yaml.safe_dump({**TINY, 'MODEL': {**TINY['MODEL'], 'NUM_CLASSES': 0}}))
-        weights = {k: v for k, v in paddle.load(setup['weights']).items() if not k.startswith('head.')}
-        paddle.save(weights, str(tmp_path / 'backbone.pdparams'))
-        args[1:4:2] = [str(backbone), str(tmp_path / 'backbone.pdparams')]
+        args[1:4:2] = backbone_of(setup, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         main(args)
+    assert out.read_text() == 'the previous run\n'
+    assert [p.name for p in tmp_path.iterdir() if '.tmp' in p.name] == []
+
+
+@pytest.mark.parametrize('output', ['top5.csv', 'features.npz'])
+def test_a_run_that_reads_no_image_leaves_the_previous_output_file(setup, tmp_path, capsys, output):
+    """It used to replace -output with a header alone (or no features)."""
+    out = tmp_path / output
+    out.write_text('the previous run\n')
+    cfg, weights = backbone_of(setup, tmp_path) if output.endswith('.npz') else (setup['cfg'], setup['weights'])
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-cfg', cfg, '-pretrained', weights, '-output', str(out), str(setup['images'] / 'broken.jpg')])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.endswith(f'error: 1 of 1 files could not be read\nerror: no image could be read, so {out} is left '
+                        f'as it was\n')
     assert out.read_text() == 'the previous run\n'
     assert [p.name for p in tmp_path.iterdir() if '.tmp' in p.name] == []
 
@@ -225,18 +245,22 @@ def test_exported_model_with_another_models_config_is_an_error(setup, tmp_path, 
             f'1000; give -cfg the config it was exported with') in capsys.readouterr().err
 
 
-def test_exported_fixed_size_model_with_another_size_is_an_error(setup, tmp_path, capsys):
+@pytest.mark.parametrize('size, message', [
+    (48, r'failed on images of shape \[1, 3, 48, 48\] \(.*\); a model exported with -image_size takes only that size'),
+    # 16 tokens fold into the 4-token graph as 4 images: it used to give 4 rows of wrong logits
+    (64, 'gave 4 rows of outputs for 1 images of 64 x 64 pixels: it was exported with -image_size for another '
+         'size, and takes only that size')])
+def test_exported_fixed_size_model_with_another_size_is_an_error(setup, tmp_path, capsys, size, message):
     model_dir = tmp_path / 'exported_32'
     export(setup['model'], str(model_dir), image_size=32)
     larger = tmp_path / 'larger.yaml'
-    larger.write_text(yaml.safe_dump({**TINY, 'DATA': {**TINY['DATA'], 'IMAGE_SIZE': 48}}), encoding='utf-8')
+    larger.write_text(yaml.safe_dump({**TINY, 'DATA': {**TINY['DATA'], 'IMAGE_SIZE': size}}), encoding='utf-8')
     with pytest.raises(SystemExit) as exit_info:
         main(['-cfg', str(larger), '-model_dir', str(model_dir), '-device', 'cpu', str(setup['images'] / 'a.jpg')])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
-    assert err.startswith(f'error: {model_dir}: paddle.inference ')
-    assert 'failed on images of shape [1, 3, 48, 48]' in err
-    assert err.strip().endswith('a model exported with -image_size takes only that size')
+    assert re.fullmatch(f'error: {re.escape(str(model_dir))}: paddle.inference (oneDNN|CPU) {message}\n', err,
+                        re.DOTALL), err
 
 
 def test_image_size_sets_the_transform_of_both_models(setup, capsys):
@@ -301,10 +325,7 @@ def test_class_names_of_the_config_are_the_default(tmp_path):
 
 
 def test_a_backbone_without_head_writes_its_features(setup, tmp_path, capsys):
-    cfg = tmp_path / 'backbone.yaml'
-    cfg.write_text(yaml.safe_dump({**TINY, 'MODEL': {**TINY['MODEL'], 'NUM_CLASSES': 0}}), encoding='utf-8')
-    weights = str(tmp_path / 'backbone.pdparams')
-    paddle.save({k: v for k, v in setup['model'].state_dict().items() if not k.startswith('head.')}, weights)
+    cfg, weights = backbone_of(setup, tmp_path)
     out = tmp_path / 'features.npz'
     with pytest.raises(SystemExit) as exit_info:  # broken.jpg
         main(['-cfg', str(cfg), '-pretrained', weights, '-output', str(out), str(setup['images'])])
@@ -362,11 +383,35 @@ def test_symlinked_folders_are_searched(setup, tmp_path, capsys):
     assert [row[0] for row in rows[1:]] == [str(tmp_path / 'linked' / 'c.png')]
 
 
+def test_names_that_are_not_utf8_are_written_as_their_bytes(setup, tmp_path, capsys):
+    """A file named in Latin-1 (e.g. from a Windows archive), and hidden files, which are left out:
+    the CSV holds the name's own bytes (it was a UnicodeEncodeError and no file)."""
+    name = b'photo_\xe9t\xe9.jpg'
+    shutil.copy(setup['images'] / 'a.jpg', os.path.join(os.fsencode(tmp_path), name))
+    shutil.copy(setup['images'] / 'b.jpg', tmp_path / '._b.jpg')
+    out = tmp_path / 'top5.csv'
+    main(['-cfg', setup['cfg'], '-pretrained', setup['weights'], '-output', str(out), str(tmp_path)])
+    rows = out.read_bytes().splitlines()
+    assert len(rows) == 2 and rows[1].startswith(os.fsencode(tmp_path) + b'/' + name + b',')
+
+
 def test_missing_model_dir_is_a_usage_error(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(['-model_dir', str(tmp_path / 'nowhere'), str(setup['images'])])
     assert exit_info.value.code == 2
     assert f'-model_dir {tmp_path / "nowhere"}: no such folder' in capsys.readouterr().err
+    (tmp_path / 'model.json').write_text('{}')
+    with pytest.raises(SystemExit):
+        main(['-model_dir', str(tmp_path / 'model.json'), str(setup['images'])])
+    assert (f'-model_dir {tmp_path / "model.json"}: a file, not the folder export_model.py writes'
+            in capsys.readouterr().err)
+
+
+def test_a_missing_class_names_file_is_named_with_its_flag(setup, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(['-cfg', setup['cfg'], '-pretrained', setup['weights'], '-class_names', str(tmp_path / 'no.txt'),
+              str(setup['images'] / 'a.jpg')])
+    assert capsys.readouterr().err == f'error: -class_names {tmp_path / "no.txt"}: cannot read: No such file or directory\n'
 
 
 def test_class_names_of_an_image_folder_dataset_follow_its_labels(setup, tmp_path, capsys):

@@ -90,6 +90,25 @@ def test_script_draws_one_png_per_image_and_names_unreadable_files(tiny, tmp_pat
         assert figure.size == (6 * 96, visualize_attention.TITLE_HEIGHT + 96)
 
 
+def test_a_figure_that_cannot_be_written_is_named_and_the_others_drawn(tiny, tmp_path, capsys):
+    """A folder in the way of one PNG: one error line naming it (it was a traceback that left the
+    remaining images undrawn), and no temporary file."""
+    cfg, weights = tiny
+    for name in ('a', 'b'):
+        Image.new('RGB', (64, 64), (20, 160, 40)).save(tmp_path / f'{name}.jpg')
+    (tmp_path / 'out' / 'a_attention.png').mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        visualize_attention.main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path / 'out'),
+                                  str(tmp_path / 'a.jpg'), str(tmp_path / 'b.jpg')])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err == (f'error: cannot write {tmp_path / "out" / "a_attention.png"} (Is a directory); the file is as '
+                   f'it was before\n'
+                   f'error: 1 of 2 figures could not be written\n')
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['a_attention.png', 'b_attention.png']
+    assert (tmp_path / 'out' / 'b_attention.png').is_file()
+
+
 def test_backbone_without_head_draws_maps_without_a_class(tmp_path, capsys):
     """Self-supervised backbones (DINO) have no classifier: the maps, no top-1 class."""
     cfg, weights = random_model_files(tmp_path, TINY_YAML.replace('NUM_CLASSES: 10', 'NUM_CLASSES: 0'))
