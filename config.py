@@ -22,50 +22,50 @@ _C.BASE = ['']
 _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128  # per process, for training
 _C.DATA.BATCH_SIZE_EVAL = 128  # per process, for evaluation
-_C.DATA.DATA_PATH = ''
+_C.DATA.DATA_PATH = ''  # the dataset's folder (imagenet2012, imagefolder, cifar*); digits is bundled
 _C.DATA.DATASET = 'imagenet2012'  # imagenet2012, imagefolder, digits, cifar10 or cifar100
 _C.DATA.IMAGE_SIZE = 224  # input side in pixels, training and evaluation
 _C.DATA.CROP_PCT = 1.0  # eval: resize the shorter side to IMAGE_SIZE / CROP_PCT, then centre-crop
-_C.DATA.INTERPOLATION = 'bicubic'
-_C.DATA.NUM_WORKERS = 2
+_C.DATA.INTERPOLATION = 'bicubic'  # resize for evaluation: nearest, bilinear, bicubic or lanczos
+_C.DATA.NUM_WORKERS = 2  # data loading processes per training/evaluation process; 0: load in the process itself
 # the classes' names in label order, for predict.py and visualize_attention.py; empty: ImageNet's
 # for 1000 classes, else the indices. A training run on an image folder writes its class folders'
 # names here in its config.yaml, which export_model.py passes on with the exported model.
 _C.DATA.CLASS_NAMES = []
-_C.DATA.IMAGENET_MEAN = [0.485, 0.456, 0.406]
+_C.DATA.IMAGENET_MEAN = [0.485, 0.456, 0.406]  # per-channel normalisation of RGB values in [0, 1]
 _C.DATA.IMAGENET_STD = [0.229, 0.224, 0.225]
 
 # model settings
 _C.MODEL = CN()
-_C.MODEL.NAME = 'xcit_nano_12_p16_224'
+_C.MODEL.NAME = 'xcit_nano_12_p16_224'  # a label for logs and exports; the keys below build the model
 _C.MODEL.PRETRAINED = ''  # a converted .pdparams or a training checkpoint
 _C.MODEL.RESUME = ''  # a training checkpoint to continue from
 _C.MODEL.NUM_CLASSES = 1000  # 0: no classifier head, the model outputs the final-norm class token
-_C.MODEL.PATCH_SIZE = 16
-_C.MODEL.EMBED_DIM = 128
-_C.MODEL.DEPTH = 12
+_C.MODEL.PATCH_SIZE = 16  # 16 (four stride-2 stem convolutions) or 8 (three)
+_C.MODEL.EMBED_DIM = 128  # token width
+_C.MODEL.DEPTH = 12  # XCA blocks
 _C.MODEL.NUM_HEADS = 4
-_C.MODEL.MLP_RATIO = 4.0
+_C.MODEL.MLP_RATIO = 4.0  # MLP hidden width / EMBED_DIM
 _C.MODEL.QKV_BIAS = True
-_C.MODEL.ETA = 1.0
-_C.MODEL.TOKENS_NORM = False
-_C.MODEL.CLS_ATTN_LAYERS = 2
-_C.MODEL.USE_POS = True
-_C.MODEL.DROPOUT = 0.0
-_C.MODEL.ATTENTION_DROPOUT = 0.0
-_C.MODEL.DROPPATH = 0.0
+_C.MODEL.ETA = 1.0  # initial value of the layer-scale gammas
+_C.MODEL.TOKENS_NORM = False  # class attention normalises all tokens (True) or only the class token
+_C.MODEL.CLS_ATTN_LAYERS = 2  # class-attention blocks after the XCA blocks
+_C.MODEL.USE_POS = True  # add the Fourier positional encoding
+_C.MODEL.DROPOUT = 0.0  # dropout after the MLPs and projections
+_C.MODEL.ATTENTION_DROPOUT = 0.0  # dropout of the attention maps
+_C.MODEL.DROPPATH = 0.0  # stochastic depth: the rate at which a block's branches are dropped per sample
 
 # training settings: the official XCiT / DeiT recipe
 _C.TRAIN = CN()
 _C.TRAIN.NUM_EPOCHS = 400
-_C.TRAIN.WARMUP_EPOCHS = 5
-_C.TRAIN.WEIGHT_DECAY = 0.05
+_C.TRAIN.WARMUP_EPOCHS = 5  # linear warm-up from WARMUP_START_LR to the scaled BASE_LR, then a cosine to END_LR
+_C.TRAIN.WEIGHT_DECAY = 0.05  # not on biases, norms, gammas and the class token (optim.py)
 _C.TRAIN.BASE_LR = 5e-4  # for a global batch of LINEAR_SCALED_LR images
 _C.TRAIN.WARMUP_START_LR = 1e-6
-_C.TRAIN.END_LR = 1e-5
+_C.TRAIN.END_LR = 1e-5  # the cosine's end, reached after the last step
 _C.TRAIN.LINEAR_SCALED_LR = 512  # lr = BASE_LR * global batch / this; 0 disables scaling
 _C.TRAIN.GRAD_CLIP = 0.0  # max global gradient norm; 0 disables clipping
-_C.TRAIN.ACCUM_ITER = 1
+_C.TRAIN.ACCUM_ITER = 1  # batches whose gradients add up to one optimizer step
 _C.TRAIN.GRAD_CHECKPOINTING = False  # recompute each XCA block in the backward pass: less memory, more time
 # BatchNorm statistics over all processes' batches, as the official training (nn.SyncBatchNorm), on
 # GPUs; on the CPU (no SyncBatchNorm kernel in Paddle) and when False, each process's own batch
@@ -76,40 +76,41 @@ _C.TRAIN.OPTIMIZER.NAME = 'AdamW'  # AdamW, or SGD (with momentum, as DINO's lin
 _C.TRAIN.OPTIMIZER.EPS = 1e-8  # AdamW
 _C.TRAIN.OPTIMIZER.BETAS = [0.9, 0.999]  # AdamW
 _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9  # SGD
-_C.TRAIN.MODEL_EMA = True
-_C.TRAIN.MODEL_EMA_DECAY = 0.99996
-_C.TRAIN.SMOOTHING = 0.1
+_C.TRAIN.MODEL_EMA = True  # keep an exponential moving average of the weights, validated beside them
+_C.TRAIN.MODEL_EMA_DECAY = 0.99996  # per optimizer step
+_C.TRAIN.SMOOTHING = 0.1  # label smoothing (folded into the targets when mixup or cutmix is on)
 _C.TRAIN.COLOR_JITTER = 0.4  # used only when RAND_AUGMENT is off
 _C.TRAIN.RAND_AUGMENT = True
-_C.TRAIN.RAND_AUGMENT_CONFIG = 'rand-m9-mstd0.5-inc1'
-_C.TRAIN.TRAIN_INTERPOLATION = 'bicubic'
-_C.TRAIN.RANDOM_RESIZED_CROP_SCALE = [0.08, 1.0]
-_C.TRAIN.HFLIP = 0.5
+_C.TRAIN.RAND_AUGMENT_CONFIG = 'rand-m9-mstd0.5-inc1'  # timm's RandAugment policy string
+_C.TRAIN.TRAIN_INTERPOLATION = 'bicubic'  # resize of the random crops, as DATA.INTERPOLATION
+_C.TRAIN.RANDOM_RESIZED_CROP_SCALE = [0.08, 1.0]  # area range of the random crops
+_C.TRAIN.HFLIP = 0.5  # probability of a horizontal flip
+# each image REPEATED_AUG_COUNT times per epoch, differently augmented, on different processes
 _C.TRAIN.REPEATED_AUG = True
 _C.TRAIN.REPEATED_AUG_COUNT = 3
-_C.TRAIN.MIXUP_ALPHA = 0.8
-_C.TRAIN.CUTMIX_ALPHA = 1.0
+_C.TRAIN.MIXUP_ALPHA = 0.8  # Beta(alpha, alpha) mixing; 0: no mixup
+_C.TRAIN.CUTMIX_ALPHA = 1.0  # 0: no cutmix
 _C.TRAIN.CUTMIX_MINMAX = []  # [min, max] box ratio; empty: use CUTMIX_ALPHA
-_C.TRAIN.MIXUP_PROB = 1.0
-_C.TRAIN.MIXUP_SWITCH_PROB = 0.5
-_C.TRAIN.MIXUP_MODE = 'batch'
+_C.TRAIN.MIXUP_PROB = 1.0  # probability of mixing a batch (or pair, or element)
+_C.TRAIN.MIXUP_SWITCH_PROB = 0.5  # probability of cutmix instead of mixup when both are on
+_C.TRAIN.MIXUP_MODE = 'batch'  # one draw per batch, pair or elem
 _C.TRAIN.RANDOM_ERASE_PROB = 0.25
-_C.TRAIN.RANDOM_ERASE_MODE = 'pixel'
-_C.TRAIN.RANDOM_ERASE_COUNT = 1
+_C.TRAIN.RANDOM_ERASE_MODE = 'pixel'  # the boxes' fill: pixel (noise per value), rand (per channel), const (0)
+_C.TRAIN.RANDOM_ERASE_COUNT = 1  # boxes per image
 _C.TRAIN.DISTILLATION_TYPE = 'none'  # none, soft or hard
-_C.TRAIN.DISTILLATION_ALPHA = 0.5
-_C.TRAIN.DISTILLATION_TAU = 1.0
+_C.TRAIN.DISTILLATION_ALPHA = 0.5  # weight of the distillation loss; the label loss has 1 - alpha
+_C.TRAIN.DISTILLATION_TAU = 1.0  # temperature of soft distillation
 _C.TRAIN.TEACHER_MODEL = 'regnety_160'  # regnety_160 or the path of one of our XCiT YAML files
 _C.TRAIN.TEACHER_PRETRAINED = ''  # the teacher's converted .pdparams, or a training checkpoint of it
 
 # misc
-_C.SAVE = './output'
+_C.SAVE = './output'  # the output folder (-output): log, metrics, checkpoints, summaries
 _C.SAVE_FREQ = 10  # epochs between kept epoch_N.pdparams snapshots (last.pdparams is written every epoch); 0: none
 _C.REPORT_FREQ = 50  # steps between log lines
 _C.VALIDATE_FREQ = 1  # epochs between evaluations; 0: only after the last epoch
-_C.SEED = 0
-_C.EVAL = False
-_C.AMP = False
+_C.SEED = 0  # seeds initialisation, data order, augmentation, mixup and drop path (with the rank and epoch)
+_C.EVAL = False  # evaluate MODEL.PRETRAINED (or RESUME) instead of training (-eval)
+_C.AMP = False  # float16 autocast with loss scaling on GPUs (-amp); no effect on the CPU
 _C.EMA_EVAL = False  # evaluate the EMA weights of a training checkpoint
 _C.NGPUS = -1  # processes for main_multi_gpu.py; -1: all visible GPUs, or 2 on CPU
 

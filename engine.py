@@ -11,7 +11,7 @@ Exactness guarantees:
 * evaluation counts every image once: each rank sums correct@1, correct@5, loss and image count
   over its disjoint shard and the sums are all-reduced, so 1 and N processes agree;
 * training resumes exactly: the data stream is a function of (SEED, epoch, index), mixup draws
-  from ``default_rng([SEED, rank, epoch, step])`` and Paddle's generator (drop path, dropout) is
+  from ``default_rng([SEED, rank, epoch, batch index])`` and Paddle's generator (drop path, dropout) is
   reseeded with ``SEED + rank + 1000 * epoch`` at every epoch, so a checkpoint taken at the end
   of an epoch (weights, EMA, optimizer, schedule, loss scaler) is all the state there is.
 
@@ -35,18 +35,19 @@ from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_
 from config import ConfigError, changed_settings, get_config, settings_without_effect, update_config
 from datasets import DataError, build_dataloader, build_dataset, check_data_path, ignored_data_path
 from ema import ModelEma
+from export_model import TOLERANCE, in_memory_predictor
 from losses import build_criterion
 from mixup import build_mixup
 from optim import build_lr_scheduler, build_optimizer, schedule_warnings
-from port_weights.convert import check_fits, find_mismatches, format_mismatches, state_shapes
+from port_weights.convert import check_fits, state_shapes
 from teacher import build_teacher
-from utils import (AverageMeter, CheckpointError, MetricsLog, all_reduce_sum, average_batchnorm_statistics,
-                   check_output_folder, format_seconds, get_rank, get_world_size, in_model_dtypes, load_checkpoint,
-                   load_every_weight, lock_folder, remove_partial_checkpoints, save_checkpoint, setup_logger, to_json,
-                   visible_gpus, weights_of, write_config, write_json)
+from utils import (AverageMeter, CheckpointError, MetricsLog, OutputWriteError, all_reduce_max, all_reduce_sum,
+                   average_batchnorm_statistics, check_checkpoint_file, check_output_folder, format_seconds, get_rank,
+                   get_world_size, in_model_dtypes, load_checkpoint, load_every_weight, lock_folder,
+                   remove_partial_checkpoints, save_checkpoint, setup_logger, to_json, visible_gpus, weights_of,
+                   write_config, write_json)
 from xcit import build_xcit
 
-COMPILED_TOLERANCE = 1e-4  # max abs logit difference accepted from the exported model in evaluation
 VERDICTS = ('passed', 'unavailable', 'different logits', 'not faster')  # of the predictor's check in -eval
 HEAD_KEYS = ('head.weight', 'head.bias')
 AUTO_RESUME = 'auto'  # -resume auto: continue from <SAVE>/last.pdparams when it exists
@@ -57,11 +58,7 @@ class TrainingDiverged(RuntimeError):
     """The training loss, or a weight, became NaN or infinite."""
 
 
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (a full disk, permissions); the file is as it was."""
-
-
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged, CheckpointWriteError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged, OutputWriteError)
 
 
 # ---------------------------------------------------------------- command line
@@ -108,12 +105,11 @@ def parse_config(argv=None, multi_process=False):
     config = update_config(get_config(), args)
     if not multi_process and config.NGPUS not in (-1, 1):
         raise ConfigError(f'NGPUS {config.NGPUS}: main_single_gpu.py runs one process; main_multi_gpu.py runs several')
-    if config.EVAL and args.batch_size and args.batch_size_eval:
-        parser.error('-batch_size and -batch_size_eval both set the evaluation batch with -eval: give one')
-    if config.EVAL and args.batch_size:
-        config.defrost()
-        config.DATA.BATCH_SIZE_EVAL = args.batch_size
-        config.freeze()
+    if config.EVAL and args.batch_size:  # the evaluation batch, and -opts still has the last word
+        if args.batch_size_eval:
+            parser.error('-batch_size and -batch_size_eval both set the evaluation batch with -eval: give one')
+        args.batch_size_eval, args.batch_size = args.batch_size, None
+        config = update_config(get_config(), args)
     return config
 
 
@@ -163,8 +159,8 @@ def check_inputs(config):
         check_fresh_start_keeps_checkpoints(config.SAVE)
     check_data_path(config)
     for path in (pretrained, '' if auto else resume):
-        if path and not os.path.isfile(path):
-            raise CheckpointError(f'checkpoint not found: {path}')
+        if path:
+            check_checkpoint_file(path)
     check_output_folder(config.SAVE)
 
 
@@ -180,11 +176,11 @@ def check_output_is_free(folder):
 
 def check_continues_the_latest(resume, folder):
     """Raises ``ConfigError`` when ``resume``, a checkpoint in the output folder ``folder``, is not
-    its ``last.pdparams``: continuing from an earlier epoch there would overwrite the run's later
-    checkpoints (best.pdparams among them) and records."""
+    its ``last.pdparams``: continuing from another one there would overwrite the run's latest
+    checkpoint (and best.pdparams, and its records)."""
     last = os.path.join(folder, 'last.pdparams')
     if os.path.isfile(last) and os.path.isfile(resume) and not os.path.samefile(resume, last):
-        raise ConfigError(f'-resume {resume}: {folder} holds the run\'s later checkpoint {last}, which continuing '
+        raise ConfigError(f'-resume {resume}: {folder} holds the run\'s latest checkpoint {last}, which continuing '
                           f'from {os.path.basename(resume)} there would overwrite, with best.pdparams and '
                           f'metrics.jsonl; continue from last.pdparams (-resume auto), or give another -output')
 
@@ -325,7 +321,6 @@ def inference_forward(model, image_size):
     """``model``'s current weights run by ``paddle.inference`` with oneDNN
     (``export_model.in_memory_predictor``, input [N, 3, image_size, image_size]): a function
     images (N, 3, S, S) tensor -> logits tensor."""
-    from export_model import in_memory_predictor  # export_model imports this module
     predictor = in_memory_predictor(model, image_size, threads=cpu_threads())
     return lambda images: paddle.to_tensor(predictor(images.numpy()))
 
@@ -337,7 +332,7 @@ class EvalForward:
     head) faster.
 
     The choice is made once, on the first batch: the predictor must build, run, match dygraph
-    within ``COMPILED_TOLERANCE`` and take less time than dygraph on that batch (both timed on a
+    within ``TOLERANCE`` and take less time than dygraph on that batch (both timed on a
     second call, after warm-up); otherwise evaluation stays in dygraph and the reason is logged.
     With several processes the predictor is used only if it passed in every one, so that all
     take the same path. When a process has a single batch, exporting cannot pay off (the check
@@ -398,8 +393,8 @@ class EvalForward:
             logger.warning(f'paddle.inference unavailable ({type(e).__name__}: {reason}); evaluating in dygraph')
             return 'unavailable'
         diff = float((fast - self.model(images)).abs().max())
-        if not diff <= COMPILED_TOLERANCE:
-            logger.warning(f'paddle.inference outputs differ from dygraph by {diff:.2e} (> {COMPILED_TOLERANCE}) '
+        if not diff <= TOLERANCE:
+            logger.warning(f'paddle.inference outputs differ from dygraph by {diff:.2e} (> {TOLERANCE}) '
                            f'on the first batch; evaluating in dygraph')
             return 'different logits'
         seconds = {}
@@ -460,7 +455,9 @@ def evaluate(forward, loader, logger, use_amp=False, report_freq=50, name='model
                 log_progress(logger, f'eval {name}', 1, num_batches, sums[3] * world_size, start)
             else:
                 log_progress(logger, f'eval {name}', i + 1, num_batches, steady_images * world_size, steady_start, i)
-    steady_seconds = time.time() - steady_start
+    # the processes run side by side: their images over the slowest one's time (a process with
+    # one batch has no steady part and adds no images and no time)
+    (steady_seconds,) = all_reduce_max([time.time() - steady_start if steady_images else 0.0])
     sums, (steady_images,) = all_reduce_sum(sums), all_reduce_sum([steady_images])
     seconds = time.time() - start
     rate = steady_images / steady_seconds if steady_images else sums[3] / seconds
@@ -476,6 +473,9 @@ def run_evaluation(config, device, use_amp, logger):
     source = config.MODEL.PRETRAINED or config.MODEL.RESUME
     rank, world_size = get_rank(), get_world_size()
     dataset = build_dataset(config, 'val')
+    if hasattr(dataset, 'label_source'):  # an image folder
+        logger.info(f'{len(dataset)} images of {len(dataset.classes)} classes, labelled in the order of '
+                    f'{dataset.label_source}')
     loader = build_dataloader(config, dataset, 'val', rank, world_size)
     model = build_xcit(config)
     load_every_weight(model, source, f'the {config.MODEL.NAME} model of the config', config.EMA_EVAL)
@@ -584,17 +584,20 @@ class Trainer:
         self.best_acc, self.best_epoch = None, None
         self.best_file = None  # where best.pdparams of best_epoch was written
         self.unvalidated = False  # the last epoch's validation is due but has not run yet
+        self.resumed_optimizer_state = {}  # see optimizer_state
         self.metrics = MetricsLog(config.SAVE, enabled=self.rank == 0)
         if resume:
             self.resume(resume)
-            self.metrics.keep_epochs_up_to(self.epoch, validated=not self.unvalidated)
+            if os.path.samefile(os.path.dirname(os.path.abspath(resume)), config.SAVE):
+                self.metrics.keep_epochs_up_to(self.epoch, validated=not self.unvalidated)
+            else:  # the records of the epochs before are in the checkpoint's folder
+                self.metrics.start_afresh()
             if config.MODEL.PRETRAINED:
                 logger.info(f'-pretrained {config.MODEL.PRETRAINED} not loaded: the run continues from {resume}')
         else:
             if config.MODEL.RESUME == AUTO_RESUME:
                 logger.info(f'-resume auto: no checkpoint in {config.SAVE} yet, starting afresh')
-            if self.rank == 0 and os.path.exists(self.metrics.path):
-                os.remove(self.metrics.path)  # a fresh run starts a fresh metrics file
+            self.metrics.start_afresh()
         self.train_model = paddle.DataParallel(model) if self.world_size > 1 else model
         # DataParallel's all-reduce during the backward pass cannot follow the blocks recomputed
         # in it; with gradient checkpointing the gradients are all-reduced after it instead
@@ -609,9 +612,8 @@ class Trainer:
 
     def state_dict(self):
         """Everything needed to continue training; optimizer keys use structured parameter names."""
-        names = {p.name: n for n, p in self.model.named_parameters()}
         state = {'model': self.model.state_dict(),
-                 'optimizer': rename_prefixes(self.optimizer.state_dict(), names),
+                 'optimizer': self.optimizer_state(),
                  'lr_scheduler': self.lr_scheduler.state_dict(),
                  'epoch': self.epoch, 'step': self.step,
                  'best_acc': self.best_acc, 'best_epoch': self.best_epoch, 'unvalidated': self.unvalidated,
@@ -624,16 +626,25 @@ class Trainer:
             state['scaler'] = self.scaler.state_dict()
         return state
 
+    def optimizer_state(self):
+        """The optimizer's state dict, keyed by structured parameter names. Paddle 2.6's optimizer
+        keeps the moments it is given aside until its first step, and leaves them out of its state
+        dict: until it holds them all, those of the checkpoint resumed from stand in."""
+        names = {p.name: n for n, p in self.model.named_parameters()}
+        state = rename_prefixes(self.optimizer.state_dict(), names)
+        if self.resumed_optimizer_state.keys() <= state.keys():
+            self.resumed_optimizer_state = {}
+        return {**self.resumed_optimizer_state, **state}
+
     def save(self, filename):
         """Writes ``state_dict()`` to ``<SAVE>/<filename>`` (first process only); raises
-        ``CheckpointWriteError`` naming the file when the system refuses it."""
+        ``OutputWriteError`` naming the file when the system refuses it."""
         if self.rank == 0:
             path = os.path.join(self.config.SAVE, filename)
             try:
                 save_checkpoint(self.state_dict(), path)
-            except OSError as e:
-                raise CheckpointWriteError(f'cannot write {path} ({e.strerror or e}); the file is as it was '
-                                           f'before, and -resume auto continues from last.pdparams') from e
+            except OutputWriteError as e:
+                raise OutputWriteError(f'{e}, and -resume auto continues from last.pdparams') from e
             self.logger.info(f'saved {path}')
 
     def resume(self, path):
@@ -643,21 +654,23 @@ class Trainer:
         if absent:
             raise CheckpointError(f'{path} is not a training checkpoint (no {", ".join(absent)}); '
                                   f'to start from its weights use -pretrained')
-        rows = find_mismatches(checkpoint['model'], state_shapes(self.model.state_dict()))
-        if rows:
-            raise CheckpointError(f'-resume {path}: the checkpoint is of another architecture than '
-                                  f'the config\'s ({len(rows)} differences):\n{format_mismatches(rows)}')
+        expected = state_shapes(self.model.state_dict())
+        check_fits(checkpoint['model'], expected, f'-resume {path}: the checkpoint is of another architecture '
+                                                  f'than the config\'s')
         self.check_settings_against(checkpoint, path)
         self.model.set_state_dict(checkpoint['model'])
         if self.model_ema:
             if 'model_ema' not in checkpoint:
                 raise CheckpointError(f'{path} has no EMA weights but TRAIN.MODEL_EMA is on')
+            check_fits(checkpoint['model_ema'], expected, f'-resume {path}: its EMA weights do not fit the model')
             self.model_ema.set_state_dict(checkpoint['model_ema'])
         elif 'model_ema' in checkpoint:
             self.logger.warning(f'{path}: its EMA weights are not continued, TRAIN.MODEL_EMA is off (the '
                                 f'checkpoints of this run have none)')
         names = {n: p.name for n, p in self.model.named_parameters()}
         self.optimizer.set_state_dict(rename_prefixes(checkpoint['optimizer'], names))
+        self.resumed_optimizer_state = checkpoint['optimizer']
+        self.optimizer_state()  # lets it go at once where the optimizer holds the moments (Paddle 3)
         if self.scaler and 'scaler' in checkpoint:
             self.scaler.load_state_dict(checkpoint['scaler'])
         self.epoch = int(checkpoint['epoch'])
@@ -708,7 +721,7 @@ class Trainer:
     # ---- one epoch
 
     def train_one_epoch(self, epoch):
-        """Trains epoch ``epoch`` (0-based); returns its mean loss and, without mixup, accuracy.
+        """Trains epoch ``epoch`` (0-based); returns its mean loss, without mixup its accuracy, and its seconds.
 
         A trailing group of fewer than ACCUM_ITER batches is skipped, so every optimizer step
         sees the same number of images.
@@ -936,6 +949,17 @@ def run_training(config, device, use_amp, logger):
 # ---------------------------------------------------------------- entry
 
 
+def amp_runs_on(device, logger):
+    """Whether -amp computes in float16 on ``device`` ('cpu' or 'gpu:N'): on a GPU with float16
+    support (compute capability 7.0 or more), where Paddle's autocast runs; elsewhere it logs that
+    the run computes in float32."""
+    if device.startswith('gpu') and paddle.amp.is_float16_supported(device):
+        return True
+    where = f'on {device}, which has no float16 support' if device.startswith('gpu') else 'on CPU'
+    logger.info(f'-amp has no effect {where}: computing in float32')
+    return False
+
+
 def run(config):
     """The work of one process: ``-eval`` evaluation or training. Returns the summary dict.
 
@@ -947,9 +971,7 @@ def run(config):
         logger = setup_logger(config.SAVE, rank)
         device = setup_device()
         logger.info(f'device: {device}' + (f', {world_size} processes' if world_size > 1 else ''))
-        use_amp = config.AMP and device.startswith('gpu')
-        if config.AMP and not use_amp:
-            logger.info('-amp has no effect on CPU: computing in float32')
+        use_amp = config.AMP and amp_runs_on(device, logger)
         notice = ignored_data_path(config)
         if notice:
             logger.info(notice)

@@ -127,6 +127,8 @@ def test_known_answer_accuracy_is_exact(golden, tmp_path, capsys):
     assert summary['path'] in ('inference', 'dygraph') and summary['device'] == 'cpu'  # the faster one
     out = capsys.readouterr().out
     assert '-amp has no effect on CPU' in out
+    val = os.path.join(golden['data'], 'val')  # no train/ beside it and no DATA.CLASS_NAMES: its own folders
+    assert f'40 images of 10 classes, labelled in the order of the class folders of {val}' in out
     assert 'eval model: batch 2/7' in out  # progress every REPORT_FREQ batches
     assert 'paddle.inference' in out  # on the CPU the predictor is tried, and its verdict logged
     last_line = out.strip().splitlines()[-1]
@@ -179,6 +181,25 @@ def test_a_failed_summary_write_keeps_the_previous_summary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ['eval_summary.json']
 
 
+def test_an_output_the_system_refuses_is_one_error_line(golden, tmp_path, capsys):
+    """A folder where -eval writes eval_summary.json (as a full disk or a permission would): one
+    line naming the file, after the evaluation; it was a traceback."""
+    (tmp_path / 'eval_summary.json').mkdir()
+    with pytest.raises(SystemExit) as stop:
+        engine.exit_on_user_error(main_single_gpu.main, eval_args(golden, tmp_path))
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.endswith(f'error: cannot write {tmp_path / "eval_summary.json"} (Is a directory); '
+                                            f'the file is as it was before\n')
+
+
+def test_a_metrics_line_the_system_refuses_names_the_file(tmp_path, monkeypatch):
+    from utils import MetricsLog, OutputWriteError
+    log = MetricsLog(str(tmp_path))
+    (tmp_path / 'metrics.jsonl').mkdir()
+    with pytest.raises(OutputWriteError, match=f'cannot write {tmp_path / "metrics.jsonl"} \\(Is a directory\\)'):
+        log.write('val', epoch=1, step=10, loss=1.0)
+
+
 def test_the_summary_of_diverged_weights_is_standard_json(golden, tmp_path, capsys):
     """NaN logits: the loss is NaN, which JSON cannot hold; the summary writes it as null."""
     state = dict(paddle.load(golden['weights']))
@@ -197,6 +218,16 @@ def test_the_summary_of_diverged_weights_is_standard_json(golden, tmp_path, caps
     assert printed['loss'] is None and written == printed
 
 
+def test_amp_runs_only_on_a_gpu_with_float16(monkeypatch, caplog):
+    logger = setup_logger()
+    logger.propagate = True
+    monkeypatch.setattr(paddle.amp, 'is_float16_supported', lambda device: device == 'gpu:1')
+    assert engine.amp_runs_on('gpu:1', logger) and not caplog.text
+    assert not engine.amp_runs_on('gpu:0', logger)
+    assert '-amp has no effect on gpu:0, which has no float16 support: computing in float32' in caplog.text
+    assert not engine.amp_runs_on('cpu', logger) and '-amp has no effect on CPU' in caplog.text
+
+
 def test_repeated_opts_all_apply():
     cfg = os.path.join(ROOT, 'configs', 'xcit_nano_12_p16_224.yaml')
     config = engine.parse_config(['-cfg', cfg, '-opts', 'TRAIN.NUM_EPOCHS', '1', '-opts', 'DATA.BATCH_SIZE', '8'])
@@ -208,6 +239,8 @@ def test_batch_size_sets_the_evaluation_batch_however_eval_is_asked_for(capsys):
     for argv in (['-cfg', cfg, '-eval', '-batch_size', '50'],
                  ['-cfg', cfg, '-batch_size', '50', '-opts', 'EVAL', 'True']):
         assert engine.parse_config(argv).DATA.BATCH_SIZE_EVAL == 50
+    opts_last = ['-cfg', cfg, '-eval', '-batch_size', '50', '-opts', 'DATA.BATCH_SIZE_EVAL', '32']
+    assert engine.parse_config(opts_last).DATA.BATCH_SIZE_EVAL == 32  # -opts wins, as everywhere
     with pytest.raises(engine.ConfigError, match='NGPUS 4: main_single_gpu.py runs one process'):
         engine.parse_config(['-cfg', cfg, '-eval', '-opts', 'NGPUS', '4'])
     with pytest.raises(SystemExit) as exit_info:
@@ -506,8 +539,9 @@ def evaluate(batches, works):
     forward.compiled = predictor
     model.forward = lambda x: (time.sleep(0.3), plain(x))[1]
     loader = [(paddle.randn([2, 3, 32, 32]), paddle.to_tensor([0, 1])) for _ in range(batches)]
-    reported = engine.evaluate(forward, loader, setup_logger(rank=dist.get_rank()))['path']
-    return {'path': forward.path, 'predictor_calls': len(calls), 'reported': reported}
+    stats = engine.evaluate(forward, loader, setup_logger(rank=dist.get_rank()))
+    return {'path': forward.path, 'predictor_calls': len(calls), 'reported': stats['path'],
+            'images_per_sec': stats['images_per_sec']}
 
 
 def work():
@@ -541,6 +575,12 @@ def test_processes_agree_on_the_evaluation_path(tmp_path):
     results = {rank: json.loads((tmp_path / f'result_{rank}.json').read_text()) for rank in (0, 1)}
     reported = {rank: {name: case.pop('reported') for name, case in cases.items()}
                 for rank, cases in results.items()}
+    rates = {rank: {name: case.pop('images_per_sec') for name, case in cases.items()}
+             for rank, cases in results.items()}
+    assert rates[0] == rates[1]
+    # rank 1's last two dygraph batches, 2 images each at 0.3 s or more: the rate is that of the
+    # slowest process's steady part, not all images over rank 0's one-batch (near-zero) span
+    assert 0 < rates[0]['rank_0_has_one_batch'] <= 2 / 0.3
     # the path in the summary is the one the processes took, also in one without images (was 'none')
     assert reported[0] == reported[1] == {'both_pass': 'inference', 'rank_1_fails': 'dygraph',
                                           'rank_0_has_one_batch': 'dygraph', 'rank_1_has_no_batch': 'dygraph'}

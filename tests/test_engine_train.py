@@ -387,6 +387,43 @@ def test_resume_of_another_architecture_lists_the_differences(full_run, tmp_path
     assert 'shape mismatch' in message
 
 
+def test_a_checkpoint_saved_before_the_first_step_after_resume_keeps_the_optimizer_state(tmp_path, monkeypatch):
+    """Resumed at an epoch not validated yet, the run validates it and saves before any optimizer
+    step. Paddle 2.6's optimizer holds loaded moments aside until its first step, so that
+    checkpoint had an empty optimizer state, and a run continued from it restarted AdamW."""
+    validate = engine.Trainer.validate
+
+    def fail_once(self, epoch):
+        monkeypatch.setattr(engine.Trainer, 'validate', validate)
+        raise DataError('cannot read image val/broken.jpg')
+    monkeypatch.setattr(engine.Trainer, 'validate', fail_once)
+    args = train_args(tmp_path, *PLAIN_RECIPE, epochs=2, extra=['-resume', 'auto'])
+    with pytest.raises(DataError):
+        main_single_gpu.main(args)
+    kept = utils.load_checkpoint(str(tmp_path / 'last.pdparams'))
+    monkeypatch.setattr(engine.Trainer, 'train_one_epoch', lambda self, epoch: pytest.fail('stop here'))
+    with pytest.raises(pytest.fail.Exception):
+        main_single_gpu.main(args)
+    saved = utils.load_checkpoint(str(tmp_path / 'last.pdparams'))
+    assert (saved['epoch'], saved['unvalidated'], kept['unvalidated']) == (1, False, True)
+    moments = sorted(k for k in kept['optimizer'] if k != 'LR_Scheduler')
+    assert len(moments) > 100 and sorted(k for k in saved['optimizer'] if k != 'LR_Scheduler') == moments
+    for key in moments:
+        np.testing.assert_array_equal(np.asarray(saved['optimizer'][key]), np.asarray(kept['optimizer'][key]))
+
+
+def test_resume_with_ema_weights_that_do_not_fit_lists_the_differences(full_run, tmp_path):
+    """It was a ValueError traceback from the EMA's set_state_dict."""
+    output, _ = full_run
+    checkpoint = utils.load_checkpoint(str(output / 'last.pdparams'))
+    del checkpoint['model_ema']['norm.weight']
+    utils.save_checkpoint(checkpoint, str(tmp_path / 'edited.pdparams'))
+    args = train_args(tmp_path / 'run', *FULL_RECIPE, extra=['-resume', str(tmp_path / 'edited.pdparams')])
+    with pytest.raises(CheckpointError, match=r'(?s)edited.pdparams: its EMA weights do not fit the model \(1 problems\):\n'
+                                              r'.*norm.weight .* missing from checkpoint'):
+        main_single_gpu.main(args)
+
+
 def test_resume_of_weights_only_file_is_an_error(full_run, tmp_path):
     output, _ = full_run
     weights = tmp_path / 'weights.pdparams'
@@ -440,6 +477,16 @@ def test_run_continued_from_elsewhere_does_not_overwrite_another_runs_checkpoint
     engine.check_inputs(engine.parse_config(same_folder))  # no error
 
 
+def test_a_run_continued_in_a_new_folder_starts_its_own_metrics(full_run, tmp_path):
+    """Records a stopped run left in the new -output (it died before its first checkpoint) are not
+    kept among those of the run continued there: the earlier epochs' are in the checkpoint's folder."""
+    output, _ = full_run
+    (tmp_path / 'metrics.jsonl').write_text('{"kind": "val", "epoch": 1, "step": 5, "loss": 999.0}\n')
+    main_single_gpu.main(train_args(tmp_path, *FULL_RECIPE, extra=['-resume', str(output / 'epoch_1.pdparams')]))
+    records = read_metrics(tmp_path)
+    assert records and all(r['epoch'] == 2 for r in records) and all(r['loss'] != 999.0 for r in records)
+
+
 def test_the_runs_config_yaml_reads_the_same_files_from_any_folder(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     config = get_config()
@@ -472,7 +519,7 @@ def test_a_checkpoint_of_the_output_folder_continues_however_its_path_is_spelled
     output, _ = full_run
     monkeypatch.chdir(output)
     engine.check_inputs(engine.parse_config(train_args(f'{output}/./', *FULL_RECIPE, extra=['-resume', 'last.pdparams'])))
-    with pytest.raises(ConfigError, match=r"-resume epoch_1\.pdparams: .* holds the run's later checkpoint"):
+    with pytest.raises(ConfigError, match=r"-resume epoch_1\.pdparams: .* holds the run's latest checkpoint"):
         engine.check_inputs(engine.parse_config(train_args(output, *FULL_RECIPE, extra=['-resume', 'epoch_1.pdparams'])))
 
 
@@ -597,7 +644,7 @@ def test_an_earlier_checkpoint_is_not_continued_over_the_later_ones(full_run):
     before = {path.name: path.read_bytes() for path in output.iterdir() if path.is_file()}
     earlier = train_args(output, *FULL_RECIPE, extra=['-resume', str(output / 'epoch_1.pdparams')])
     with pytest.raises(ConfigError, match=re.escape(f'-resume {output / "epoch_1.pdparams"}: {output} holds the '
-                                                    f'run\'s later checkpoint {output / "last.pdparams"}')):
+                                                    f'run\'s latest checkpoint {output / "last.pdparams"}')):
         main_single_gpu.main(earlier)
     assert {path.name: path.read_bytes() for path in output.iterdir() if path.is_file()} == before
 
@@ -947,6 +994,7 @@ def gpu_amp(monkeypatch):
     is enabled (it checks the device only when built); autocast stays off, as on the CPU."""
     tracer = paddle.amp.grad_scaler._dygraph_tracer
     monkeypatch.setattr(engine, 'setup_device', lambda: 'gpu:0')
+    monkeypatch.setattr(paddle.amp, 'is_float16_supported', lambda device: True)
     monkeypatch.setattr(paddle.amp.grad_scaler, '_dygraph_tracer',
                         lambda: type('GpuTracer', (), {'_expected_place': _GpuPlace(tracer()._expected_place)})())
 
