@@ -24,6 +24,7 @@ lines, labels outside [0, MODEL.NUM_CLASSES), empty datasets) when the dataset i
 """
 import codecs
 import functools
+import gc
 import io
 import itertools
 import os
@@ -430,6 +431,7 @@ def collate(samples):
 
 
 READER_JOIN_SECONDS = 10  # for the exception of a failed reader thread to arrive
+WORKER_EXIT_SECONDS = 5  # for a loader worker to end when asked to, before it is terminated
 
 
 class DataLoader(paddle.io.DataLoader):
@@ -454,7 +456,7 @@ class DataLoader(paddle.io.DataLoader):
             return
         worker_errors = []
         threading.excepthook = functools.partial(_leave_data_errors_to_the_consumer, worker_errors)
-        batches = super().__iter__()
+        batches = _start_workers(super().__iter__)
         delivered = 0
         try:
             while True:
@@ -499,13 +501,34 @@ def _leave_data_errors_to_the_consumer(worker_errors, args, report=threading.exc
         report(args)
 
 
+def _start_workers(start):
+    """``start()``, which forks the worker processes, with this process's garbage collected first
+    and the rest hidden from the workers' collector (``gc.freeze``): a worker that collected it
+    would run its finalizers, and that of a used Paddle queue waits for threads the worker does
+    not have (``pthread_cond_destroy``), so the worker never started and loading waited for ever."""
+    gc.collect()
+    gc.freeze()
+    try:
+        return start()
+    finally:
+        gc.unfreeze()
+
+
 def _stop_workers(batches):
     """Shuts down the worker processes of Paddle's multi-process batch iterator now. Its reader
     thread holds a reference to it, so dropping ours would leave the workers running (and
-    later reported as "exit unexpectedly") until the interpreter exits."""
+    later reported as "exit unexpectedly") until the interpreter exits. A worker that has not
+    ended ``WORKER_EXIT_SECONDS`` after being asked to is terminated: Paddle would wait for it
+    for ever, and one can be stuck for ever (on the result queue's lock, if a killed worker
+    held it)."""
     shutdown = getattr(batches, '_try_shutdown_all', None)
-    if shutdown is not None:
-        shutdown()
+    if shutdown is None:
+        return
+    shutdown(WORKER_EXIT_SECONDS)
+    for worker in batches._workers:
+        if worker.is_alive():
+            worker.terminate()
+            worker.join(WORKER_EXIT_SECONDS)
 
 
 def _end_with_loading_process(worker_id):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 import warnings
 
 import numpy as np
@@ -354,7 +355,11 @@ def test_loader_errors_keep_the_file_name(imagenet, workers):
 class FailingInWorkers(paddle.io.Dataset):
     """400 items of which item 40 fails in a loader worker only: ``kill`` kills the worker (as the
     out-of-memory killer would), otherwise it raises an error that this process does not
-    reproduce. Counts the items this process loads itself."""
+    reproduce. Meanwhile the other worker is stuck for ``STUCK_SECONDS`` on item 44 (as a worker
+    blocked on a lock that the killed one held would be for ever). Counts the items this process
+    loads itself."""
+
+    STUCK_SECONDS = 120
 
     def __init__(self, kill):
         self.kill, self.loaded_here = kill, 0
@@ -369,6 +374,8 @@ class FailingInWorkers(paddle.io.Dataset):
             if self.kill:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise DataError('item 40: a passing read error')
+        elif index == 44:
+            time.sleep(self.STUCK_SECONDS)
         return np.zeros((3, 2, 2), np.float32), np.int64(index)
 
 
@@ -376,13 +383,16 @@ class FailingInWorkers(paddle.io.Dataset):
 def test_loader_worker_failures_that_do_not_reproduce_here(kill):
     """A worker that dies without an exception is named as such, at once; an error that loading
     the batches in flight here again does not reproduce is raised as the worker raised it. Either
-    way the rest of the pass is not loaded here one item at a time."""
+    way the rest of the pass is not loaded here one item at a time, and a worker that does not
+    stop when asked is not waited for."""
     dataset = FailingInWorkers(kill)
     loader = datasets.DataLoader(dataset, batch_sampler=paddle.io.BatchSampler(dataset, batch_size=4),
                                  collate_fn=datasets.collate, num_workers=2)
     message = 'a data loader worker process died without an error' if kill else 'item 40: a passing read error'
+    started = time.monotonic()
     with pytest.raises(DataError, match=message):
         list(loader)
+    assert time.monotonic() - started < FailingInWorkers.STUCK_SECONDS / 2
     in_flight = loader.prefetch_factor * (loader.num_workers + 1) * 4
     assert dataset.loaded_here <= (0 if kill else in_flight)
 
@@ -599,6 +609,64 @@ def test_loader_workers_end_when_the_loading_process_is_killed(tmp_path):
         if loading.poll() is None:
             loading.kill()
         loading.stdout.close()
+
+
+GARBAGE_THEN_LOADING = """\
+import gc
+import os
+import sys
+import time
+
+sys.path.insert(0, {root!r})
+import numpy as np
+import paddle
+import datasets
+
+PARENT = os.getpid()
+
+
+class WaitsForThreadsAWorkerLacks:
+    \"\"\"Garbage (a reference cycle) whose finalizer, like that of a used Paddle queue, waits for
+    threads of this process: in a forked worker, which has none of them, for ever.\"\"\"
+
+    def __init__(self):
+        self.cycle = self
+
+    def __del__(self):
+        if os.getpid() != PARENT:
+            time.sleep(180)
+
+
+class Items(paddle.io.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return np.zeros(2, np.float32), np.int64(index)
+
+
+def collect_garbage(worker_id):
+    gc.collect()  # as a worker may, soon after the fork
+
+
+dataset = Items()
+loader = datasets.DataLoader(dataset, batch_sampler=paddle.io.BatchSampler(dataset, batch_size=2),
+                             collate_fn=datasets.collate, num_workers=2, worker_init_fn=collect_garbage)
+gc.disable()  # the garbage stays until a collection: here, the one in the workers
+WaitsForThreadsAWorkerLacks()
+print(sum(len(labels) for _, labels in loader), flush=True)
+"""
+
+
+def test_loader_workers_start_without_this_process_garbage(tmp_path):
+    """A forked worker that collects garbage of the loading process can run finalizers that never
+    return there (a used Paddle queue's waits for its threads): it never started, and the loading
+    waited for ever (seen at random in test runs). The garbage is collected before the fork."""
+    script = tmp_path / 'load.py'
+    script.write_text(GARBAGE_THEN_LOADING.format(root=ROOT))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == '8'
 
 
 @pytest.mark.parametrize('label', [-1, 10])
