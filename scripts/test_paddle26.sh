@@ -11,7 +11,7 @@ if [ ! -f "$STAMP" ] || [ "${BASH_SOURCE[0]}" -nt "$STAMP" ]; then
     echo "[paddle 2.6] creating $VENV"
     python3 -m venv "$VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet 'paddlepaddle==2.6.2' 'numpy<2' pyyaml yacs pillow pytest \
+    "$VENV/bin/python" -m pip install --quiet 'paddlepaddle==2.6.2' 'numpy<2' pyyaml yacs pillow pytest pytest-timeout \
         'paddle2onnx<2' onnxruntime
     touch "$STAMP"
 fi
