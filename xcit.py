@@ -457,10 +457,11 @@ class BatchNorm2D(nn.BatchNorm2D):
     one its gradient keeps), and the running variance becomes that update plus the difference,
     ``(1 - m) * var / (n - 1)`` = ``(new - m * old) / (n - 1)``: a few operations on (C,)
     vectors. The output is the kernel's, normalised with the biased variance as in torch.
+    Where the kernel is cuDNN's (``_kernel_takes_unbiased_variance``) it is used as it is.
     """
 
     def forward(self, x):
-        if not self.training or self._use_global_stats:
+        if not self.training or self._use_global_stats or _kernel_takes_unbiased_variance():
             return nn.BatchNorm2D.forward(self, x)  # not super(): Paddle 2.6's to_static cannot translate it
         updated = self._variance.clone()
         out = F.batch_norm(x, self._mean, updated, self.weight, self.bias, training=True,
@@ -470,6 +471,13 @@ class BatchNorm2D(nn.BatchNorm2D):
             unbiased = updated + (updated - self._momentum * self._variance) / paddle.clip(n - 1, min=1.0)
             paddle.assign(unbiased, output=self._variance)
         return out
+
+
+def _kernel_takes_unbiased_variance():
+    """Whether Paddle's training ``batch_norm`` on (B, C, H, W) inputs of the current device moves
+    the running variance towards the unbiased batch variance already: on CUDA GPUs it calls
+    cuDNN, which does (as torch's); its own kernels (CPU, ROCm GPUs) take the biased one."""
+    return paddle.get_device().startswith('gpu') and not paddle.is_compiled_with_rocm()
 
 
 def conv3x3_bn(in_planes, out_planes, stride=1):

@@ -96,6 +96,23 @@ def test_batchnorm_running_variance_takes_the_unbiased_batch_variance_as_torchs(
     np.testing.assert_array_equal(bn._variance.numpy(), before)
 
 
+@pytest.mark.parametrize('device, rocm, corrected', [('gpu:0', False, False), ('gpu:0', True, True),
+                                                     ('cpu', False, True)])
+def test_batchnorm_corrects_the_running_variance_only_where_the_kernel_takes_the_biased_one(
+        monkeypatch, device, rocm, corrected):
+    """On CUDA GPUs Paddle's batch_norm is cuDNN's, whose running variance takes the unbiased batch
+    variance already: correcting it again would add (1 - m) * var / (n - 1) twice. Here on the
+    CPU, the kernel's update (biased) shows which path ran."""
+    monkeypatch.setattr(paddle, 'get_device', lambda: device)
+    monkeypatch.setattr(paddle, 'is_compiled_with_rocm', lambda: rocm)
+    bn = xcit.BatchNorm2D(4, momentum=0.9)
+    bn.train()
+    x = np.random.default_rng(0).standard_normal((2, 4, 3, 5)).astype('float32') * 3 + 1
+    bn(paddle.to_tensor(x))
+    np.testing.assert_allclose(bn._variance.numpy(), 0.9 + 0.1 * x.var(axis=(0, 2, 3), ddof=1 if corrected else 0),
+                               rtol=1e-5)
+
+
 def test_drop_path_keeps_or_drops_whole_samples_and_rescales_the_kept():
     """Stochastic depth as the official drop_path: in training each sample's branch is, as a whole,
     either zero or divided by the keep probability 1 - rate, kept with that probability, drawn per
