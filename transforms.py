@@ -1,7 +1,8 @@
 """Image transforms on PIL images: the official evaluation pipeline and the DeiT/XCiT training recipe.
 
 Evaluation (``build_eval_transform``) reproduces torchvision's ``Resize(int(S / CROP_PCT))``,
-``CenterCrop(S)``, ``ToTensor()`` and ``Normalize(mean, std)`` pixel for pixel.
+``CenterCrop(S)``, ``ToTensor()`` and ``Normalize(mean, std)`` pixel for pixel, as torchvision
+0.8.2 computes them (the version of the official evaluation).
 
 Training (``build_train_transform``) follows timm's ``create_transform`` as DeiT and XCiT call it:
 ``RandomResizedCrop`` + horizontal flip, then RandAugment (e.g. ``rand-m9-mstd0.5-inc1``) or,
@@ -77,16 +78,14 @@ def resize_shorter_side(img, size, resample):
 
 
 def center_crop(img, size):
-    """torchvision ``CenterCrop(size)``: zero-pads a side shorter than ``size`` (the extra pixel of
-    an odd padding goes right/bottom), then crops at top = int(round((h - size) / 2)), likewise left."""
+    """torchvision 0.8.2's ``CenterCrop(size)``, the version the official evaluation pins: the box
+    starts at top = int((h - size + 1) / 2), likewise left, so an odd margin puts its extra pixel
+    above (left of) the crop (torchvision 0.9 and later round half to even: one pixel less where
+    the margin is 1 modulo 4). Where the image is smaller than ``size`` the box reaches outside it
+    and PIL fills that part with zeros."""
     w, h = img.size
-    if size > w or size > h:
-        left, top = max(size - w, 0) // 2, max(size - h, 0) // 2
-        padded = Image.new(img.mode, (max(w, size), max(h, size)), 0)
-        padded.paste(img, (left, top))
-        img, (w, h) = padded, padded.size
-    top = int(round((h - size) / 2.0))
-    left = int(round((w - size) / 2.0))
+    top = int((h - size + 1) * 0.5)
+    left = int((w - size + 1) * 0.5)
     return img.crop((left, top, left + size, top + size))
 
 

@@ -44,7 +44,7 @@ def normalised(pixels):
 
 # (image w, h), size, crop_pct, resized (w, h) as torchvision computes it, crop box (left, top)
 EVAL_CASES = [
-    ((500, 375), 224, 0.875, (341, 256), (58, 16)),  # landscape; round(58.5) == 58
+    ((500, 375), 224, 0.875, (341, 256), (59, 16)),  # landscape; torchvision 0.8.2: int(118 / 2) (0.9+: 58)
     ((375, 500), 224, 1.0, (224, 298), (0, 37)),  # portrait
     ((224, 224), 224, 1.0, None, (0, 0)),  # already the right size: no resampling
     ((8, 8), 32, 1.0, (32, 32), (0, 0)),  # smaller than the crop: upsampled
@@ -93,12 +93,12 @@ def test_eval_transform_uses_the_configured_filter_and_converts_to_rgb(interpola
     config = make_config(**{'DATA.IMAGE_SIZE': 48, 'DATA.INTERPOLATION': interpolation})
     out = build_eval_transform(config)(img)
     rgb = img.convert('RGB').resize((61, 48), INTERPOLATIONS[interpolation])  # int(48 * 90 / 70) = 61
-    np.testing.assert_array_equal(out, normalised(np.asarray(rgb.crop((6, 0, 54, 48)))))  # round(6.5) == 6
+    np.testing.assert_array_equal(out, normalised(np.asarray(rgb.crop((7, 0, 55, 48)))))  # int((13 + 1) / 2)
 
 
 def test_eval_transform_pads_with_zeros_when_resized_image_is_smaller_than_crop():
-    # CROP_PCT > 1: shorter side int(64 / 1.2) = 53 < 64, so torchvision's CenterCrop zero-pads,
-    # 5 rows above and 6 below, then crops columns round((88 - 64) / 2) = 12..76
+    # CROP_PCT > 1: shorter side int(64 / 1.2) = 53 < 64, so the crop box reaches outside the image:
+    # 5 rows above and 6 below, then crops columns int((88 - 64 + 1) / 2) = 12..76
     img = photo(100, 60)
     out = build_eval_transform(make_config(**{'DATA.IMAGE_SIZE': 64, 'DATA.CROP_PCT': 1.2}))(img)
     canvas = np.zeros((64, 88, 3), np.uint8)
