@@ -531,10 +531,12 @@ def _stop_workers(batches):
             worker.join(WORKER_EXIT_SECONDS)
 
 
-def _end_with_loading_process(worker_id):
-    """``worker_init_fn`` of the loader's worker processes: each ends when the process it loads
-    for ends, however it ends (Paddle's workers of a killed process stayed, blocked on their queue)."""
-    end_with_parent(os.getppid())
+def _end_with_loading_process(loading_pid, worker_id):
+    """``worker_init_fn`` of the loader's worker processes (with ``loading_pid`` bound): each ends
+    when the process it loads for ends, however it ends (Paddle's workers of a killed process
+    stayed, blocked on their queue). The loading process's id is taken before the fork: one that
+    died before a worker got here would have left it ``os.getppid()`` of another process."""
+    end_with_parent(loading_pid)
 
 
 def build_dataloader(config, dataset, mode, rank=0, world_size=1):
@@ -559,4 +561,4 @@ def build_dataloader(config, dataset, mode, rank=0, world_size=1):
     else:
         raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.DATA.NUM_WORKERS,
-                      worker_init_fn=_end_with_loading_process)
+                      worker_init_fn=functools.partial(_end_with_loading_process, os.getpid()))

@@ -96,9 +96,11 @@ def end_with_parent(parent_pid):
 
 
 def _run_worker(parent_pid, worker, *args):
-    """Body of a started process: ``worker(*args)``, ended early if ``parent_pid`` ends."""
+    """Body of a started process: ``worker(*args)``, ended early if ``parent_pid`` ends. Its result
+    is dropped: Paddle would send it back through a pipe that nothing reads here, and a result
+    larger than the pipe's buffer kept the process waiting for ever."""
     end_with_parent(parent_pid)
-    return worker(*args)
+    worker(*args)
 
 
 def spawn(worker, args, nprocs, on_gpus):

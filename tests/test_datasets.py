@@ -611,6 +611,17 @@ def test_loader_workers_end_when_the_loading_process_is_killed(tmp_path):
         loading.stdout.close()
 
 
+def test_loader_workers_watch_the_process_that_built_the_loader(monkeypatch):
+    """The loading process's id is bound when the loader is built: a worker that read its parent's
+    id only once it ran would watch another process if the loading one had died meanwhile."""
+    watched = []
+    monkeypatch.setattr(datasets, 'end_with_parent', watched.append)
+    monkeypatch.setattr(os, 'getppid', lambda: 1)  # as a worker orphaned before its start would see
+    config = make_config(**{'DATA.DATASET': 'digits'})
+    build_dataloader(config, build_dataset(config, 'val'), 'val').worker_init_fn(0)
+    assert watched == [os.getpid()]
+
+
 GARBAGE_THEN_LOADING = """\
 import gc
 import os

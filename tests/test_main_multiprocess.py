@@ -290,6 +290,33 @@ if __name__ == '__main__':
 """
 
 
+LARGE_RESULT = """\
+import sys
+sys.path.insert(0, {root!r})
+import launch
+
+
+def job():
+    return 'x' * 1_000_000
+
+
+if __name__ == '__main__':
+    launch.spawn(job, (), 2, on_gpus=False)
+    print('done', flush=True)
+"""
+
+
+def test_a_large_result_of_started_processes_does_not_keep_them_waiting(tmp_path):
+    """Paddle sends a started process's result back through a pipe that nothing read: one larger
+    than the pipe's buffer (e.g. a summary with many figures) kept the process, and so the run,
+    waiting for ever."""
+    script = tmp_path / 'large.py'
+    script.write_text(LARGE_RESULT.format(root=ROOT))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == 'done'
+
+
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGKILL, signal.SIGINT])
 def test_started_processes_end_when_the_parent_is_killed(tmp_path, signum):
